@@ -1,0 +1,330 @@
+"""The from-scratch model against transformers' own GPT-2, on tiny configs and fixed seeds."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+VOCAB = 50257
+
+
+@pytest.fixture(scope="module")
+def official_folder(tmp_path_factory):
+    """A randomly initialised GPT-2 saved by transformers: exactly the official checkpoint layout."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("official")
+    GPT2LMHeadModel(GPT2Config(**TINY)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(official_folder):
+    official = GPT2LMHeadModel.from_pretrained(official_folder).eval()
+    ours = GPT2ScratchForCausalLM.from_gpt2(str(official_folder)).eval()
+    return official, ours
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(rows: list[torch.Tensor], pad_id: int = 50256):
+    """Left-pad 1-D token tensors into (input_ids, attention_mask, position_ids)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def test_presets_and_aliases():
+    config = GPT2ScratchConfig.from_preset("gpt2-medium", n_layer=3)
+    assert (config.n_layer, config.n_head, config.n_embd) == (3, 16, 1024)
+    assert config.hidden_size == 1024 and config.num_hidden_layers == 3 and config.num_attention_heads == 16
+    assert config.max_position_embeddings == config.n_positions == 1024
+    assert config.model_type == "gpt2_scratch"
+    assert config.padded_vocab_size == 50304 and config.padded_vocab_size % 64 == 0
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'"):
+        GPT2ScratchConfig.from_preset("gpt3")
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_parameter_counts_match_transformers(preset):
+    """Each GPT-2 size has transformers' parameter count plus the vocabulary padding (built on the
+    meta device, so no memory is used)."""
+    sizes = PRESETS[preset]
+    with torch.device("meta"):
+        official = GPT2LMHeadModel(GPT2Config(**sizes))
+        ours = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(preset))
+    if preset == "gpt2":
+        assert official.num_parameters() == 124_439_808
+    padding = (50304 - 50257) * sizes["n_embd"]
+    assert ours.num_parameters() == official.num_parameters() + padding
+
+
+def test_flops_per_token_counts_every_matmul():
+    """6 FLOPs per parameter per token for each matmul weight, plus PaLM's attention term."""
+    config = GPT2ScratchConfig.from_preset("gpt2")
+    with torch.device("meta"):
+        model = GPT2ScratchForCausalLM(config)
+    n_matmul = model.num_parameters() - model.transformer.wpe.weight.numel()
+    attention = 12 * config.n_layer * config.n_embd * 1024
+    assert config.flops_per_token(1024) == 6 * n_matmul + attention
+
+
+def test_init_follows_gpt2():
+    torch.manual_seed(0)
+    config = GPT2ScratchConfig.from_preset("cpu-mini", n_layer=4)
+    model = GPT2ScratchForCausalLM(config)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.count_nonzero(block.attn.c_attn.bias) == 0
+    assert torch.all(block.ln_1.weight == 1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert config.dropout == 0.0
+
+
+def test_logits_and_loss_match_transformers(pair):
+    official, ours = pair
+    ids = random_ids(3, 20)
+    with torch.no_grad():
+        expected = official(ids, labels=ids)
+        found = ours(ids, labels=ids)
+    assert found.logits.shape == (3, 20, VOCAB)
+    torch.testing.assert_close(found.logits, expected.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(found.loss, expected.loss, atol=1e-5, rtol=0)
+
+
+def test_labels_ignore_index_and_shift_labels(pair):
+    _, ours = pair
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        out = ours(ids, labels=labels)
+        logits = out.logits[:, :-1].flatten(0, 1)
+        expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+        shifted = ours(ids[:, :-1], shift_labels=ids[:, 1:]).loss
+    torch.testing.assert_close(out.loss, expected)
+    # shift_labels: y already holds the next tokens, as the trainer's loader gives them.
+    direct = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(shifted, direct, atol=1e-5, rtol=0)
+
+
+def test_cached_forward_matches_uncached(pair):
+    official, ours = pair
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        full = ours(ids).logits
+        first = ours(ids[:, :10], use_cache=True)
+        step = ours(ids[:, 10:13], past_key_values=first.past_key_values, use_cache=True)  # chunked prefill
+        last = ours(ids[:, 13:14], past_key_values=step.past_key_values, use_cache=True)
+        official_last = official(ids[:, :14]).logits[:, -1]
+    torch.testing.assert_close(step.logits, full[:, 10:13], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last.logits[:, -1], full[:, 13], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last.logits[:, -1], official_last, atol=1e-4, rtol=0)
+
+
+def test_left_padding_matches_transformers_and_unpadded_rows(pair):
+    official, ours = pair
+    rows = [random_ids(1, n, seed=n)[0] for n in (5, 12, 9)]
+    ids, mask, positions = left_padded(rows)
+    with torch.no_grad():
+        expected = official(ids, attention_mask=mask, position_ids=positions).logits
+        found = ours(ids, attention_mask=mask).logits  # positions derived from the mask
+        for i, row in enumerate(rows):
+            alone = ours(row[None]).logits[0]
+            torch.testing.assert_close(found[i, -len(row) :], alone, atol=1e-5, rtol=0)
+    real = mask.bool()
+    torch.testing.assert_close(found[real], expected[real], atol=1e-4, rtol=0)
+    assert torch.isfinite(found).all()
+
+
+def test_right_padding_does_not_change_real_tokens(pair):
+    _, ours = pair
+    rows = [random_ids(1, n, seed=n)[0] for n in (4, 10)]
+    ids = torch.full((2, 10), 50256)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    with torch.no_grad():
+        found = ours(ids, attention_mask=mask).logits
+        alone = ours(rows[0][None]).logits[0]
+    torch.testing.assert_close(found[0, :4], alone, atol=1e-5, rtol=0)
+
+
+def test_greedy_generate_matches_transformers(pair):
+    official, ours = pair
+    prompt = random_ids(1, 6)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    expected = official.generate(prompt, **kwargs)
+    assert torch.equal(ours.generate(prompt, **kwargs), expected)
+    assert torch.equal(ours.generate(prompt, use_cache=False, **kwargs), expected)
+
+
+def test_batched_generate_with_left_padding_matches_transformers(pair):
+    official, ours = pair
+    ids, mask, _ = left_padded([random_ids(1, n, seed=n)[0] for n in (3, 7)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    assert torch.equal(ours.generate(ids, **kwargs), official.generate(ids, **kwargs))
+
+
+def test_sampling_is_seeded_and_stays_in_vocab(pair):
+    _, ours = pair
+    prompt = random_ids(2, 4)
+    kwargs = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=10, pad_token_id=50256)
+    torch.manual_seed(3)
+    first = ours.generate(prompt, **kwargs)
+    torch.manual_seed(3)
+    assert torch.equal(first, ours.generate(prompt, **kwargs))
+    assert first.shape == (2, 14) and int(first.max()) < VOCAB
+
+
+def test_padded_vocab_never_leaks():
+    """Even if the padding rows dominate, no padding token is ever returned or generated."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[VOCAB:] = 100.0  # padding rows would win every argmax
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        assert model(ids).logits.shape[-1] == VOCAB
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=50256)
+    assert int(generated.max()) < VOCAB
+
+
+def test_round_trip_is_bit_exact(official_folder):
+    official = GPT2LMHeadModel.from_pretrained(official_folder)
+    back = GPT2ScratchForCausalLM.from_gpt2_model(official).to_gpt2()
+    expected, found = official.state_dict(), back.state_dict()
+    assert set(found) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(found[key], tensor), key
+
+
+def test_from_gpt2_refuses_unsupported_variants(tmp_path):
+    GPT2LMHeadModel(GPT2Config(**TINY, activation_function="relu")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        GPT2ScratchForCausalLM.from_gpt2(str(tmp_path))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).train()
+    ids = random_ids(2, 16)
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_training_forward_compiles_without_graph_breaks():
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).train()
+    ids = random_ids(2, 16)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(ids, shift_labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids, shift_labels=ids).loss, model(ids, shift_labels=ids).loss)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).train()
+    ids = random_ids(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert model.transformer.wte.weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.transformer.wte.weight.grad).all()
+
+
+def test_save_and_load_pretrained_in_safetensors(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano"))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "modeling_gpt2_scratch.py").exists()  # remote code travels with the weights
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.auto_map["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is GPT2ScratchForCausalLM
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+FRESH_PROCESS_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+{setup}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], {kwargs})
+ids = torch.tensor([[464, 2068, 7586, 21831]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+print(type(model).__module__, type(model).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    "setup, kwargs, module",
+    [
+        ("", "trust_remote_code=True", "transformers_modules"),  # a process that never saw this project
+        ("import modeling_gpt2_scratch", "", "modeling_gpt2_scratch"),  # registered on import
+    ],
+)
+def test_auto_model_loads_in_fresh_process(tmp_path, setup, kwargs, module):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).eval()
+    model.save_pretrained(tmp_path / "model")
+    script = FRESH_PROCESS_LOAD.format(setup=setup, kwargs=kwargs)
+    env_path = "" if not setup else str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "model"), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the repo: the project is importable only through the saved folder (or PYTHONPATH)
+        env={**__import__("os").environ, "PYTHONPATH": env_path, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].startswith(module) and result.stdout.split()[1] == "GPT2ScratchForCausalLM"
+    with torch.no_grad():
+        expected = model(torch.tensor([[464, 2068, 7586, 21831]])).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+
+
+@pytest.mark.slow
+def test_round_trip_at_full_gpt2_size(tmp_path):
+    """The 124M model: official layout -> ours -> official, bit for bit, and the same logits."""
+    torch.manual_seed(0)
+    official = GPT2LMHeadModel(GPT2Config()).eval()
+    ours = GPT2ScratchForCausalLM.from_gpt2_model(official).eval()
+    back = ours.to_gpt2()
+    for key, tensor in official.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    ids = random_ids(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, official(ids).logits, atol=1e-4, rtol=0)
