@@ -1,0 +1,163 @@
+"""Where documents come from: a Hub dataset, local files, or the built-in corpus.
+
+Every source becomes a streamed `datasets.IterableDataset`, so the disk holds only the shards and a
+restarted run can skip the documents it has already written with `.skip(n)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import platform
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.shards import DataPrepError
+
+DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
+DEFAULT_CONFIG = "sample-10BT"
+BUILTIN_NAME = "python-stdlib-docs"
+
+# `datasets` builder for each local file kind.
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TXT_SAMPLE_BY = ("document", "paragraph", "line")
+# Docstrings shorter than this are mostly one-liners ("Return self."), noise for a corpus.
+MIN_DOCSTRING_CHARS = 200
+
+
+@dataclass
+class Source:
+    """A stream of documents plus the description that goes into the manifest."""
+
+    dataset: Any  # datasets.IterableDataset
+    description: dict[str, Any]
+    text_column: str
+    num_docs: int | None  # known for the Hub (from its metadata) and the built-in corpus
+
+
+def resolve_files(patterns: list[str]) -> list[Path]:
+    """Expand file names and glob patterns in order (each sorted), without duplicates."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"--files: no file matches {pattern!r}")
+        for match in matches:
+            path = Path(match).resolve()
+            if path.is_dir():
+                raise DataPrepError(f"--files: {match} is a folder; give files or a glob such as '{match}/*.jsonl'")
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: str = "document") -> Source:
+    """Stream `.txt`, `.jsonl`/`.json` or `.parquet` files, all of one kind, in the given order.
+
+    A `.txt` file gives one document per file (`document`), per blank-line-separated paragraph
+    (`paragraph`) or per line (`line`); its text column is always `text`.
+    """
+    import datasets
+
+    files = resolve_files(patterns)
+    kinds = {path.suffix.lower() for path in files}
+    unknown = sorted(k for k in kinds if k not in BUILDERS)
+    if unknown:
+        raise DataPrepError(f"--files: unsupported extension {unknown[0]!r}; use one of {sorted(BUILDERS)}")
+    builders = {BUILDERS[k] for k in kinds}
+    if len(builders) > 1:
+        raise DataPrepError(f"--files mixes file kinds {sorted(kinds)}; prepare one kind at a time")
+    builder = builders.pop()
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        if txt_sample_by not in TXT_SAMPLE_BY:
+            raise ValueError(f"txt_sample_by must be one of {TXT_SAMPLE_BY}, got {txt_sample_by!r}")
+        kwargs["sample_by"] = txt_sample_by
+        text_column = "text"
+    for path in files:
+        if path.stat().st_size == 0:
+            raise DataPrepError(f"{path} is empty")
+    dataset = datasets.load_dataset(
+        builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+    )
+    description = {
+        "kind": "files",
+        "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
+        "text_column": text_column,
+    }
+    if builder == "text":
+        description["txt_sample_by"] = txt_sample_by
+    return Source(dataset, description, text_column, None)
+
+
+def hub_source(dataset: str, config: str | None, split: str, text_column: str = "text") -> Source:
+    """Stream a Hub dataset at its current revision, which is pinned in the manifest.
+
+    Fails at once, naming the dataset, when offline instead of waiting on retries.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub import constants as hub_constants
+
+    hint = "Use --files for local files or --builtin for the offline built-in corpus."
+    if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        raise DataPrepError(f"cannot stream {dataset}: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
+    try:
+        info = HfApi().dataset_info(dataset, timeout=20)
+    except Exception as err:  # network errors come from several libraries; all mean the same here
+        raise DataPrepError(f"cannot reach the Hub for dataset {dataset!r}: {err}. {hint}") from err
+    stream = datasets.load_dataset(dataset, name=config, split=split, streaming=True, revision=info.sha)
+    num_docs = None
+    splits = getattr(stream.info, "splits", None)
+    if splits and split in splits and splits[split].num_examples:
+        num_docs = int(splits[split].num_examples)
+    description = {
+        "kind": "hub",
+        "dataset": dataset,
+        "config": config,
+        "split": split,
+        "revision": info.sha,
+        "text_column": text_column,
+    }
+    return Source(stream, description, text_column, num_docs)
+
+
+def builtin_documents() -> list[str]:
+    """The built-in corpus: English prose that ships with every CPython install.
+
+    The `pydoc_data.topics` help pages (the text behind `help("if")`), then the longer
+    module, class and function docstrings of the top-level standard-library modules, read
+    with `ast` so that no module is imported. About 340k GPT-2 tokens on Python 3.11.
+    """
+    from pydoc_data import topics
+
+    docs = [topics.topics[key] for key in sorted(topics.topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError):  # e.g. lib2to3 test fixtures in some builds
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                    docs.append(doc)
+    return docs
+
+
+def builtin_source() -> Source:
+    """The built-in corpus as a lazy stream (see `builtin_documents`): nothing is parsed until read,
+    so a re-run over complete shards returns at once."""
+    import datasets
+
+    def generate():
+        for doc in builtin_documents():
+            yield {"text": doc}
+
+    dataset = datasets.IterableDataset.from_generator(generate)
+    description = {"kind": "builtin", "name": BUILTIN_NAME, "python": platform.python_version()}
+    return Source(dataset, description, "text", None)

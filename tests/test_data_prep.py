@@ -1,0 +1,260 @@
+"""`python -m data_prep`: the shards are exactly the document stream, and every failure is clear.
+
+The reference stream is built independently: documents read with `json`/`pyarrow`/`open`, each
+tokenized with tiktoken's `encode_ordinary` and preceded by 50256.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import DataPrepError, ShardError, load_tokens, prepare, prepare_builtin, read_manifest, verify_shards
+from data_prep.tokenizer import EOT_ID, get_encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+DOCS = [
+    "Hello world. This is the first document.",
+    "",  # an empty document still contributes its end-of-text token
+    "Ünïcödé, emoji 🙂 and CJK 漢字 survive byte-level BPE.\n\nA second paragraph.",
+    " leading space and trailing newline\n",
+    *[f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 7 + 1) for i in range(40)],
+]
+
+
+def reference_stream(texts: list[str]) -> np.ndarray:
+    enc = get_encoding()
+    return np.array([t for text in texts for t in [EOT_ID, *enc.encode_ordinary(text)]], dtype=np.uint16)
+
+
+def write_jsonl(path: Path, texts: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({column: t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def concatenated(out_dir: Path) -> np.ndarray:
+    manifest = read_manifest(out_dir)
+    return np.concatenate([load_tokens(out_dir / e["file"]) for e in manifest["shards"]])
+
+
+def file_bytes(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", DOCS)
+
+
+def test_shards_are_the_exact_document_stream(jsonl: Path, tmp_path: Path) -> None:
+    out = prepare(tmp_path / "out", files=[str(jsonl)], shard_tokens=50, val_tokens=30, num_proc=1, batch_docs=3)
+    expected = reference_stream(DOCS)
+    np.testing.assert_array_equal(concatenated(out), expected)
+
+    manifest = read_manifest(out)
+    shards = manifest["shards"]
+    assert manifest["complete"] and manifest["tokens"] == len(expected) and manifest["documents"] == len(DOCS)
+    assert [e["split"] for e in shards] == ["val"] + ["train"] * (len(shards) - 1)
+    assert [e["tokens"] for e in shards[:-1]] == [30] + [50] * (len(shards) - 2)
+    assert 0 < shards[-1]["tokens"] <= 50
+    # Each entry records the document and offset of its first token, and the file's sha256.
+    doc_starts = np.cumsum([0] + [len(reference_stream([d])) for d in DOCS])
+    stream_pos = 0
+    for entry in shards:
+        path = out / entry["file"]
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert path.stat().st_size == 1024 + 2 * entry["tokens"]
+        assert doc_starts[entry["first_doc"]] + entry["first_doc_offset"] == stream_pos
+        stream_pos += entry["tokens"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_worker_processes_give_identical_files(jsonl: Path, tmp_path: Path) -> None:
+    one = prepare(tmp_path / "one", files=[str(jsonl)], shard_tokens=64, num_proc=1)
+    two = prepare(tmp_path / "two", files=[str(jsonl)], shard_tokens=64, num_proc=2, batch_docs=2)
+    assert file_bytes(one) == file_bytes(two)
+
+
+def test_text_and_parquet_sources(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text(DOCS[2])
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    out = prepare(tmp_path / "txt", files=[str(tmp_path / "*.txt")], shard_tokens=8, num_proc=1)
+    np.testing.assert_array_equal(concatenated(out), reference_stream([DOCS[0], DOCS[2]]))  # sorted glob
+
+    pq.write_table(pa.table({"body": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "d.parquet")
+    out = prepare(tmp_path / "pq", files=[str(tmp_path / "d.parquet")], text_column="body", shard_tokens=100)
+    np.testing.assert_array_equal(concatenated(out), reference_stream(DOCS))
+
+
+def test_rerun_skips_complete_output_and_repairs_damage(jsonl: Path, tmp_path: Path) -> None:
+    out = prepare(tmp_path / "out", files=[str(jsonl)], shard_tokens=40, num_proc=1)
+    original = file_bytes(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    prepare(out, files=[str(jsonl)], shard_tokens=40, num_proc=1)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    shards = read_manifest(out)["shards"]
+    (out / shards[2]["file"]).unlink()
+    damaged = out / shards[4]["file"]
+    damaged.write_bytes(damaged.read_bytes()[:-2] + b"\x00\x01")
+    prepare(out, files=[str(jsonl)], shard_tokens=40, num_proc=1)
+    assert file_bytes(out) == original
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import data_prep.shards as shards
+    from data_prep import prepare
+
+    real_fsync, calls = os.fsync, [0]
+
+    def fsync_then_die(fd):
+        calls[0] += 1
+        if calls[0] == 3:  # the third shard's bytes are written to its temporary file
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_fsync(fd)
+
+    shards.os.fsync = fsync_then_die
+    prepare({out!r}, files=[{src!r}], shard_tokens=40, num_proc=1)
+    """
+)
+
+
+def test_killed_write_leaves_no_complete_looking_shard(jsonl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = KILLER.format(root=str(ROOT), out=str(out), src=str(jsonl))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()
+
+    manifest = read_manifest(out)
+    assert not manifest["complete"]
+    assert [e["file"] for e in manifest["shards"]] == ["val_000000.bin", "train_000001.bin"]
+    assert not (out / "train_000002.bin").exists()
+    assert (out / "train_000002.bin.tmp").exists()
+    with pytest.raises(DataPrepError, match="incomplete"):
+        from data_prep import ShardLoader
+
+        ShardLoader(out, batch_size=1, seq_len=4)
+
+    prepare(out, files=[str(jsonl)], shard_tokens=40, num_proc=1)
+    clean = prepare(tmp_path / "clean", files=[str(jsonl)], shard_tokens=40, num_proc=1)
+    assert file_bytes(out) == file_bytes(clean)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope-\\*.jsonl"):
+        prepare(tmp_path / "out", files=[str(tmp_path / "nope-*.jsonl")])
+
+
+def test_missing_text_column(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS, column="content")
+    with pytest.raises(
+        DataPrepError, match=r"text column 'text' not found in .*docs.jsonl; columns: \['content', 'id'\]"
+    ):
+        prepare(tmp_path / "out", files=[str(src)], num_proc=1)
+
+
+def test_empty_source(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataPrepError, match="empty.jsonl is empty"):
+        prepare(tmp_path / "out", files=[str(tmp_path / "empty.jsonl")], num_proc=1)
+    write_jsonl(tmp_path / "docs.jsonl", DOCS[:1])
+    with pytest.raises(DataPrepError, match="all in the val shard"):
+        prepare(tmp_path / "out2", files=[str(tmp_path / "docs.jsonl")], shard_tokens=1000, num_proc=1)
+
+
+def test_truncated_and_bad_header_and_hash_mismatch(jsonl: Path, tmp_path: Path) -> None:
+    out = prepare(tmp_path / "out", files=[str(jsonl)], shard_tokens=100, num_proc=1)
+    shards = read_manifest(out)["shards"]
+    assert verify_shards(out) == {"val": 100, "train": sum(e["tokens"] for e in shards[1:])}
+
+    truncated = out / shards[1]["file"]
+    truncated.write_bytes(truncated.read_bytes()[:-3])
+    with pytest.raises(ShardError, match=f"{truncated.name}: truncated, header says 100 tokens"):
+        load_tokens(truncated)
+    with pytest.raises(ShardError, match="truncated header"):
+        truncated.write_bytes(b"\x00" * 10)
+        load_tokens(truncated)
+
+    bad = out / shards[2]["file"]
+    data = bytearray(bad.read_bytes())
+    data[0:4] = np.int32(12345).tobytes()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{bad.name}: bad header, magic number 12345, expected 20240520"):
+        load_tokens(bad)
+
+    changed = out / shards[0]["file"]
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    np.testing.assert_array_equal(load_tokens(changed)[:-1], reference_stream(DOCS)[:99])  # header still fine
+    with pytest.raises(ShardError, match=f"{changed.name}: sha256 [0-9a-f]+ does not match manifest.json"):
+        verify_shards(out)
+
+
+def test_other_source_is_refused_unless_overwrite(jsonl: Path, tmp_path: Path) -> None:
+    out = prepare(tmp_path / "out", files=[str(jsonl)], shard_tokens=100, num_proc=1)
+    with pytest.raises(DataPrepError, match="different source or layout \\(shard_tokens: 100 -> 60\\)"):
+        prepare(out, files=[str(jsonl)], shard_tokens=60, num_proc=1)
+    prepare(out, files=[str(jsonl)], shard_tokens=60, num_proc=1, overwrite=True)
+    assert {e["tokens"] for e in read_manifest(out)["shards"][:-1]} == {60}
+    np.testing.assert_array_equal(concatenated(out), reference_stream(DOCS))
+
+
+def test_hub_fails_fast_when_offline(tmp_path: Path) -> None:
+    with pytest.raises(DataPrepError, match="cannot stream HuggingFaceFW/fineweb-edu.*--builtin"):
+        prepare(tmp_path / "out")
+
+
+def test_builtin_corpus(tmp_path: Path) -> None:
+    out = prepare_builtin(tmp_path / "builtin")
+    manifest = read_manifest(out)
+    tokens = {split: sum(e["tokens"] for e in manifest["shards"] if e["split"] == split) for split in ("val", "train")}
+    assert manifest["shards"][0]["split"] == "val" and tokens["val"] > 0
+    assert tokens["val"] + tokens["train"] >= 300_000
+    stream = concatenated(out)
+    assert stream[0] == EOT_ID and (stream == EOT_ID).sum() == manifest["documents"]
+    before = file_bytes(out)
+    assert prepare_builtin(out) == out and file_bytes(out) == before
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tinyshakespeare.txt is not on this machine")
+def test_real_text_file(tmp_path: Path) -> None:
+    out = prepare(tmp_path / "tiny", files=[str(SHAKESPEARE)], shard_tokens=100_000, num_proc=2)
+    np.testing.assert_array_equal(concatenated(out), reference_stream([SHAKESPEARE.read_text()]))
+
+
+def test_cli_help_documents_every_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "data_prep", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in (
+        "--dataset",
+        "--config",
+        "--split",
+        "--files",
+        "--text_column",
+        "--out_dir",
+        "--shard_tokens",
+        "--val_tokens",
+        "--num_proc",
+        "--builtin",
+        "--max_docs",
+        "--verify",
+        "--overwrite",
+    ):
+        assert flag in result.stdout
