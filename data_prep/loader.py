@@ -44,6 +44,11 @@ def check_batch_shape(batch_size: int, seq_len: int, rank: int, world_size: int)
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
 
 
+def num_chunks(tokens: int, seq_len: int) -> int:
+    """Chunks of `seq_len + 1` tokens at stride `seq_len` in a shard of `tokens` tokens."""
+    return max(0, (tokens - 1) // seq_len)
+
+
 def gather(shards: list[np.ndarray], rows: list[tuple[int, int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) int64 tensors of shape (len(rows), seq_len) from (shard, first token) pairs."""
     buf = np.empty((len(rows), seq_len + 1), dtype=np.int64)
@@ -86,7 +91,7 @@ class ShardLoader:
         self._shards: list[np.ndarray | None] = [None] * len(self.entries)
         for entry in self.entries:  # cheap header and size checks now, hashes when first read
             check_shard(self.data_dir, entry, verify_hash=False)
-        self.chunks_per_shard = np.array([max(0, (e["tokens"] - 1) // seq_len) for e in self.entries], dtype=np.int64)
+        self.chunks_per_shard = np.array([num_chunks(e["tokens"], seq_len) for e in self.entries], dtype=np.int64)
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = int(self.chunks_per_shard.sum()) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -218,7 +223,7 @@ def iter_val_batches(
         raise ValueError(f"max_batches must be at least 1 or None, got {max_batches}")
     entries = split_entries(data_dir, "val")
     shards = [load_tokens(check_shard(data_dir, entry, verify_hash=False), mmap=True) for entry in entries]
-    chunks = [(s, c * seq_len) for s, tokens in enumerate(shards) for c in range(max(0, (len(tokens) - 1) // seq_len))]
+    chunks = [(s, c * seq_len) for s, tokens in enumerate(shards) for c in range(num_chunks(len(tokens), seq_len))]
     global_batch = batch_size * world_size
     num_batches = len(chunks) // global_batch
     if num_batches == 0:
