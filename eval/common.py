@@ -1,0 +1,139 @@
+"""What every evaluation shares: loading a checkpoint, picking the device, running in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded from the given folder or Hub id."""
+
+
+def resolve_device(accelerator=None, device: str | torch.device | None = None) -> torch.device:
+    """The accelerator's device, else `device`, else CUDA when present, else the CPU."""
+    if accelerator is not None:
+        return accelerator.device
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def launched_accelerator():
+    """An `Accelerator` when run under `accelerate launch` / torchrun (several processes), else None."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA only: CPU bf16 is emulated on most CPUs and ~100x slower than fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the duration, restoring train mode if it was on."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / compile wrapper (for reading its config), or the model itself."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model accepts, from its config (ours and transformers' GPT-2 alike)."""
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once), leaving out our model's vocabulary padding rows
+    so that the count is comparable with the official GPT-2's (124,439,808 for the 124M)."""
+    model = unwrap(model)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    config = getattr(model, "config", None)
+    padded = getattr(config, "padded_vocab_size", None)
+    if padded is not None:
+        total -= (padded - config.vocab_size) * config.n_embd
+    return total
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for no network (`HF_HUB_OFFLINE=1`, as the tests do)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within `timeout` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_model(name_or_path: str, device: str | torch.device | None = None) -> nn.Module:
+    """Load a causal LM in fp32, in eval mode: a local folder (ours or official GPT-2 format) or a Hub id.
+
+    Offline (`HF_HUB_OFFLINE=1`) a Hub id works only if it is already in the Hub cache; otherwise this
+    raises `ModelLoadError` at once, saying what to do.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import modeling_gpt2_scratch  # noqa: F401  (registers our model with the Auto classes)
+
+    path = Path(name_or_path).expanduser()
+    # A Hub id is `name` or `owner/name`; anything else that is not an existing folder is a wrong path.
+    looks_like_path = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not path.is_dir():
+        raise ModelLoadError(f"no model folder at {path}: pass a folder written by save_pretrained, or a Hub id")
+    if looks_like_path and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+    offline = hub_offline()
+    # Without network the Hub client retries for ~30 s before using its cache; ask the cache at once instead.
+    local_only = looks_like_path or offline or not hub_reachable()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path) if looks_like_path else name_or_path, dtype=torch.float32, local_files_only=local_only
+        )
+    except OSError as err:
+        if looks_like_path:
+            hint = "the folder is not a complete save_pretrained folder (weights missing?)"
+        elif local_only:
+            hint = (
+                f"{'HF_HUB_OFFLINE is set' if offline else 'the Hub is unreachable'} and it is not in the Hub "
+                f"cache: download it where there is network (`hf download {name_or_path}`) or pass a local folder"
+            )
+        else:
+            hint = "check the Hub id, or pass a local folder"
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {hint}. ({err})") from err
+    return model.to(resolve_device(device=device)).eval()
