@@ -17,4 +17,4 @@ GPT2_124M_VAL_LOSS = Reference(3.2924, "GPT-2 124M", "build-nanogpt play.ipynb, 
 # Completion-style HellaSwag scoring (this project's and build-nanogpt's `hellaswag.py`), all 10,042 val examples.
 GPT2_124M_HELLASWAG_ACC_NORM = Reference(0.2955, "GPT-2 124M", "build-nanogpt hellaswag.py scoring")
 # The GPT-3 paper's smallest model ("GPT-3 Small", 125M), HellaSwag zero-shot (Brown et al. 2020).
-GPT3_124M_HELLASWAG_ACC_NORM = Reference(0.337, "GPT-3 124M", "Brown et al. 2020 (GPT-3 paper)")
+GPT3_124M_HELLASWAG_ACC_NORM = Reference(0.337, "GPT-3 124M", "Brown et al. 2020, GPT-3 paper")

@@ -1,0 +1,62 @@
+"""`python -m eval.compare`: the table, JSON and chart, with numbers equal to the scoring functions'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_eval_common import random_tokens, tiny_gpt2, write_hellaswag, write_shards
+
+from eval import compare
+from eval.common import ModelLoadError
+from eval.hellaswag import evaluate_hellaswag, load_examples
+from eval.val_loss import evaluate_val_loss
+from modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+
+def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):
+    official = tiny_gpt2(seed=0)
+    official.save_pretrained(tmp_path / "gpt2")
+    GPT2ScratchForCausalLM.from_gpt2_model(official).save_pretrained(tmp_path / "ours_same")
+    GPT2ScratchForCausalLM.from_gpt2_model(tiny_gpt2(seed=1)).save_pretrained(tmp_path / "ours_other")
+    data_dir = write_shards(tmp_path / "data", random_tokens(300))
+    hellaswag_file = write_hellaswag(tmp_path / "hellaswag_val.jsonl")
+    out = tmp_path / "cmp"
+    argv = ["--model", str(tmp_path / "ours_same"), "--model", str(tmp_path / "ours_other")]
+    argv += ["--baseline", str(tmp_path / "gpt2"), "--data_dir", str(data_dir), "--seq_len", "16"]
+    argv += ["--val_batches", "3", "--batch_size", "2", "--hellaswag", str(hellaswag_file), "--limit", "4"]
+    argv += ["--prompt", "Hello, I'm a language model,", "--prompt", "The sky", "--max_new_tokens", "6"]
+    compare.main([*argv, "--out_dir", str(out)])
+
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["model"]: r for r in result["models"]}
+    assert list(rows) == [str(tmp_path / n) for n in ("ours_same", "ours_other", "gpt2")]
+    assert [r["baseline"] for r in rows.values()] == [False, False, True]
+    examples = load_examples(hellaswag_file, limit=4)
+    for name, model in (("gpt2", official), ("ours_other", tiny_gpt2(seed=1))):
+        row = rows[str(tmp_path / name)]
+        assert row["parameters"] == model.num_parameters()
+        loss = evaluate_val_loss(model, data_dir, batch_size=2, seq_len=16, max_batches=3)
+        assert row["val_loss"] == pytest.approx(loss, rel=1e-5)
+        hs = evaluate_hellaswag(model, examples)
+        assert (row["hellaswag_acc"], row["hellaswag_acc_norm"]) == (hs["acc"], hs["acc_norm"])
+    same, other, base = rows.values()
+    # the same weights under the same seed draw the same samples, whatever the model class
+    assert same["samples"] == base["samples"] != other["samples"]
+    assert all(
+        s.startswith(p) for s, p in zip(base["samples"], ["Hello, I'm a language model,", "The sky"], strict=True)
+    )
+
+    markdown = (out / "compare.md").read_text()
+    assert f"`{tmp_path / 'gpt2'} (baseline)`" in markdown
+    assert f"| {base['val_loss']:.4f} |" in markdown
+    assert "HellaSwag acc_norm (4 examples)" in markdown and "### 'The sky'" in markdown
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown in capsys.readouterr().out
+
+
+def test_compare_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model folder at"):
+        compare.main(["--model", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--out_dir", str(tmp_path)])  # no model at all
