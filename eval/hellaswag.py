@@ -182,15 +182,14 @@ def evaluate_hellaswag(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     encoding, max_len = get_encoding(), max_positions(model)
     mine = list(range(rank, len(examples), world))
-    # Every rank runs the same number of forward passes (some on a repeated example whose result is
-    # dropped), so that wrappers that communicate inside forward (FSDP) never wait on a finished rank.
+    # Every rank scores as many examples, so runs as many forward passes (a rank one short repeats an
+    # example and drops the result): wrappers that communicate inside forward (FSDP) never wait in vain.
     per_rank = -(-len(examples) // world)  # ceil
-    n_batches = -(-per_rank // batch_size)
-    padded = mine + [mine[-1] if mine else 0] * (n_batches * batch_size - len(mine))
+    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
     results = []
     with inference(model):
-        for b in range(n_batches):
-            batch = padded[b * batch_size : (b + 1) * batch_size]
+        for start in range(0, per_rank, batch_size):
+            batch = padded[start : start + batch_size]
             rows, ctx_lens = [], []
             for i in batch:
                 r, c = render_example(examples[i], encoding, max_len)
@@ -198,7 +197,7 @@ def evaluate_hellaswag(
                 ctx_lens += c
             scores = ending_losses(model, rows, ctx_lens, device).view(len(batch), N_ENDINGS, 2)
             for j, i in enumerate(batch):
-                if b * batch_size + j < len(mine):
+                if start + j < len(mine):
                     results.append((i, scores[j, :, 0].tolist(), scores[j, :, 1].tolist()))
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object
