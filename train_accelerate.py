@@ -10,7 +10,7 @@ reproduction of build-nanogpt (10B FineWeb-Edu tokens, 524,288 tokens per step).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
-`samples.jsonl`, `loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the export `hf/`.
+`samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the export `hf/`.
 """
 
 from __future__ import annotations
@@ -248,6 +248,8 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        usage="accelerate launch [--config_file ACCELERATE.yaml] train_accelerate.py [--config PRESET.yaml] "
+        "[--field value ...]",
         description="Pretrain GPT-2 with Accelerate. Field values come from the dataclass defaults, then the "
         "--config YAML preset, then --field value overrides.",
         allow_abbrev=False,
@@ -260,9 +262,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             nargs="?" if bool_field else None,
             const="true" if bool_field else None,
+            metavar=type_name(FIELD_TYPES[f.name]),
             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"),
         )
     return parser
+
+
+def type_name(hint: Any) -> str:
+    names = [t.__name__.upper() for t in typing.get_args(hint) or (hint,)]
+    return "|".join(names).replace("NONETYPE", "NONE")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -363,7 +371,7 @@ class RunPaths:
         self.run_info = self.out_dir / "run_info.json"
         self.log = self.out_dir / "log.jsonl"
         self.samples = self.out_dir / "samples.jsonl"
-        self.plot = self.out_dir / "loss.png"
+        self.plots = self.out_dir / "plots"
         self.checkpoints = self.out_dir / "checkpoints"
         self.hf = self.out_dir / "hf"
 
@@ -809,7 +817,8 @@ def save_checkpoint(run: Run) -> Path:
         return final
     tmp = paths.checkpoints / f".tmp_{final.name}"
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in paths.checkpoints.glob(".tmp_step_*"):  # left by a run killed while saving
+            shutil.rmtree(stale)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
@@ -980,6 +989,7 @@ def write_model_card(run: Run) -> Path:
             "",
             "![training and validation loss](loss.png)",
             "",
+            *(["![HellaSwag acc_norm](hellaswag.png)", ""] if "hellaswag/acc_norm" in run.last_eval else []),
             "## Usage",
             "",
             "```python",
@@ -1002,29 +1012,6 @@ def write_model_card(run: Run) -> Path:
     path = run.paths.hf / "README.md"
     path.write_text(card)
     return path
-
-
-def plot_losses(log_path: Path, png_path: Path) -> Path:
-    """Training and validation loss against tokens seen, from log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, style in (("train/loss", "-"), ("val/loss", "o-")):
-        points = [(r["tokens"], r[name]) for r in records if name in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=name, markersize=3)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1068,8 +1055,10 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
     save_checkpoint(run)
     acc, paths = run.accelerator, run.paths
     if acc.is_main_process:
-        plot_losses(paths.log, paths.plot)
-        shutil.copy(paths.plot, paths.hf / paths.plot.name)
+        from eval.plot import plot_training
+
+        for plot in plot_training(paths.out_dir, paths.plots):  # loss.png, and hellaswag.png when scored
+            shutil.copy(plot, paths.hf / plot.name)
         write_model_card(run)
         if run.config.push_to_hub and complete:
             url = push_export(paths.hf, run.config.hub_model_id, f"step {run.state.step}: {run.state.tokens:,} tokens")

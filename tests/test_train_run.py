@@ -158,7 +158,7 @@ def test_run_directory_describes_itself(pushed_run):
     info = json.loads((out / "run_info.json").read_text())
     assert info["processes"] == 1 and info["gradient_accumulation_steps"] == 2 and info["mixed_precision"] == "no"
     assert info["packages"]["torch"] and info["packages"]["accelerate"] and "commit" in info["git"]
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
 
