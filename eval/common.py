@@ -16,12 +16,16 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded from the given folder or Hub id."""
 
 
-def resolve_device(accelerator=None, device: str | torch.device | None = None) -> torch.device:
-    """The accelerator's device, else `device`, else CUDA when present, else the CPU."""
+def resolve_device(
+    accelerator=None, device: str | torch.device | None = None, model: nn.Module | None = None
+) -> torch.device:
+    """The accelerator's device, else `device`, else where `model` lives, else CUDA when present, else the CPU."""
     if accelerator is not None:
         return accelerator.device
     if device is not None:
         return torch.device(device)
+    if model is not None:
+        return next(model.parameters()).device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -172,13 +172,14 @@ def evaluate_hellaswag(
     scores every `num_processes`-th example and the results are gathered, so every rank returns the
     same totals. With `return_predictions`, the result also holds `predictions`: for each example in
     order, its `ind`, `label`, `pred`, `pred_norm`, the four summed `losses` and the ending `lengths`.
-    Works on any causal LM whose output has `.logits` (ours, transformers' GPT-2).
+    `device` defaults to the accelerator's, else the model's. Works on any causal LM whose output has
+    `.logits` (ours, transformers' GPT-2).
     """
     if not examples:
         raise HellaSwagDataError("no HellaSwag examples to score")
     from data_prep.tokenizer import get_encoding
 
-    device = resolve_device(accelerator, device)
+    device = resolve_device(accelerator, device, model)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     encoding, max_len = get_encoding(), max_positions(model)
     mine = list(range(rank, len(examples), world))

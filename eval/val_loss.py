@@ -31,15 +31,15 @@ def evaluate_val_loss(
     Batches come from `data_prep.iter_val_batches` (deterministic, disjoint across ranks, as many on
     each); with an `accelerator` the sums are reduced across processes, so every rank returns the same
     number. `max_batches` caps the batches per process. A missing or empty val split raises
-    `data_prep.DataPrepError`. Uses only the model's logits, so it works on ours and on transformers'
-    GPT-2 alike.
+    `data_prep.DataPrepError`. `device` defaults to the accelerator's, else the model's. Uses only the
+    model's logits, so it works on ours and on transformers' GPT-2 alike.
     """
     import data_prep
 
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len {seq_len} is longer than the model's {limit} positions")
-    device = resolve_device(accelerator, device)
+    device = resolve_device(accelerator, device, model)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batches = data_prep.iter_val_batches(
         data_dir, batch_size, seq_len, rank=rank, world_size=world, max_batches=max_batches
