@@ -120,7 +120,7 @@ class TrainConfig:
     hub_private: bool = arg(False, "create the Hub repository as private")
 
     def __post_init__(self) -> None:
-        problems = [p for p in config_problems(self) if p]
+        problems = list(config_problems(self))
         if problems:
             raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
 
@@ -131,39 +131,31 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
+AT_LEAST_ONE += ("save_interval", "val_batches", "sample_tokens")
+AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip")
 
 
-def config_problems(c: TrainConfig) -> Iterator[str | None]:
+def config_problems(c: TrainConfig) -> Iterator[str]:
     """Each inconsistent or out-of-range value of `c`, as a message naming the field."""
-    for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval"):
-        yield f"{name} must be >= 1, got {getattr(c, name)}" if getattr(c, name) < 1 else None
-    for name in ("save_interval", "val_batches", "sample_tokens"):
-        yield f"{name} must be >= 1, got {getattr(c, name)}" if getattr(c, name) < 1 else None
-    for name in ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip"):
-        yield f"{name} must be >= 0, got {getattr(c, name)}" if getattr(c, name) < 0 else None
-    yield (
-        f"warmup_steps ({c.warmup_steps}) must be <= max_steps ({c.max_steps})"
-        if c.warmup_steps > c.max_steps
-        else None
-    )
-    yield (
-        f"stop_at_step ({c.stop_at_step}) must be <= max_steps ({c.max_steps})"
-        if c.stop_at_step > c.max_steps
-        else None
-    )
-    yield f"max_lr must be > 0, got {c.max_lr}" if c.max_lr <= 0 else None
-    yield f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}" if not 0 <= c.min_lr_ratio <= 1 else None
-    yield f"dropout must be in [0, 1), got {c.dropout}" if not 0 <= c.dropout < 1 else None
-    for name in ("adam_beta1", "adam_beta2"):
-        yield f"{name} must be in [0, 1), got {getattr(c, name)}" if not 0 <= getattr(c, name) < 1 else None
-    yield (
-        f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
-        if c.mixed_precision not in PRECISIONS
-        else None
-    )
+    yield from (f"{name} must be >= 1, got {getattr(c, name)}" for name in AT_LEAST_ONE if getattr(c, name) < 1)
+    yield from (f"{name} must be >= 0, got {getattr(c, name)}" for name in AT_LEAST_ZERO if getattr(c, name) < 0)
+    for name in ("warmup_steps", "stop_at_step"):
+        if getattr(c, name) > c.max_steps:
+            yield f"{name} ({getattr(c, name)}) must be <= max_steps ({c.max_steps})"
+    if c.max_lr <= 0:
+        yield f"max_lr must be > 0, got {c.max_lr}"
+    if not 0 <= c.min_lr_ratio <= 1:
+        yield f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}"
+    for name in ("dropout", "adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            yield f"{name} must be in [0, 1), got {getattr(c, name)}"
+    if c.mixed_precision not in PRECISIONS:
+        yield f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
     trackers = {t.value for t in LoggerType} | {"none"}
     for name in tracker_names(c.report_to):
-        yield f"report_to: unknown tracker {name!r}; choose from {sorted(trackers)}" if name not in trackers else None
+        if name not in trackers:
+            yield f"report_to: unknown tracker {name!r}; choose from {sorted(trackers)}"
     per_micro = c.micro_batch_size * c.seq_len
     if per_micro > 0 and c.total_batch_size % per_micro:
         yield (
@@ -521,18 +513,20 @@ def peak_flops(config: TrainConfig, device: torch.device) -> float:
     return measure_matmul_flops(device, torch.float32)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
-    """The best FLOP/s of an n x n matmul, with a private generator so the global RNG is untouched."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """The best FLOP/s of n x n matmuls repeated for about `seconds`: the best, not the mean, so that
+    moments when other processes hold the cores count less. Uses a private generator, so the global
+    RNG (and hence the initial weights) is the same whether the peak is measured or given."""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    best = math.inf
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+    best, start, repeats = math.inf, time.perf_counter(), 0
+    while repeats < 3 or time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best, repeats = min(best, time.perf_counter() - tick), repeats + 1
     return 2 * n**3 / best
 
 

@@ -1,6 +1,5 @@
 """The trainer's configuration, LR schedule, optimizer groups and checkpoint bookkeeping (no training)."""
 
-import math
 import time
 from pathlib import Path
 
@@ -214,4 +213,4 @@ def test_mfu_uses_the_models_flops_per_token():
     expected = config.flops_per_token(1024) * 1e6 / (8 * 989e12)
     assert stats["mfu"] == pytest.approx(expected, rel=0.01)
     assert 0.09 < stats["mfu"] < 0.12
-    assert math.isclose(ta.measure_matmul_flops(torch.device("cpu"), torch.float32, n=256, repeats=2), 0) is False
+    assert ta.measure_matmul_flops(torch.device("cpu"), torch.float32, n=256, seconds=0.05) > 1e8
