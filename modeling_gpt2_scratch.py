@@ -185,6 +185,59 @@ def attention_bias(
     return visible | (key_pos == query_pos)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, a few rows at a time.
+
+    The plain path holds the (N, vocab) logits, their log-softmax and both gradients: four tensors of
+    400 MB each at B=8, T=256. Here each chunk of rows makes its logits, adds to the loss and turns
+    them at once into their gradient, softmax - one_hot (the backward of the loss is known in the
+    forward); the gradients of `hidden` and `weight` are summed over the chunks and kept for
+    `backward`, which only scales them. Memory: one chunk of logits instead of four full tensors;
+    work: the same three matmuls as the plain path. The matmuls run on the padded weight (fast
+    shapes); the padding columns are set to -inf, so they get zero probability and zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size: int, num_chunks: int):
+        valid = targets != -100
+        count = valid.sum()  # the mean is over the non-ignored tokens, as in F.cross_entropy
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        rows = -(-hidden.shape[0] // num_chunks)
+        chunks = zip(hidden.split(rows), targets.split(rows), valid.split(rows), grad_hidden.split(rows), strict=True)
+        for h, t, v, grad_h in chunks:
+            logits = (h @ weight.T).float()  # (rows, padded_vocab)
+            logits[:, vocab_size:] = float("-inf")
+            log_probs = torch.log_softmax(logits, dim=1)
+            t = t.clamp(min=0).unsqueeze(1)  # ignored rows pick token 0; `scale` zeroes them below
+            scale = (v / count).unsqueeze(1)  # d loss / d (row's cross-entropy): 1/count, or 0 if ignored
+            loss -= (log_probs.gather(1, t) * scale).sum()
+            grad = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=log_probs.dtype))
+            grad = grad.to(h.dtype)  # softmax - one_hot: the gradient of each row's cross-entropy
+            # Row scales go on the small factors, (rows, C), never on the (rows, vocab) gradient.
+            grad_h.copy_((grad @ weight) * scale)
+            if torch.is_autocast_enabled(h.device.type):
+                grad_weight += grad.T @ (h * scale)  # a low-precision product, summed in the weight's dtype
+            else:
+                grad_weight.addmm_(grad.T, h * scale)  # summed in place: no (vocab, C) temporary per chunk
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, num_chunks: int = 4
+) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight)[:, :vocab_size], targets, ignore_index=-100)` without
+    materialising the logits: hidden (N, C), weight (padded_vocab, C), targets (N,)."""
+    return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, num_chunks)
+
+
 class GPT2ScratchPreTrainedModel(PreTrainedModel):
     config_class = GPT2ScratchConfig
     config: GPT2ScratchConfig
@@ -259,7 +312,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         """Logits over the `vocab_size` real tokens, and the loss when labels are given.
 
         `labels` are aligned with `input_ids` and shifted here (HF convention); `shift_labels` are
-        already the next tokens (the trainer's `y`). Both ignore -100.
+        already the next tokens (the trainer's `y`). Both ignore -100. A training forward with
+        `shift_labels` and gradients on (the trainer's call) returns `logits=None`: its loss comes
+        from `linear_cross_entropy`, which never holds the (B, T, vocab) logits. Every other call
+        (eval, `generate()`, `labels=`) returns the logits.
         """
         B, T = input_ids.shape
         if use_cache is None:
@@ -280,14 +336,20 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         x = self.transformer.ln_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab), padding columns dropped
+        cache, vocab_size = past_key_values if use_cache else None, self.config.vocab_size
+        if shift_labels is not None and labels is None and self.training and torch.is_grad_enabled():
+            # The training path: the loss straight from the hidden states, never the (B, T, vocab)
+            # logits (see `linear_cross_entropy`); `logits` is None here.
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, shift_labels.flatten(), vocab_size)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache)
+        logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
 
         loss = None
         if labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
         if shift_labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     @classmethod
     def from_gpt2(cls, name_or_path: str, **kwargs) -> GPT2ScratchForCausalLM:
