@@ -487,30 +487,39 @@ def git_revision() -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------------------------
 # Throughput and MFU
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s per device.
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
+# Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
+# device name (more specific names first). fp32 means TF32 tensor cores, which we enable on CUDA.
+# The benchmark (benchmarks/bench_train.py) divides by the same numbers.
+DATASHEET_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 494.5e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "H100": {"bf16": 989e12, "fp32": 494.5e12},  # SXM
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "A10G": {"bf16": 70e12, "fp32": 35e12},
+    "RTX 4090": {"bf16": 165e12, "fp32": 83e12},
 }
 
 
 def peak_flops(config: TrainConfig, device: torch.device) -> float:
-    """Peak FLOP/s of one device for MFU: the config value, a datasheet bf16 peak, or a measured matmul peak."""
+    """Peak FLOP/s of one device for MFU: the config value, else `device_peak_flops` for the run's precision."""
     if config.peak_flops:
         return config.peak_flops
+    precision = "bf16" if resolve_mixed_precision(config.mixed_precision) in ("bf16", "fp16") else "fp32"
+    return device_peak_flops(device, precision)[0]
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """The FLOP/s that MFU divides by ("bf16" or "fp32" matmuls), and where the number comes from:
+    a GPU's datasheet peak, else the best matmul throughput measured here and now."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
+        for key, peaks in DATASHEET_PEAK_FLOPS.items():
             if key in name:
-                return flops
-        return measure_matmul_flops(device, torch.bfloat16)
-    return measure_matmul_flops(device, torch.float32)
+                return peaks[precision], f"datasheet dense {precision} peak of {key}"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measure_matmul_flops(device, dtype), f"measured: best {precision} 1024x1024 matmul on this device"
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:

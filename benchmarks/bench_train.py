@@ -33,18 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
+from train_accelerate import device_peak_flops  # noqa: E402  (one MFU peak for trainer and benchmark)
 
 MODELS = ("ours", "transformers")
-
-# Dense (no sparsity) tensor-core peak per GPU, FLOP/s, from NVIDIA's datasheets; matched on the
-# device name. fp32 means TF32 tensor cores, which the benchmark enables on CUDA.
-DATASHEET_PEAK = {
-    "H200": {"bf16": 989e12, "fp32": 494.5e12},
-    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
-    "H100": {"bf16": 989e12, "fp32": 494.5e12},  # SXM
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "L4": {"bf16": 121e12, "fp32": 60e12},
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,29 +196,11 @@ def run_training(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
-def cpu_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 matmul throughput (FLOP/s) of this CPU at its current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
-def device_peak(args: argparse.Namespace) -> tuple[float | None, str]:
-    """The FLOP/s that MFU divides by, and where the number comes from."""
+def device_peak(args: argparse.Namespace) -> tuple[float, str]:
+    """The FLOP/s that MFU divides by, and where the number comes from (the trainer's function)."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12, "--peak-tflops"
-    if not args.device.startswith("cuda"):
-        return cpu_matmul_peak(), "measured: best fp32 2048x2048 matmul on this machine"
-    name = torch.cuda.get_device_name(args.device)
-    for key, peaks in DATASHEET_PEAK.items():
-        if key in name:
-            return peaks[args.dtype], f"datasheet dense {args.dtype} peak of {key}"
-    return None, f"no datasheet peak known for {name!r}: pass --peak-tflops"
+    return device_peak_flops(torch.device(args.device), args.dtype)
 
 
 def run_generation(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
