@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +15,19 @@ from torch import nn
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded from the given folder or Hub id."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a command-line `main`: a user error (bad path, bad file, offline) ends with one `error:`
+    line and exit status 2 instead of a traceback; anything else is a bug and keeps its traceback."""
+    from data_prep.shards import DataPrepError
+    from data_prep.tokenizer import TokenizerFileError
+
+    try:
+        main()
+    except (ModelLoadError, DataPrepError, TokenizerFileError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_device(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eval.common import count_parameters, load_model, max_positions, resolve_device
+from eval.common import count_parameters, load_model, max_positions, resolve_device, run_cli
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM
 from eval.val_loss import evaluate_val_loss
@@ -250,4 +250,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,6 +29,7 @@ from eval.common import (
     load_model,
     max_positions,
     resolve_device,
+    run_cli,
 )
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -290,4 +291,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from eval.common import run_cli
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM, Reference
 
 LOG_NAME = "log.jsonl"
@@ -119,4 +120,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.common import autocast, inference, launched_accelerator, load_model, max_positions, resolve_device
+from eval.common import (
+    autocast,
+    inference,
+    launched_accelerator,
+    load_model,
+    max_positions,
+    resolve_device,
+    run_cli,
+)
 
 
 def evaluate_val_loss(
@@ -104,4 +112,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

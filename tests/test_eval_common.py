@@ -4,6 +4,8 @@ and the tests of `eval.common`: model loading and its errors, parameter counts."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from eval.common import ModelLoadError, count_parameters, load_model
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Hand-made examples in the original hellaswag_val.jsonl format (github.com/rowanz/hellaswag).
 HELLASWAG_EXAMPLES = [
@@ -179,3 +183,17 @@ def test_count_parameters_ignores_vocab_padding():
     assert ours.config.padded_vocab_size > ours.config.vocab_size
     # transformers counts tied weights once; so must we, and our padding rows are not parameters that matter
     assert count_parameters(official) == official.num_parameters() == count_parameters(ours)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval.val_loss", "--model", "/nonexistent/model", "--data_dir", "/nonexistent/data"], "no model folder"),
+        (["eval.plot", "/nonexistent/run"], "log.jsonl not found"),
+    ],
+)
+def test_cli_user_errors_are_one_line_not_a_traceback(argv, message):
+    result = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
