@@ -186,6 +186,19 @@ def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def pinned_revision(out_dir: Path, dataset: str, config: str | None, split: str) -> str | None:
+    """The Hub revision an earlier run into `out_dir` streamed from this dataset, config and split, if any."""
+    if not (out_dir / MANIFEST_NAME).exists():
+        return None
+    source = read_manifest(out_dir)["source"]
+    same = source.get("kind") == "hub" and (source.get("dataset"), source.get("config"), source.get("split")) == (
+        dataset,
+        config,
+        split,
+    )
+    return source.get("revision") if same else None
+
+
 def start_manifest(out_dir: Path, description: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """The manifest to continue from: the existing one cut to its valid shards, or a new one.
 
@@ -275,7 +288,10 @@ def prepare(
     elif builtin:
         source = builtin_source()
     else:
-        source = hub_source(dataset, config, split, text_column=text_column)
+        # A restart streams the revision the first run pinned, so that a new commit upstream (even a
+        # README edit) neither mixes two revisions in one output nor refuses the restart.
+        revision = None if overwrite else pinned_revision(out_dir, dataset, config, split)
+        source = hub_source(dataset, config, split, text_column=text_column, revision=revision)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     description = {**source.description, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_docs": max_docs}
     out_dir.mkdir(parents=True, exist_ok=True)

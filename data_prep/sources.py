@@ -93,8 +93,10 @@ def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: 
     return Source(dataset, description, text_column, None)
 
 
-def hub_source(dataset: str, config: str | None, split: str, text_column: str = "text") -> Source:
-    """Stream a Hub dataset at its current revision, which is pinned in the manifest.
+def hub_source(
+    dataset: str, config: str | None, split: str, text_column: str = "text", revision: str | None = None
+) -> Source:
+    """Stream a Hub dataset at `revision`, or at its current one; the revision is pinned in the manifest.
 
     Fails at once, naming the dataset, when offline instead of waiting on retries.
     """
@@ -106,7 +108,7 @@ def hub_source(dataset: str, config: str | None, split: str, text_column: str = 
     if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
         raise DataPrepError(f"cannot stream {dataset}: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
     try:
-        info = HfApi().dataset_info(dataset, timeout=20)
+        info = HfApi().dataset_info(dataset, revision=revision, timeout=20)
     except Exception as err:  # network errors come from several libraries; all mean the same here
         raise DataPrepError(f"cannot reach the Hub for dataset {dataset!r}: {err}. {hint}") from err
     stream = datasets.load_dataset(dataset, name=config, split=split, streaming=True, revision=info.sha)

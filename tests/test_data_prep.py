@@ -219,6 +219,30 @@ def test_hub_fails_fast_when_offline(tmp_path: Path) -> None:
         prepare(tmp_path / "out")
 
 
+def test_hub_restart_streams_the_pinned_revision(jsonl: Path, tmp_path: Path, monkeypatch) -> None:
+    """A restarted Hub job keeps the revision of its first run, even after the dataset repo moved on."""
+    from data_prep.sources import local_source
+
+    prepare_module = sys.modules["data_prep.prepare"]  # the package re-exports a function of the same name
+
+    asked = []
+
+    def fake_hub_source(dataset, config, split, text_column="text", revision=None):
+        asked.append(revision)
+        source = local_source([str(jsonl)], text_column=text_column)
+        head = revision or ("sha-1" if len(asked) == 1 else "sha-2")  # upstream moves after the first run
+        source.description = {"kind": "hub", "dataset": dataset, "config": config, "split": split, "revision": head}
+        return source
+
+    monkeypatch.setattr(prepare_module, "hub_source", fake_hub_source)
+    out = prepare(tmp_path / "out", shard_tokens=100, num_proc=1)
+    (out / read_manifest(out)["shards"][-1]["file"]).unlink()  # an interrupted run: the last shard is missing
+    prepare(out, shard_tokens=100, num_proc=1)
+    assert asked == [None, "sha-1"]
+    assert read_manifest(out)["source"]["revision"] == "sha-1"
+    np.testing.assert_array_equal(concatenated(out), reference_stream(DOCS))
+
+
 def test_builtin_corpus(tmp_path: Path) -> None:
     out = prepare_builtin(tmp_path / "builtin")
     manifest = read_manifest(out)
