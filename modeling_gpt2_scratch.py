@@ -11,6 +11,7 @@ so a saved or pushed folder loads with `trust_remote_code=True` on a machine wit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,8 @@ class GPT2ScratchConfig(PreTrainedConfig):
     Field names are GPT-2's; `hidden_size`, `num_hidden_layers`, `num_attention_heads` and
     `max_position_embeddings` are aliases. `padded_vocab_size` rounds `vocab_size` up to a multiple
     of `pad_vocab_multiple` (50,257 -> 50,304) for fast GPU matmuls; the model never returns the
-    padding columns.
+    padding columns. `activation_function` is GPT-2's tanh-approximated GELU (`"gelu_new"`, also
+    build-nanogpt's) or the exact erf GELU (`"gelu"`, nanoGPT's `nn.GELU()`).
     """
 
     model_type = "gpt2_scratch"
@@ -63,6 +65,7 @@ class GPT2ScratchConfig(PreTrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     dropout: float = 0.0
+    activation_function: str = "gelu_new"
     pad_vocab_multiple: int = 64
     use_cache: bool = True
     bos_token_id: int | None = 50256
@@ -73,6 +76,11 @@ class GPT2ScratchConfig(PreTrainedConfig):
     def validate_architecture(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in GELU_APPROXIMATION:
+            raise ValueError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"choose one of {sorted(GELU_APPROXIMATION)}"
+            )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -95,6 +103,10 @@ class GPT2ScratchConfig(PreTrainedConfig):
         per_block = 12 * d * d + 13 * d  # c_attn, c_proj, c_fc, c_proj weights and biases, two LayerNorms
         n_params = n_layer * per_block + 2 * d + self.padded_vocab_size * d
         return 6 * n_params + 12 * n_layer * d * seq_len
+
+
+# The activations the MLP implements, as `F.gelu`'s `approximate` argument; names are transformers'.
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu": "none"}
 
 
 class GPT2ScratchAttention(nn.Module):
@@ -136,9 +148,10 @@ class GPT2ScratchMLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
         self.dropout = config.dropout
+        self.approximate = GELU_APPROXIMATION[config.activation_function]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = F.gelu(self.c_fc(hidden_states), approximate="tanh")  # GPT-2's "gelu_new"
+        hidden_states = F.gelu(self.c_fc(hidden_states), approximate=self.approximate)
         return F.dropout(self.c_proj(hidden_states), self.dropout, self.training)
 
 
@@ -362,19 +375,59 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     @classmethod
     def from_gpt2_model(cls, official: nn.Module) -> GPT2ScratchForCausalLM:
         """Copy the weights of a `transformers.GPT2LMHeadModel` into a new model of this class."""
-        config = scratch_config_from_gpt2(official.config)
-        model = cls(config).to(official.dtype)
         state = {}
         for key, tensor in official.state_dict().items():
-            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
-                continue  # causal-mask buffers of old checkpoints, not weights
+            if key.endswith(MASK_BUFFERS):
+                continue
             # GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
             state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-        state["transformer.wte.weight"] = pad_rows(state["transformer.wte.weight"], config.padded_vocab_size)
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        return cls.from_state_dict(scratch_config_from_gpt2(official.config), state)
+
+    @classmethod
+    def from_state_dict(cls, config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> GPT2ScratchForCausalLM:
+        """A model with exactly the weights of `state`, a state dict in this model's layout (nn.Linear
+        weights) whose token embedding may lack the vocabulary padding rows; `lm_head.weight` is taken
+        from the tied `transformer.wte.weight`. Keys may carry torch.compile / DDP prefixes (saved from a
+        wrapped model). The model takes the embedding's dtype."""
+        state = strip_wrapper_prefixes(state)
+        if "transformer.wte.weight" not in state:
+            raise ValueError(f"state dict has no transformer.wte.weight; found keys {sorted(state)[:8]}")
+        wte = state["transformer.wte.weight"]
+        state["transformer.wte.weight"] = state["lm_head.weight"] = pad_rows(wte, config.padded_vocab_size)
+        model = cls(config).to(wte.dtype)
         model.load_state_dict(state, strict=True)
         model.tie_weights()
         return model
+
+    @classmethod
+    def from_nanogpt(
+        cls, path: str | Path, vocab_size: int | None = None, activation_function: str | None = None
+    ) -> GPT2ScratchForCausalLM:
+        """Load a nanoGPT `ckpt.pt` or build-nanogpt `model_XXXXX.pt` checkpoint, in eval mode.
+
+        The file is read with `torch.load(weights_only=True)`: no code in it runs (see
+        `load_nanogpt_checkpoint`). `_orig_mod.` / `module.` key prefixes are stripped, old `attn.bias`
+        mask buffers dropped, and the biases of a `bias=False` model loaded as zeros, which gives the
+        same logits. A vocabulary of 50,304 is GPT-2's 50,257 padded (nanoGPT's default), so the model
+        returns the first 50,257 logits; pass `vocab_size` to say otherwise. nanoGPT's MLP uses the
+        exact GELU and build-nanogpt's the tanh one; the checkpoint's config tells them apart (only
+        nanoGPT's has `bias`), and `activation_function` ("gelu" or "gelu_new") overrides that.
+        """
+        checkpoint = load_nanogpt_checkpoint(path)
+        args = nanogpt_model_args(checkpoint, path)
+        config = GPT2ScratchConfig(
+            vocab_size=vocab_size or (50257 if args["vocab_size"] == 50304 else args["vocab_size"]),
+            n_positions=args["block_size"],
+            n_embd=args["n_embd"],
+            n_layer=args["n_layer"],
+            n_head=args["n_head"],
+            dropout=args.get("dropout", 0.0),
+            activation_function=activation_function or ("gelu" if "bias" in args else "gelu_new"),
+        )
+        with torch.device("meta"):
+            expected = cls(config).state_dict()  # names and shapes only, no memory
+        state = nanogpt_state_dict(checkpoint["model"], expected, config, biases=args.get("bias", True), path=path)
+        return cls.from_state_dict(config, state).eval()
 
     def to_gpt2(self) -> nn.Module:
         """An equivalent `transformers.GPT2LMHeadModel` (the padding rows of the vocabulary dropped)."""
@@ -389,7 +442,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             n_head=c.n_head,
             layer_norm_epsilon=c.layer_norm_epsilon,
             initializer_range=c.initializer_range,
-            activation_function="gelu_new",
+            activation_function=c.activation_function,
             resid_pdrop=c.dropout,
             embd_pdrop=c.dropout,
             attn_pdrop=c.dropout,
@@ -411,6 +464,136 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
 
 # The weights GPT-2 keeps in Conv1D layout (in, out).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers that old GPT-2 and nanoGPT checkpoints save; not weights.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# What torch.compile (`OptimizedModule`) and DDP / DataParallel put before every state-dict key.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with the key prefixes of torch.compile and DDP removed, in any order and number
+    (`module._orig_mod.transformer...` -> `transformer...`). Every loader of raw state dicts uses this."""
+    stripped = {}
+    for key, tensor in state_dict.items():
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in stripped:
+            raise ValueError(f"state dict has both {key!r} and another key that is also {name!r} without prefixes")
+        stripped[name] = tensor
+    return stripped
+
+
+class NanoGPTCheckpointError(ValueError):
+    """A file is not a nanoGPT / build-nanogpt checkpoint that this model can load."""
+
+
+NANOGPT_EXPECTED = (
+    "expected a nanoGPT ckpt.pt or build-nanogpt model_XXXXX.pt: a torch.save file holding a dict with the "
+    "state dict under 'model' and the config under 'model_args' (a dict) or 'config' (a GPTConfig)"
+)
+NANOGPT_CONFIG_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+class PickledGPTConfig:
+    """Stands in for the `GPTConfig` dataclass that build-nanogpt pickles by reference (as
+    `__main__.GPTConfig`): the unpickler makes an instance of this inert class and sets its fields, so
+    no code from the script that wrote the checkpoint is imported or run."""
+
+
+def load_nanogpt_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict in `path`, read with `torch.load(weights_only=True)` onto the CPU.
+
+    Only tensors, plain Python values and a class named `GPTConfig` (read into `PickledGPTConfig`) are
+    allowed; any other pickled global is refused before anything is unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NanoGPTCheckpointError(f"no checkpoint file at {path}; {NANOGPT_EXPECTED}")
+    try:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        foreign = []  # not a zip checkpoint (legacy format or not one at all): torch.load below decides
+    refused = sorted(name for name in foreign if name.rsplit(".", 1)[-1] != "GPTConfig")
+    if refused:
+        raise NanoGPTCheckpointError(
+            f"{path} pickles {', '.join(refused)}, which could run code when loaded, so it is not read; "
+            f"{NANOGPT_EXPECTED}"
+        )
+    try:
+        with torch.serialization.safe_globals([(PickledGPTConfig, name) for name in foreign]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NanoGPTCheckpointError(
+            f"{path} is not a readable torch checkpoint ({reason}); {NANOGPT_EXPECTED}"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        found = (
+            f"a dict with keys {sorted(map(str, checkpoint))}"
+            if isinstance(checkpoint, dict)
+            else type(checkpoint).__name__
+        )
+        raise NanoGPTCheckpointError(f"{path} holds {found}; {NANOGPT_EXPECTED}")
+    return checkpoint
+
+
+def nanogpt_model_args(checkpoint: dict, path: str | Path) -> dict:
+    """The model's config fields: nanoGPT's `model_args`, else build-nanogpt's `config` (a GPTConfig)."""
+    args = checkpoint.get("model_args", checkpoint.get("config"))
+    args = vars(args) if isinstance(args, PickledGPTConfig) else args
+    if not isinstance(args, dict) or not all(key in args for key in NANOGPT_CONFIG_FIELDS):
+        found = f"fields {sorted(args)}" if isinstance(args, dict) else f"a {type(args).__name__}"
+        raise NanoGPTCheckpointError(
+            f"{path} has no model config with {', '.join(NANOGPT_CONFIG_FIELDS)} (found {found}); {NANOGPT_EXPECTED}"
+        )
+    return args
+
+
+def nanogpt_state_dict(
+    raw: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    config: GPT2ScratchConfig,
+    biases: bool,
+    path: str | Path,
+) -> dict[str, torch.Tensor]:
+    """A nanoGPT state dict in our layout, checked key by key and shape by shape against `expected`.
+
+    nanoGPT already uses our names and `nn.Linear` layout, so this only strips wrapper prefixes, drops
+    mask buffers, refuses an untied `lm_head`, and fills the biases of a `bias=False` model with zeros
+    (nanoGPT's LayerNorm and Linear without bias compute exactly what ours do with a zero bias).
+    """
+    state = {k: v for k, v in strip_wrapper_prefixes(raw).items() if not k.endswith(MASK_BUFFERS)}
+    wte, lm_head = state.get("transformer.wte.weight"), state.pop("lm_head.weight", None)
+    if wte is not None and lm_head is not None and not torch.equal(wte, lm_head):
+        raise NanoGPTCheckpointError(
+            f"{path}: lm_head.weight differs from transformer.wte.weight; this model ties them (as nanoGPT does)"
+        )
+    if not biases:
+        dtype = wte.dtype if wte is not None else torch.float32
+        zeros = {name: torch.zeros(t.shape, dtype=dtype) for name, t in expected.items() if name.endswith(".bias")}
+        state = {**zeros, **state}
+    missing = sorted(set(expected) - set(state) - {"lm_head.weight"})
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise NanoGPTCheckpointError(
+            f"{path}: the state dict under 'model' does not match its config ({config.n_layer} layers, bias={biases}):"
+            f" missing {missing[:4]}{' ...' if len(missing) > 4 else ''},"
+            f" unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise NanoGPTCheckpointError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
+        want = tuple(expected[name].shape)
+        if name == "transformer.wte.weight":
+            # The rows may be the padded or the real vocabulary; from_state_dict pads them.
+            fits = config.vocab_size <= tensor.shape[0] <= want[0] and tensor.shape[1] == want[1]
+            want = f"({config.vocab_size} to {want[0]}, {want[1]})"
+        else:
+            fits = tuple(tensor.shape) == want
+        if not fits:
+            raise NanoGPTCheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}; its config implies {want}")
+    return state
 
 
 def positions_from_mask(
@@ -430,7 +613,7 @@ def pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
     """Our config for a `transformers.GPT2Config`, refusing GPT-2 variants this model does not implement."""
     unsupported = {
-        "activation_function": (official.activation_function, "gelu_new"),
+        "activation_function": (official.activation_function, tuple(GELU_APPROXIMATION)),
         "scale_attn_weights": (official.scale_attn_weights, True),
         "scale_attn_by_inverse_layer_idx": (official.scale_attn_by_inverse_layer_idx, False),
         "reorder_and_upcast_attn": (official.reorder_and_upcast_attn, False),
@@ -438,7 +621,8 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
         "n_inner": (official.n_inner, None),
     }
     for key, (found, expected) in unsupported.items():
-        if found != expected and not (key == "n_inner" and found == 4 * official.n_embd):
+        supported = found in expected if isinstance(expected, tuple) else found == expected
+        if not supported and not (key == "n_inner" and found == 4 * official.n_embd):
             raise ValueError(f"GPT-2 config has {key}={found!r}; GPT2ScratchForCausalLM supports only {expected!r}")
     return GPT2ScratchConfig(
         vocab_size=official.vocab_size,
@@ -448,6 +632,7 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
         n_head=official.n_head,
         layer_norm_epsilon=official.layer_norm_epsilon,
         initializer_range=official.initializer_range,
+        activation_function=official.activation_function,
         bos_token_id=official.bos_token_id,
         eos_token_id=official.eos_token_id,
         pad_token_id=official.pad_token_id,
