@@ -11,6 +11,7 @@ reproduction of build-nanogpt (10B FineWeb-Edu tokens, 524,288 tokens per step).
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
 `samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the export `hf/`.
+With `--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`checkpoint_remote.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import checkpoint_remote
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 logger = logging.getLogger("train")
@@ -108,7 +110,13 @@ class TrainConfig:
     report_to: str = arg("tensorboard", "Accelerate trackers, comma-separated (tensorboard, wandb, ...) or 'none'")
     save_interval: int = arg(40, "steps between checkpoints; one is also written at the end")
     keep_checkpoints: int = arg(2, "keep only the newest N checkpoints (0: keep all)")
-    resume: str = arg("", "'' fresh run, 'auto' newest complete checkpoint in out_dir (if any), or a checkpoint path")
+    resume: str = arg(
+        "", "'' fresh run, 'auto' newest complete checkpoint in out_dir or checkpoint_remote, a checkpoint path or URL"
+    )
+    checkpoint_remote: str | None = arg(
+        None, "fsspec URL that mirrors every checkpoint and the export: file://, hf://user/name[@branch][/dir], s3://"
+    )
+    remote_keep_last: int = arg(2, "keep only the newest N complete remote checkpoints (0: keep all)")
     seed: int = arg(1337, "seed for initialisation, data order and dropout")
     # performance
     compile: bool = arg(False, "torch.compile the model (inductor); worth it on GPU")
@@ -134,6 +142,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
 AT_LEAST_ONE += ("save_interval", "val_batches", "sample_tokens")
 AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip")
+AT_LEAST_ZERO += ("remote_keep_last",)
 
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
@@ -162,6 +171,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
             f"total_batch_size ({c.total_batch_size}) must be a multiple of micro_batch_size * seq_len "
             f"({c.micro_batch_size} * {c.seq_len} = {per_micro})"
         )
+    if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
+        yield f"checkpoint_remote must be a URL such as file:///abs/path or hf://user/name, got {c.checkpoint_remote!r}"
     if c.push_to_hub and not c.hub_model_id:
         yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
     if c.model not in PRESETS:
@@ -366,6 +377,7 @@ class RunPaths:
         self.plots = self.out_dir / "plots"
         self.checkpoints = self.out_dir / "checkpoints"
         self.hf = self.out_dir / "hf"
+        self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -610,6 +622,7 @@ class Run:
     last_eval: dict[str, float] = field(default_factory=dict)
     first_loss: float | None = None
     last_loss: float | None = None
+    mirror: checkpoint_remote.CheckpointMirror | None = None  # uploads to checkpoint_remote (main process only)
 
     @property
     def unwrapped(self) -> GPT2ScratchForCausalLM:
@@ -784,18 +797,35 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[5:]), default=None)
 
 
-def find_resume_checkpoint(config: TrainConfig, paths: RunPaths) -> Path | None:
-    """The checkpoint to continue from per `config.resume`; refuse to start afresh over an existing run."""
+def find_resume_checkpoint(
+    config: TrainConfig, paths: RunPaths, store: checkpoint_remote.RemoteStore | None = None
+) -> Path | None:
+    """The checkpoint to continue from per `config.resume`, downloaded first when it is remote (the newest
+    complete one of out_dir and `store`, or a URL); refuse to start afresh over an existing run."""
     latest = latest_checkpoint(paths.checkpoints)
+    remote = checkpoint_remote.newest_complete(store) if store is not None else None
     if config.resume == "":
         if latest is not None:
             raise ConfigError(
                 f"{paths.out_dir} already holds a run (newest checkpoint {latest.name}); pass --resume auto to "
                 "continue it, or choose another --out_dir"
             )
+        if remote is not None:
+            raise ConfigError(
+                f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint step_{remote:06d}); "
+                "pass --resume auto to continue it, or choose another --checkpoint_remote"
+            )
         return None
     if config.resume == "auto":
+        if remote is not None and (latest is None or remote > int(latest.name[5:])):
+            logger.info("downloading step_%06d from %s", remote, store.url)
+            return checkpoint_remote.download_checkpoint(
+                store.fs, store.checkpoint(remote), paths.checkpoints, paths.out_dir
+            )
         return latest
+    if "://" in config.resume:
+        logger.info("downloading %s", config.resume)
+        return checkpoint_remote.download_url(config.resume, paths.checkpoints, paths.out_dir)
     path = Path(config.resume)
     if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)):
         raise ConfigError(f"resume: {path} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''")
@@ -808,8 +838,9 @@ def resume(run: Run, checkpoint: Path) -> None:
     logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, run.state.step, run.state.tokens)
 
 
-def save_checkpoint(run: Run) -> Path:
-    """The full training state in checkpoints/step_NNNNNN, then the HF export of the same weights.
+def save_checkpoint(run: Run, mirror: bool = True) -> Path:
+    """The full training state in checkpoints/step_NNNNNN, then the HF export of the same weights, then
+    (with `mirror` and checkpoint_remote) their upload in the background.
 
     Written under a temporary name and renamed once complete, so a crash mid-save never leaves a folder
     that `--resume auto` would take for a checkpoint. A step already saved is not written again.
@@ -830,8 +861,16 @@ def save_checkpoint(run: Run) -> Path:
         prune_checkpoints(paths.checkpoints, run.config.keep_checkpoints)
     export_hf(run)
     logger.info("saved %s and the HF export %s", final, paths.hf)
+    if mirror:
+        mirror_checkpoint(run, final)
     run.meter.restart()
     return final
+
+
+def mirror_checkpoint(run: Run, checkpoint: Path) -> None:
+    """Hand a complete checkpoint, the export and the logs to the background upload (main process)."""
+    if run.mirror is not None:
+        run.mirror.submit(run.state.step, checkpoint, run.paths.hf, [run.paths.log, run.paths.samples])
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
@@ -903,51 +942,79 @@ class HubError(RuntimeError):
     """The Hub cannot be reached, the user is not logged in, or the token cannot write the repository."""
 
 
-def check_hub_access(repo_id: str, private: bool = False, api=None) -> str:
+def check_hub_access(repo_id: str, private: bool = False, api=None, purpose: str = "push_to_hub") -> str:
     """Fail fast, before training: the Hub is reachable, a token is set, and it can write `repo_id`
-    (created if missing). Returns the user name."""
+    (created if missing). Returns the user name. `purpose` (the field that needs the Hub) starts messages."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     if constants.is_offline_mode():
         raise HubError(
-            "push_to_hub needs the Hub, but offline mode is on (HF_HUB_OFFLINE); unset it or drop --push_to_hub"
+            f"{purpose} needs the Hub, but offline mode is on (HF_HUB_OFFLINE); unset it or drop --{purpose}"
         )
     api = api or HfApi()
     try:
         user = api.whoami()["name"]
     except LocalTokenNotFoundError as err:
-        raise HubError("push_to_hub: not logged in; run `hf auth login` or set HF_TOKEN to a write token") from err
+        raise HubError(f"{purpose}: not logged in; run `hf auth login` or set HF_TOKEN to a write token") from err
     except HfHubHTTPError as err:
-        raise HubError(f"push_to_hub: the Hub rejected the token ({err}); set HF_TOKEN to a valid write token") from err
+        raise HubError(f"{purpose}: the Hub rejected the token ({err}); set HF_TOKEN to a valid write token") from err
     except Exception as err:  # network errors differ by HTTP backend; all mean the same here
-        raise HubError(f"push_to_hub: cannot reach the Hub ({type(err).__name__}: {err}); check the network") from err
+        raise HubError(f"{purpose}: cannot reach the Hub ({type(err).__name__}: {err}); check the network") from err
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.auth_check(repo_id, write=True)
     except HfHubHTTPError as err:
         raise HubError(
-            f"push_to_hub: user {user!r} cannot write to {repo_id!r} ({err}); check hub_model_id and that the "
+            f"{purpose}: user {user!r} cannot write to {repo_id!r} ({err}); check the repository name and that the "
             "token has write access"
         ) from err
     return user
 
 
-def preflight_hub(config: TrainConfig, accelerator: Accelerator) -> None:
-    """`check_hub_access` on the main process, its verdict shared so that every rank stops together."""
+def on_main_process(accelerator: Accelerator, fn: typing.Callable[[], Any]) -> Any:
+    """`fn()` on the main process while the other ranks wait; its result, or its error, reaches every
+    rank, so that all of them go on or stop together (an unexpected error as a RuntimeError naming it)."""
     from accelerate.utils import broadcast_object_list
 
-    if not config.push_to_hub:
-        return
-    error = None
+    result, error, shared = None, None, None
     if accelerator.is_main_process:
         try:
-            logger.info("push_to_hub: logged in as %s", check_hub_access(config.hub_model_id, config.hub_private))
-        except HubError as err:
-            error = str(err)
-    error = broadcast_object_list([error])[0]
-    if error:
-        raise HubError(error)
+            result = fn()
+        except Exception as err:
+            error = err
+            ours = isinstance(err, (ConfigError, HubError, checkpoint_remote.RemoteError))
+            shared = err if ours else RuntimeError(f"on the main process: {type(err).__name__}: {err}")
+    result, shared = broadcast_object_list([result, shared])
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
+
+
+def preflight_hub(config: TrainConfig, accelerator: Accelerator) -> None:
+    """`check_hub_access` for push_to_hub, before any training."""
+    if config.push_to_hub:
+        user = on_main_process(accelerator, lambda: check_hub_access(config.hub_model_id, config.hub_private))
+        logger.info("push_to_hub: logged in as %s", user)
+
+
+def preflight_remote(config: TrainConfig, accelerator: Accelerator) -> checkpoint_remote.RemoteStore | None:
+    """The checkpoint_remote store, checked before any training: for hf://, login and write access to the
+    repository (`check_hub_access`); for every store, a probe file written and deleted."""
+    if config.checkpoint_remote is None:
+        return None
+    store = checkpoint_remote.open_store(config.checkpoint_remote)  # a bad URL fails on every rank alike
+
+    def check() -> None:
+        if store.hub_repo is not None:
+            check_hub_access(store.hub_repo, config.hub_private, purpose="checkpoint_remote")
+        checkpoint_remote.check_writable(store)
+
+    on_main_process(accelerator, check)
+    logger.info("checkpoint_remote: %s is writable; checkpoints go to %s", store.url, store.checkpoints)
+    return store
 
 
 def push_export(folder: Path, repo_id: str, message: str, api=None) -> str:
@@ -1046,7 +1113,7 @@ def train(run: Run) -> bool:
             bar.update()
             if state.step % c.eval_interval == 0 or state.step == c.max_steps:
                 evaluate(run)
-            if state.step % c.save_interval == 0:
+            if state.step % c.save_interval == 0 and state.step < end:  # finish() saves the last step
                 save_checkpoint(run)
             if stop.requested(run.accelerator):
                 break
@@ -1054,8 +1121,9 @@ def train(run: Run) -> bool:
 
 
 def finish(run: Run, complete: bool) -> dict[str, Any]:
-    """Checkpoint and export the last step, plot the losses, write the model card, push when asked."""
-    save_checkpoint(run)
+    """Checkpoint and export the last step, plot the losses, write the model card, push when asked, and
+    wait for the uploads to checkpoint_remote (an upload that failed fails the run, here at the end)."""
+    checkpoint = save_checkpoint(run, mirror=False)  # mirrored below, once the export has its card
     acc, paths = run.accelerator, run.paths
     if acc.is_main_process:
         from eval.plot import plot_training
@@ -1066,6 +1134,7 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
         if run.config.push_to_hub and complete:
             url = push_export(paths.hf, run.config.hub_model_id, f"step {run.state.step}: {run.state.tokens:,} tokens")
             logger.info("pushed %s to %s", paths.hf, url)
+        mirror_checkpoint(run, checkpoint)
     acc.wait_for_everyone()
     acc.end_training()
     summary = {
@@ -1078,6 +1147,9 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
         **run.last_eval,
     }
     logger.info("done: %s", json.dumps(summary))
+    if run.mirror is not None:
+        run.mirror.close()
+        logger.info("checkpoint_remote: step_%06d is complete at %s", run.state.step, run.mirror.store.url)
     return summary
 
 
@@ -1100,7 +1172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
     paths = RunPaths(config.out_dir)
-    checkpoint = find_resume_checkpoint(config, paths)
+    store = preflight_remote(config, accelerator)
+    checkpoint = on_main_process(accelerator, lambda: find_resume_checkpoint(config, paths, store))
     preflight_hub(config, accelerator)
     manifest = prepare_data(config, accelerator)
 
@@ -1114,6 +1187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
     run = Run(config, accelerator, paths, model, optimizer, state, meter, data_source=describe_source(manifest))
+    if store is not None and accelerator.is_main_process:
+        run.mirror = checkpoint_remote.CheckpointMirror(store, paths.upload_staging, config.remote_keep_last)
     if checkpoint is not None:
         resume(run, checkpoint)
     run.hellaswag = load_hellaswag(config, accelerator)
@@ -1148,5 +1223,5 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, HubError) as err:
+    except (ConfigError, HubError, checkpoint_remote.RemoteError) as err:
         sys.exit(f"error: {err}")

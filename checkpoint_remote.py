@@ -1,0 +1,376 @@
+"""Checkpoints that outlive the machine: mirror each complete checkpoint to an fsspec URL, resume from it.
+
+The trainer's `--checkpoint_remote URL` takes any fsspec URL:
+
+    file:///mnt/shared/run1    a shared drive (and the tests)       memory://run1   one process (tests)
+    s3://bucket/run1           needs s3fs                            gs://bucket/run1  needs gcsfs
+    hf://user/name[@branch][/folder]   a Hub model repository, through huggingface_hub's HfFileSystem
+
+Layout. For a folder URL: `URL/checkpoints/step_NNNNNN/` and the HF export in `URL/hf/`. For `hf://`:
+the checkpoints under `folder` (default `checkpoints`) on `branch` (default: the default branch), the
+export at the root of the default branch, so that `from_pretrained("user/name")` loads the repository.
+
+A remote checkpoint is `step_NNNNNN/` holding the `save_state` files, `logs/` (the run's log.jsonl and
+samples.jsonl up to that step) and `COMPLETE`, uploaded last: JSON of the step and every file with its
+size. Only a folder with `COMPLETE` counts: resume never uses one without it, and prune removes such
+leftovers of an interrupted upload once a newer checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import fsspec
+
+logger = logging.getLogger("train.remote")
+
+MARKER = "COMPLETE"
+LOGS = "logs"  # the run's records travel with each checkpoint, so a resumed run continues its log
+STEP_PREFIX = "step_"
+
+
+class RemoteError(RuntimeError):
+    """The remote store cannot be reached or written, or holds no usable checkpoint where one was named."""
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a folder named step_NNNNNN (6+ digits), else None."""
+    digits = name[len(STEP_PREFIX) :]
+    return int(digits) if name.startswith(STEP_PREFIX) and len(digits) >= 6 and digits.isdigit() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Where things go
+
+
+@dataclass
+class RemoteStore:
+    """An fsspec filesystem and the paths in it of the checkpoints folder and of the HF export."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    checkpoints: str
+    export: str
+    hub_repo: str | None = None  # for hf://: the repository id
+    hub_revision: str | None = None  # for hf://: the branch of the checkpoints (None: the default branch)
+
+    def checkpoint(self, step: int) -> str:
+        return f"{self.checkpoints}/{step_name(step)}"
+
+
+def open_store(url: str) -> RemoteStore:
+    """The store for a `checkpoint_remote` URL; no network is touched."""
+    protocol = url.split("://", 1)[0] if "://" in url else ""
+    if protocol == "hf":
+        return open_hub_store(url)
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    return RemoteStore(url, fs, f"{root}/checkpoints", f"{root}/hf")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for `url`, with an error that names the package a protocol needs."""
+    from fsspec.registry import known_implementations
+
+    protocol = url.split("://", 1)[0] if "://" in url else ""
+    if not protocol:
+        raise RemoteError(f"{url!r} is not a URL: give the protocol, e.g. file:///abs/path, hf://user/name, s3://b/p")
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        raise RemoteError(f"{url}: {protocol}:// needs the {package} package: pip install {package}") from err
+    except ValueError as err:
+        raise RemoteError(f"{url}: unknown protocol {protocol!r} ({err}); use file://, hf://, s3:// or gs://") from err
+
+
+def open_hub_store(url: str) -> RemoteStore:
+    """hf://user/name[@branch][/folder]: checkpoints in `folder` on `branch`, the export at the repo root."""
+    from huggingface_hub import HfFileSystem
+    from huggingface_hub.utils import parse_hf_uri
+
+    try:
+        uri = parse_hf_uri(url)
+    except ValueError as err:
+        raise RemoteError(f"{url}: {err}; expected hf://user/name[@branch][/folder]") from err
+    if uri.type != "model":
+        raise RemoteError(
+            f"{url}: a {uri.type} URL; checkpoints go to a model repository (hf://user/name[@branch][/folder]) so "
+            "that the repository also loads as a model"
+        )
+    revision = f"@{quote(uri.revision, safe='')}" if uri.revision else ""
+    folder = uri.path_in_repo.strip("/") or "checkpoints"
+    return RemoteStore(url, HfFileSystem(), f"{uri.id}{revision}/{folder}", uri.id, uri.id, uri.revision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: one commit per repository branch on the Hub, one file at a time elsewhere
+
+
+def write(store: RemoteStore, changes: dict[str, Path | bytes | None], message: str) -> None:
+    """Apply `changes` (remote path: a local file, bytes, or None to delete that folder) in order."""
+    if store.hub_repo is not None:
+        send_hub_commits(store, changes, message)
+        return
+    fs = store.fs
+    for remote, content in changes.items():
+        if content is None:
+            if fs.exists(remote):
+                fs.rm(remote, recursive=True)
+            continue
+        fs.makedirs(posixpath.dirname(remote), exist_ok=True)
+        if isinstance(content, bytes):
+            fs.pipe_file(remote, content)
+        else:
+            fs.put_file(str(content), remote)
+    fs.invalidate_cache()
+
+
+def hub_operations(changes: dict[str, Path | bytes | None]) -> dict[tuple[str, str | None], list]:
+    """The Hub commit operations of `changes`, grouped by (repository, revision)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.utils import parse_hf_uri
+
+    commits: dict[tuple[str, str | None], list] = defaultdict(list)
+    for remote, content in changes.items():
+        uri = parse_hf_uri(f"hf://{remote}")
+        if content is None:
+            operation = CommitOperationDelete(path_in_repo=f"{uri.path_in_repo}/")
+        else:
+            operation = CommitOperationAdd(uri.path_in_repo, content if isinstance(content, bytes) else str(content))
+        commits[(uri.id, uri.revision)].append(operation)
+    return commits
+
+
+def send_hub_commits(store: RemoteStore, changes: dict[str, Path | bytes | None], message: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=store.fs.endpoint, token=store.fs.token)
+    for (repo_id, revision), operations in hub_operations(changes).items():
+        api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    store.fs.invalidate_cache()
+
+
+def check_writable(store: RemoteStore) -> None:
+    """Write and delete a small probe file where the checkpoints go (on the Hub, the branch is created
+    first); a RemoteError saying what failed otherwise."""
+    probe = f"{store.checkpoints}/.write_probe_{socket.gethostname()}_{os.getpid()}"
+    try:
+        if store.hub_revision is not None:
+            from huggingface_hub import HfApi
+
+            HfApi(token=store.fs.token).create_branch(store.hub_repo, branch=store.hub_revision, exist_ok=True)
+        write(store, {probe: b"gpt2-scratch write probe\n"}, "checkpoint_remote: write probe")
+        write(store, {probe: None}, "checkpoint_remote: remove the write probe")
+    except Exception as err:  # each filesystem raises its own errors; all mean the same here
+        raise RemoteError(
+            f"checkpoint_remote: cannot write to {store.url} ({type(err).__name__}: {err}); check that the location "
+            "exists and is writable and that the credentials allow writing"
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# What is there
+
+
+def local_files(folder: Path) -> dict[str, Path]:
+    """Every file under `folder`, by its POSIX path relative to `folder`."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def remote_checkpoints(store: RemoteStore) -> dict[int, bool]:
+    """Each remote step_NNNNNN folder's step, and whether it is complete (holds the marker)."""
+    fs = store.fs
+    fs.invalidate_cache()
+    if not fs.exists(store.checkpoints):
+        return {}
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(store.checkpoints, detail=False)]
+    steps = {step for step in map(parse_step, names) if step is not None}
+    return {step: fs.exists(f"{store.checkpoint(step)}/{MARKER}") for step in sorted(steps)}
+
+
+def newest_complete(store: RemoteStore) -> int | None:
+    return max((step for step, complete in remote_checkpoints(store).items() if complete), default=None)
+
+
+def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
+    try:
+        return json.loads(fs.cat_file(f"{folder}/{MARKER}"))
+    except FileNotFoundError as err:
+        raise RemoteError(
+            f"{folder} holds no {MARKER} marker: its upload did not finish, so it is not used; name a complete "
+            "checkpoint or use --resume auto"
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Upload, prune, download
+
+
+def upload_plan(store: RemoteStore, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = ()) -> list:
+    """The writes that mirror one checkpoint, in order, as (what, {remote path: local file or bytes}):
+    the checkpoint's files, the HF export, then the marker that makes the checkpoint count."""
+    files = local_files(checkpoint)
+    files |= {f"{LOGS}/{p.name}": p for p in logs if p.is_file()}
+    folder = store.checkpoint(step)
+    marker = {"step": step, "files": {name: path.stat().st_size for name, path in files.items()}}
+    return [
+        (step_name(step), {f"{folder}/{name}": path for name, path in files.items()}),
+        ("HF export", {f"{store.export}/{name}": path for name, path in local_files(export).items()}),
+        (MARKER, {f"{folder}/{MARKER}": json.dumps(marker, indent=1).encode()}),
+    ]
+
+
+def mirror_checkpoint(
+    store: RemoteStore, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = (), keep_last: int = 0
+) -> None:
+    """Upload one local checkpoint and the export (the checkpoint's files only once: a step already
+    complete remotely gets the export alone), then prune old remote checkpoints."""
+    plan = upload_plan(store, step, checkpoint, export, logs)
+    found = remote_checkpoints(store)
+    if found.get(step):
+        plan = plan[1:2]
+    elif step in found:  # an upload cut short: start the folder afresh
+        write(store, {store.checkpoint(step): None}, f"remove the partial upload of {step_name(step)}")
+    for what, changes in plan:
+        write(store, changes, f"{step_name(step)}: {what}")
+    prune(store, keep_last)
+
+
+def prune(store: RemoteStore, keep_last: int) -> list[int]:
+    """Delete complete checkpoints older than the newest `keep_last` ones (0: keep all) and folders
+    without a marker older than the newest complete one. The newest complete one always stays."""
+    found = remote_checkpoints(store)
+    complete = [step for step, done in found.items() if done]
+    if not complete:
+        return []
+    kept = set(complete[-keep_last:] if keep_last > 0 else complete)
+    doomed = [step for step in found if step not in kept and step < complete[-1]]
+    if doomed:
+        write(store, {store.checkpoint(s): None for s in doomed}, f"prune {', '.join(map(step_name, doomed))}")
+    return doomed
+
+
+def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints: Path, out_dir: Path) -> Path:
+    """A complete remote checkpoint into `checkpoints/step_NNNNNN` (under a temporary name, renamed once
+    every file has the size its marker lists); its logs into `out_dir`. Returns the local folder."""
+    name = posixpath.basename(folder.rstrip("/"))
+    if parse_step(name) is None:
+        raise RemoteError(f"{folder} is not a checkpoint folder (…/step_NNNNNN)")
+    marker = read_marker(fs, folder)
+    final, tmp = checkpoints / name, checkpoints / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    targets = {rel: tmp / rel for rel in marker["files"]}
+    for path in targets.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fs.get([f"{folder}/{rel}" for rel in targets], [str(p) for p in targets.values()])
+    wrong = {rel: (size, targets[rel].stat().st_size) for rel, size in marker["files"].items()}
+    wrong = {rel: sizes for rel, sizes in wrong.items() if sizes[0] != sizes[1]}
+    if wrong:
+        shutil.rmtree(tmp)
+        raise RemoteError(
+            f"{folder}: downloaded files differ from its {MARKER} marker (expected, found bytes): {wrong}"
+        )
+    for log in (tmp / LOGS).glob("*"):
+        os.replace(log, out_dir / log.name)
+    shutil.rmtree(tmp / LOGS, ignore_errors=True)
+    if final.is_dir():  # the same step saved locally meanwhile: keep that one
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def download_url(url: str, checkpoints: Path, out_dir: Path) -> Path:
+    """`--resume URL`: the complete checkpoint at `url` (…/step_NNNNNN), downloaded."""
+    if url.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        fs, folder = HfFileSystem(), url[len("hf://") :]
+    else:
+        fs, folder = filesystem(url)
+    return download_checkpoint(fs, folder.rstrip("/"), checkpoints, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# In the background
+
+
+class CheckpointMirror:
+    """Uploads checkpoints in a background thread, at most one at a time, so training does not wait.
+
+    `submit` first snapshots what it uploads into `staging` (hard links where the filesystem allows, as
+    the trainer never rewrites a checkpoint or export file in place; the logs are copied, as they grow),
+    so that later saves and pruning cannot change an upload under way. A failed upload is logged at once
+    and raised by `close` at the end of the run. The thread is not a daemon: an exiting interpreter
+    waits for it.
+    """
+
+    def __init__(self, store: RemoteStore, staging: Path, keep_last: int):
+        self.store, self.staging, self.keep_last = store, Path(staging), keep_last
+        self.thread: threading.Thread | None = None
+        self.errors: list[str] = []
+        shutil.rmtree(self.staging, ignore_errors=True)  # left by a run killed mid-upload
+
+    def submit(self, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = ()) -> None:
+        self.wait()
+        snapshot = self.staging / step_name(step)
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(checkpoint, snapshot / "checkpoint", copy_function=link_or_copy)
+        shutil.copytree(export, snapshot / "export", copy_function=link_or_copy)
+        (snapshot / LOGS).mkdir()
+        logs = [Path(shutil.copy(p, snapshot / LOGS)) for p in logs if p.is_file()]
+        args = (step, snapshot, logs)
+        self.thread = threading.Thread(target=self.upload, args=args, name=f"upload-{step_name(step)}")
+        self.thread.start()
+
+    def upload(self, step: int, snapshot: Path, logs: list[Path]) -> None:
+        try:
+            mirror_checkpoint(self.store, step, snapshot / "checkpoint", snapshot / "export", logs, self.keep_last)
+            logger.info("mirrored %s and the HF export to %s", step_name(step), self.store.url)
+        except Exception as err:  # reported now and raised by close(): training goes on meanwhile
+            self.errors.append(f"{step_name(step)}: {type(err).__name__}: {err}")
+            logger.exception("UPLOAD FAILED: %s to %s; the run will end with an error", step_name(step), self.store.url)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def close(self) -> None:
+        """Wait for the upload under way; raise RemoteError if any upload of the run failed."""
+        self.wait()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.errors:
+            raise RemoteError(
+                f"checkpoint_remote: {len(self.errors)} upload(s) to {self.store.url} failed: "
+                + "; ".join(self.errors)
+                + ". The local checkpoints are complete; fix the remote and relaunch with --resume auto to mirror "
+                "the next one"
+            )
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

@@ -1,0 +1,235 @@
+"""Checkpoints mirrored to a remote store (checkpoint_remote.py), on real fsspec filesystems (`memory://`,
+`file://`): the layout and marker, resume from remote on an empty out_dir (exactly, after SIGKILL), partial
+uploads, pruning, the pre-flight, and the hf:// layout without the network."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from test_train_run import data_dir, launch, metric, nano_args, one_thread, train_in_process, wait_for_step  # noqa: F401
+
+import checkpoint_remote as cr
+import train_accelerate as ta
+
+
+def make_checkpoint(folder: Path, step: int) -> Path:
+    """A stand-in for a `save_state` folder: a few files of distinct contents, one in a subfolder."""
+    for name, size in (("model.safetensors", 300), ("optimizer.bin", 500), ("sub/random_states_0.pkl", 40)):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes((step + i) % 256 for i in range(size)))
+    return folder
+
+
+def make_export(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "gpt2-scratch"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def mirror(store: cr.RemoteStore, tmp_path: Path, step: int, keep_last: int = 0) -> Path:
+    local = make_checkpoint(tmp_path / "local" / f"step_{step:06d}", step)
+    log = tmp_path / "local" / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, step + 1)))
+    cr.mirror_checkpoint(store, step, local, make_export(tmp_path / "local" / "hf"), [log], keep_last)
+    return local
+
+
+def remote_files(store: cr.RemoteStore, folder: str) -> dict[str, bytes]:
+    return {path[len(folder) + 1 :]: store.fs.cat_file(path) for path in store.fs.find(folder)}
+
+
+def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(tmp_path):
+    store = cr.open_store(f"memory://{tmp_path.name}/run")
+    local = mirror(store, tmp_path, 4)
+
+    remote = remote_files(store, store.checkpoint(4))
+    marker = json.loads(remote.pop("COMPLETE"))
+    log = remote.pop("logs/log.jsonl")
+    assert remote == {name: path.read_bytes() for name, path in cr.local_files(local).items()}
+    assert marker == {"step": 4, "files": {**{n: len(b) for n, b in remote.items()}, "logs/log.jsonl": len(log)}}
+    assert remote_files(store, store.export) == {
+        "config.json": b'{"model_type": "gpt2-scratch"}',
+        "model.safetensors": b"weights",
+    }
+    assert store.checkpoints == f"/{tmp_path.name}/run/checkpoints" and store.export == f"/{tmp_path.name}/run/hf"
+
+    # A fresh machine: nothing in out_dir; --resume auto finds the remote checkpoint and downloads it.
+    paths = ta.RunPaths(tmp_path / "fresh")
+    found = ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store)
+    assert found == paths.checkpoints / "step_000004"
+    assert {n: p.read_bytes() for n, p in cr.local_files(found).items()} == remote
+    assert paths.log.read_bytes() == log
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step_000004"]  # no temporary folder left
+
+    # A fresh run (resume '') over a remote that holds a run is refused, as over a local one.
+    with pytest.raises(ta.ConfigError, match=r"already holds a run .*step_000004.*--resume auto"):
+        ta.find_resume_checkpoint(ta.TrainConfig(), ta.RunPaths(tmp_path / "other"), store)
+
+
+def test_a_partial_upload_is_never_resumed_from(tmp_path):
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    mirror(store, tmp_path, 4)
+    # What a run killed during the next upload leaves: step 8's files, but not its marker.
+    newer = make_checkpoint(tmp_path / "local" / "step_000008", 8)
+    (_, files), _, _ = cr.upload_plan(store, 8, newer, make_export(tmp_path / "local" / "hf"))
+    cr.write(store, files, "files only")
+    assert cr.remote_checkpoints(store) == {4: True, 8: False}
+
+    paths = ta.RunPaths(tmp_path / "fresh")
+    assert ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store).name == "step_000004"
+    with pytest.raises(cr.RemoteError, match="no COMPLETE marker"):
+        ta.find_resume_checkpoint(ta.TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths)
+    assert not (paths.checkpoints / "step_000008").exists()
+
+    # Named explicitly, a complete remote checkpoint is downloaded.
+    explicit = ta.find_resume_checkpoint(
+        ta.TrainConfig(resume=f"file://{store.checkpoint(4)}"), ta.RunPaths(tmp_path / "x")
+    )
+    assert explicit == tmp_path / "x" / "checkpoints" / "step_000004"
+
+    # Uploading step 8 again starts its folder afresh and completes it.
+    (Path(store.checkpoint(8)) / "stale.bin").write_bytes(b"left by the killed upload")
+    mirror(store, tmp_path, 8)
+    assert cr.remote_checkpoints(store) == {4: True, 8: True}
+    assert "stale.bin" not in remote_files(store, store.checkpoint(8))
+
+
+def test_a_download_that_does_not_match_the_marker_is_refused(tmp_path):
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    mirror(store, tmp_path, 4)
+    (Path(store.checkpoint(4)) / "optimizer.bin").write_bytes(b"truncated")
+    paths = ta.RunPaths(tmp_path / "fresh")
+    with pytest.raises(cr.RemoteError, match=r"differ from its COMPLETE marker .*optimizer.bin.*\(500, 9\)"):
+        ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store)
+    assert list(paths.checkpoints.iterdir()) == []
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    for step in (4, 8):
+        mirror(store, tmp_path, step, keep_last=2)
+    (_, files), _, _ = cr.upload_plan(store, 10, make_checkpoint(tmp_path / "p10", 10), make_export(tmp_path / "hf"))
+    cr.write(store, files, "a partial upload")
+    assert cr.remote_checkpoints(store) == {4: True, 8: True, 10: False}
+    mirror(store, tmp_path, 12, keep_last=2)
+    assert cr.remote_checkpoints(store) == {8: True, 12: True}  # step 4 and the partial step 10 are gone
+
+    (_, files), _, _ = cr.upload_plan(store, 16, make_checkpoint(tmp_path / "p16", 16), make_export(tmp_path / "hf"))
+    cr.write(store, files, "a partial upload newer than the newest complete one")
+    assert cr.prune(store, keep_last=1) == [8]
+    assert cr.remote_checkpoints(store) == {12: True, 16: False}  # the newest complete one stays
+    assert cr.prune(store, keep_last=0) == [] and cr.newest_complete(store) == 12
+
+
+def test_preflight_rejects_an_unwritable_remote(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    store = cr.open_store(f"file://{tmp_path}/a_file/run")
+    with pytest.raises(cr.RemoteError, match=rf"cannot write to file://{tmp_path}/a_file/run \("):
+        cr.check_writable(store)
+    writable = cr.open_store(f"file://{tmp_path}/ok")
+    cr.check_writable(writable)
+    assert list(Path(writable.checkpoints).iterdir()) == []  # the probe is gone
+
+
+def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_path):  # noqa: F811
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = nano_args(data_dir, tmp_path / "out", checkpoint_remote=f"file://{tmp_path}/a_file/run")
+    with pytest.raises(cr.RemoteError, match="checkpoint_remote: cannot write to"):
+        train_in_process(argv)
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+    # hf:// checks login and write access first, with the push_to_hub check; offline it stops at once.
+    with pytest.raises(ta.HubError, match="checkpoint_remote needs the Hub, but offline mode is on"):
+        train_in_process(nano_args(data_dir, tmp_path / "out", checkpoint_remote="hf://me/tiny-gpt2"))
+
+
+@pytest.mark.parametrize(("url", "package"), [("s3://bucket/run", "s3fs"), ("gs://bucket/run", "gcsfs")])
+def test_a_protocol_without_its_package_names_the_package(url, package):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(cr.RemoteError, match=f"needs the {package} package: pip install {package}"):
+        cr.open_store(url)
+
+
+def test_bad_urls_are_config_errors():
+    with pytest.raises(ta.ConfigError, match="checkpoint_remote must be a URL"):
+        ta.TrainConfig(checkpoint_remote="/tmp/run")
+    with pytest.raises(cr.RemoteError, match="unknown protocol 'nope'"):
+        cr.open_store("nope://x")
+    with pytest.raises(cr.RemoteError, match="model repository"):
+        cr.open_store("hf://datasets/me/run")
+    with pytest.raises(cr.RemoteError, match="namespace/name"):
+        cr.open_store("hf://gpt2")
+
+
+@pytest.mark.parametrize(
+    ("url", "revision", "folder"),
+    [
+        ("hf://me/run", None, "checkpoints"),
+        ("hf://me/run/ckpt/a", None, "ckpt/a"),
+        ("hf://me/run@training", "training", "checkpoints"),
+        ("hf://me/run@exp%2Fb/ckpt", "exp/b", "ckpt"),  # a branch name with a slash, quoted as the Hub does
+    ],
+)
+def test_hub_layout_checkpoints_on_a_branch_or_folder_export_at_the_root(tmp_path, url, revision, folder):
+    store = cr.open_store(url)
+    assert (store.hub_repo, store.hub_revision) == ("me/run", revision)
+    local = make_checkpoint(tmp_path / "step_000004", 4)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n')
+    plan = cr.upload_plan(store, 4, local, make_export(tmp_path / "hf"), [log])
+    assert [what for what, _ in plan] == ["step_000004", "HF export", "COMPLETE"]
+    commits = [cr.hub_operations(changes) for _, changes in plan]
+    assert [list(c) for c in commits] == [[("me/run", revision)], [("me/run", None)], [("me/run", revision)]]
+    files, export, marker = (ops for c in commits for ops in c.values())
+    step = f"{folder}/step_000004"
+    assert sorted(op.path_in_repo for op in files) == [
+        f"{step}/logs/log.jsonl",
+        f"{step}/model.safetensors",
+        f"{step}/optimizer.bin",
+        f"{step}/sub/random_states_0.pkl",
+    ]
+    assert sorted(op.path_in_repo for op in export) == ["config.json", "model.safetensors"]  # loads as a model
+    assert [op.path_in_repo for op in marker] == [f"{step}/COMPLETE"]
+    (delete,) = cr.hub_operations({store.checkpoint(4): None})[("me/run", revision)]
+    assert delete.path_in_repo == f"{step}/" and delete.is_folder
+
+
+def test_a_failed_upload_is_raised_at_the_end(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    uploads = cr.CheckpointMirror(cr.open_store(f"file://{tmp_path}/a_file/run"), tmp_path / "staging", keep_last=2)
+    uploads.submit(4, make_checkpoint(tmp_path / "step_000004", 4), make_export(tmp_path / "hf"))
+    with pytest.raises(cr.RemoteError, match=r"1 upload\(s\) to file://.*a_file/run failed: step_000004"):
+        uploads.close()
+    assert not (tmp_path / "staging").exists()
+
+
+def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_dir, tmp_path):  # noqa: F811
+    # Dropout on and samples drawn: the RNG states must travel with the checkpoint too.
+    common = dict(dropout=0.1, max_steps=40, stop_at_step=16, save_interval=4, eval_interval=5, remote_keep_last=2)
+    reference = tmp_path / "reference"
+    memory = f"memory://{tmp_path.name}/reference"
+    train_in_process(nano_args(data_dir, reference, checkpoint_remote=memory, **common))
+    store = cr.open_store(memory)
+    assert cr.remote_checkpoints(store) == {12: True, 16: True}  # checkpoints at 4, 8, 12, 16; keep 2
+    assert {"model.safetensors", "config.json", "README.md", "loss.png"} <= set(remote_files(store, store.export))
+
+    remote = tmp_path / "remote"
+    proc = launch(nano_args(data_dir, tmp_path / "killed", checkpoint_remote=f"file://{remote}", **common))
+    # Each save first waits for the previous upload: by step 9 (after the save at 8) step 4 is complete remotely.
+    wait_for_step(tmp_path / "killed", proc, 9)
+    proc.kill()
+    proc.wait()
+    newest = cr.newest_complete(cr.open_store(f"file://{remote}"))
+    assert newest is not None and newest < 16, "the run was to be killed before its end"
+
+    fresh = tmp_path / "fresh"  # a new machine: the killed run's out_dir is gone
+    train_in_process(nano_args(data_dir, fresh, resume="auto", checkpoint_remote=f"file://{remote}", **common))
+    assert sorted(metric(fresh, "train/loss")) == list(range(1, 17))  # each step once, none lost or repeated
+    assert metric(fresh, "train/loss") == metric(reference, "train/loss")
+    assert metric(fresh, "val/loss") == metric(reference, "val/loss")
+    info = json.loads((fresh / "run_info.json").read_text())
+    assert info["resumed_from"] == str(fresh / "checkpoints" / f"step_{newest:06d}")
+    assert cr.newest_complete(cr.open_store(f"file://{remote}")) == 16
