@@ -170,13 +170,14 @@ def send_hub_commits(store: RemoteStore, changes: dict[str, Path | bytes | None]
 def check_writable(store: RemoteStore) -> None:
     """Write and delete a small probe file where the checkpoints go (on the Hub, the branch is created
     first); a RemoteError saying what failed otherwise."""
-    probe = f"{store.checkpoints}/.write_probe_{socket.gethostname()}_{os.getpid()}"
+    probe = f"{store.checkpoints}/.write_probe_{socket.gethostname()}_{os.getpid()}"  # a folder: see `write`
     try:
         if store.hub_revision is not None:
             from huggingface_hub import HfApi
 
-            HfApi(token=store.fs.token).create_branch(store.hub_repo, branch=store.hub_revision, exist_ok=True)
-        write(store, {probe: b"gpt2-scratch write probe\n"}, "checkpoint_remote: write probe")
+            api = HfApi(endpoint=store.fs.endpoint, token=store.fs.token)
+            api.create_branch(store.hub_repo, branch=store.hub_revision, exist_ok=True)
+        write(store, {f"{probe}/probe": b"gpt2-scratch write probe\n"}, "checkpoint_remote: write probe")
         write(store, {probe: None}, "checkpoint_remote: remove the write probe")
     except Exception as err:  # each filesystem raises its own errors; all mean the same here
         raise RemoteError(
