@@ -199,22 +199,28 @@ def attention_bias(
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, a few rows at a time.
+    """Cross-entropy of `hidden @ weight.T` against `targets`, summed and divided by `divisor`, a few
+    rows at a time.
 
     The plain path holds the (N, vocab) logits, their log-softmax and both gradients: four tensors of
     400 MB each at B=8, T=256. Here each chunk of rows makes its logits, adds to the loss and turns
     them at once into their gradient, softmax - one_hot (the backward of the loss is known in the
     forward); the gradients of `hidden` and `weight` are summed over the chunks and kept for
-    `backward`, which only scales them. Memory: one chunk of logits instead of four full tensors;
-    work: the same three matmuls as the plain path. The matmuls run on the padded weight (fast
-    shapes); the padding columns are set to -inf, so they get zero probability and zero gradient.
+    `backward`. Memory: one chunk of logits instead of four full tensors; work: the same three matmuls
+    as the plain path. The matmuls run on the padded weight (fast shapes); the padding columns are set
+    to -inf, so they get zero probability and zero gradient.
+
+    Precision: the sums are kept undivided (each row's gradient is O(1)) and the weight's gradient is
+    summed in fp32; the division by `divisor` and the loss scale of `backward` are applied once, in
+    fp32, at the end. So bf16 / fp16 models and fp16 loss scaling lose nothing to underflow.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, num_chunks: int):
+    def forward(ctx, hidden, weight, targets, vocab_size: int, num_chunks: int, divisor):
         valid = targets != -100
-        count = valid.sum()  # the mean is over the non-ignored tokens, as in F.cross_entropy
-        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        divisor = torch.as_tensor(valid.sum() if divisor is None else divisor, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = hidden.new_zeros((), dtype=torch.float32)
         rows = -(-hidden.shape[0] // num_chunks)
         chunks = zip(hidden.split(rows), targets.split(rows), valid.split(rows), grad_hidden.split(rows), strict=True)
@@ -222,33 +228,54 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # (rows, padded_vocab)
             logits[:, vocab_size:] = float("-inf")
             log_probs = torch.log_softmax(logits, dim=1)
-            t = t.clamp(min=0).unsqueeze(1)  # ignored rows pick token 0; `scale` zeroes them below
-            scale = (v / count).unsqueeze(1)  # d loss / d (row's cross-entropy): 1/count, or 0 if ignored
-            loss -= (log_probs.gather(1, t) * scale).sum()
+            t = t.clamp(min=0).unsqueeze(1)  # ignored rows pick token 0; `keep` zeroes them below
+            keep = v.unsqueeze(1)  # (rows, 1): 1 for a real target, 0 for -100
+            loss -= (log_probs.gather(1, t) * keep).sum()
             grad = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=log_probs.dtype))
             grad = grad.to(h.dtype)  # softmax - one_hot: the gradient of each row's cross-entropy
-            # Row scales go on the small factors, (rows, C), never on the (rows, vocab) gradient.
-            grad_h.copy_((grad @ weight) * scale)
-            if torch.is_autocast_enabled(h.device.type):
-                grad_weight += grad.T @ (h * scale)  # a low-precision product, summed in the weight's dtype
+            # The row mask goes on the small factors, (rows, C), never on the (rows, vocab) gradient.
+            h = h * keep.to(h.dtype)
+            grad_h.copy_((grad @ weight) * keep.to(h.dtype))
+            if grad_weight.dtype == h.dtype and not torch.is_autocast_enabled(h.device.type):
+                grad_weight.addmm_(grad.T, h)  # summed in place: no (vocab, C) temporary per chunk
             else:
-                grad_weight.addmm_(grad.T, h * scale)  # summed in place: no (vocab, C) temporary per chunk
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+                grad_weight += (grad.T @ h).float()  # a low-precision product, summed in fp32
+        divisor = divisor.to(loss.device)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+        ctx.weight_dtype = weight.dtype
+        return loss / divisor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        grad_hidden, grad_weight, divisor = ctx.saved_tensors
+        scale = grad_loss.float() / divisor
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, num_chunks: int = 4
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    num_chunks: int = 4,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`F.cross_entropy(F.linear(hidden, weight)[:, :vocab_size], targets, ignore_index=-100)` without
+    """`causal_lm_loss(F.linear(hidden, weight)[:, :vocab_size], targets, num_items_in_batch)` without
     materialising the logits: hidden (N, C), weight (padded_vocab, C), targets (N,)."""
-    return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, num_chunks)
+    return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, num_chunks, num_items_in_batch)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy over the non-ignored (-100) targets: their mean, or their sum divided by
+    `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation, so that
+    the micro-batches of a step add up to the mean over the whole step)."""
+    logits, targets = logits.flatten(0, -2).float(), shift_labels.flatten()
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
 class GPT2ScratchPreTrainedModel(PreTrainedModel):
@@ -320,12 +347,14 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits over the `vocab_size` real tokens, and the loss when labels are given.
 
         `labels` are aligned with `input_ids` and shifted here (HF convention); `shift_labels` are
-        already the next tokens (the trainer's `y`). Both ignore -100. A training forward with
+        already the next tokens (the trainer's `y`). Both ignore -100; the loss is their mean, or
+        their sum over `num_items_in_batch` when that is given (transformers' Trainer). A training forward with
         `shift_labels` and gradients on (the trainer's call) returns `logits=None`: its loss comes
         from `linear_cross_entropy`, which never holds the (B, T, vocab) logits. Every other call
         (eval, `generate()`, `labels=`) returns the logits.
@@ -353,7 +382,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         if shift_labels is not None and labels is None and self.training and torch.is_grad_enabled():
             # The training path: the loss straight from the hidden states, never the (B, T, vocab)
             # logits (see `linear_cross_entropy`); `logits` is None here.
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, shift_labels.flatten(), vocab_size)
+            loss = linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, shift_labels.flatten(), vocab_size, 4, num_items_in_batch
+            )
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache)
         logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
 
@@ -361,7 +392,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
         if shift_labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     @classmethod

@@ -328,3 +328,71 @@ def test_round_trip_at_full_gpt2_size(tmp_path):
     ids = random_ids(1, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, official(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_num_items_in_batch_divides_the_summed_loss():
+    """transformers' Trainer passes `num_items_in_batch` under gradient accumulation and then does not
+    divide by the number of micro-batches itself: the model must return sum / num_items_in_batch."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano"))
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    with torch.no_grad():
+        logits = model.eval()(ids).logits
+    summed = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+    for train in (False, True):  # the plain path and the chunked training path
+        model.train(train)
+        loss = model(ids, labels=labels, num_items_in_batch=40).loss
+        torch.testing.assert_close(loss, summed / 40, atol=1e-5, rtol=1e-5)
+        shifted = model(ids[:, :-1], shift_labels=labels[:, 1:], num_items_in_batch=40).loss
+        torch.testing.assert_close(shifted, summed / 40, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_trainer_gradient_accumulation_equals_one_batch(tmp_path):
+    """Under transformers' Trainer, 4 micro-batches of 2 give the loss and gradient norm of one batch of 8."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    rows = Dataset.from_dict({"input_ids": random_ids(8, 16).tolist()}).map(lambda r: {"labels": r["input_ids"]})
+
+    def first_step(batch_size, accumulation):
+        torch.manual_seed(0)
+        model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano"))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.0,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return next(log for log in trainer.state.log_history if "grad_norm" in log)
+
+    one, accumulated = first_step(8, 1), first_step(2, 4)
+    assert accumulated["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert accumulated["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_chunked_training_loss_in_a_bf16_model():
+    """A model cast to bf16 (no autocast) trains through the chunked loss, close to the plain path."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).to(torch.bfloat16).train()
+    ids = random_ids(2, 16)
+    chunked = model(ids[:, :-1], shift_labels=ids[:, 1:]).loss
+    chunked.backward()
+    grad = model.transformer.wte.weight.grad.clone()
+    model.zero_grad()
+    plain = model(ids, labels=ids).loss
+    plain.backward()
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(chunked, plain, atol=2e-2, rtol=0)
+    torch.testing.assert_close(grad.float(), model.transformer.wte.weight.grad.float(), atol=2e-3, rtol=5e-2)
