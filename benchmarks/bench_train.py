@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
-from train_accelerate import device_peak_flops  # noqa: E402  (one MFU peak for trainer and benchmark)
+from train_accelerate import TrainConfig, build_optimizer, device_peak_flops  # noqa: E402  (the trainer's own)
 
 MODELS = ("ours", "transformers")
 
@@ -90,11 +90,10 @@ def build_model(name: str, config: GPT2ScratchConfig) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
-    """AdamW as in the GPT-2 recipe; the fused kernel where this PyTorch has it for the device."""
-    try:
-        return torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    """The trainer's optimizer (GPT-3 AdamW, weight-decay groups, fused kernel), so the benchmarked step
+    is the step `train_accelerate.py` runs."""
+    config = TrainConfig(max_lr=6e-4, weight_decay=0.1)
+    return build_optimizer(model, config, torch.device(device))
 
 
 def loss_of(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
