@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -777,15 +776,19 @@ def evaluate(run: Run) -> None:
     run.meter.restart()
 
 
-CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
+def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
+    """The complete local checkpoints by step: only renamed step_NNNNNN folders count, never the
+    temporary ones being written."""
+    if not checkpoints.is_dir():
+        return {}
+    steps = {p: checkpoint_remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir()}
+    return {step: p for p, step in steps.items() if step is not None}
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint: only renamed folders count, never the temporary ones being written."""
-    if not checkpoints.is_dir():
-        return None
-    found = [p for p in checkpoints.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
-    return max(found, key=lambda p: int(p.name[5:]), default=None)
+    """The newest complete checkpoint."""
+    found = complete_checkpoints(checkpoints)
+    return found[max(found)] if found else None
 
 
 def find_resume_checkpoint(
@@ -803,12 +806,13 @@ def find_resume_checkpoint(
             )
         if remote is not None:
             raise ConfigError(
-                f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint step_{remote:06d}); "
-                "pass --resume auto to continue it, or choose another --checkpoint_remote"
+                f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint "
+                f"{checkpoint_remote.step_name(remote)}); pass --resume auto to continue it, or choose another "
+                "--checkpoint_remote"
             )
         return None
     if config.resume == "auto":
-        if remote is not None and (latest is None or remote > int(latest.name[5:])):
+        if remote is not None and (latest is None or remote > checkpoint_remote.parse_step(latest.name)):
             logger.info("downloading step_%06d from %s", remote, store.url)
             return checkpoint_remote.download_checkpoint(
                 store.fs, store.checkpoint(remote), paths.checkpoints, paths.out_dir
@@ -818,7 +822,7 @@ def find_resume_checkpoint(
         logger.info("downloading %s", config.resume)
         return checkpoint_remote.download_url(config.resume, paths.checkpoints, paths.out_dir)
     path = Path(config.resume)
-    if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)):
+    if not (path.is_dir() and checkpoint_remote.parse_step(path.name) is not None):
         raise ConfigError(f"resume: {path} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''")
     return path
 
@@ -837,7 +841,7 @@ def save_checkpoint(run: Run, mirror: bool = True) -> Path:
     that `--resume auto` would take for a checkpoint. A step already saved is not written again.
     """
     acc, paths = run.accelerator, run.paths
-    final = paths.checkpoints / f"step_{run.state.step:06d}"
+    final = paths.checkpoints / checkpoint_remote.step_name(run.state.step)
     if final.is_dir():
         return final
     tmp = paths.checkpoints / f".tmp_{final.name}"
@@ -867,9 +871,9 @@ def mirror_checkpoint(run: Run, checkpoint: Path) -> None:
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     if keep <= 0:
         return
-    complete = sorted((p for p in checkpoints.iterdir() if CHECKPOINT_NAME.fullmatch(p.name)), key=lambda p: p.name)
-    for old in complete[:-keep]:
-        shutil.rmtree(old)
+    complete = complete_checkpoints(checkpoints)
+    for step in sorted(complete)[:-keep]:  # by step number: step_1000000 sorts before step_999999 by name
+        shutil.rmtree(complete[step])
 
 
 def export_hf(run: Run) -> None:
