@@ -16,9 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2ScratchForCausalLM, NanoGPTCheckpointError
-
-GPT2_VOCAB_SIZE = 50257
+from conversion import NanoGPTCheckpointError
+from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchForCausalLM
 
 
 def convert(

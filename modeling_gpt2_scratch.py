@@ -23,6 +23,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# GPT-2's BPE vocabulary: 50,257 tokens, the last of which, `<|endoftext|>`, separates documents. The
+# tokenizer, the data and the conversions read these two numbers from here.
+GPT2_VOCAB_SIZE = 50257
+EOT_TOKEN_ID = 50256
+
 # The single source of truth for model sizes: the trainer, the benchmarks, the docs and the tests
 # all read this table. The four GPT-2 sizes are those of the GPT-2 paper (table 2); the small ones
 # are for CPU work and tests.
@@ -57,7 +62,7 @@ class GPT2ScratchConfig(PreTrainedConfig):
         "num_hidden_layers": "n_layer",
     }
 
-    vocab_size: int = 50257
+    vocab_size: int = GPT2_VOCAB_SIZE
     n_positions: int = 1024
     n_embd: int = 768
     n_layer: int = 12
@@ -68,8 +73,8 @@ class GPT2ScratchConfig(PreTrainedConfig):
     activation_function: str = "gelu_new"
     pad_vocab_multiple: int = 64
     use_cache: bool = True
-    bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    bos_token_id: int | None = EOT_TOKEN_ID
+    eos_token_id: int | None = EOT_TOKEN_ID
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
 
@@ -104,6 +109,9 @@ class GPT2ScratchConfig(PreTrainedConfig):
         n_params = n_layer * per_block + 2 * d + self.padded_vocab_size * d
         return 6 * n_params + 12 * n_layer * d * seq_len
 
+
+# The output field of the KV cache: `cache` from transformers 5.24 on, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # The activations the MLP implements, as `F.gelu`'s `approximate` argument; names are transformers'.
 GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu": "none"}
@@ -198,6 +206,11 @@ def attention_bias(
     return visible | (key_pos == query_pos)
 
 
+# Chunks of rows of the logits-free loss: at B=8, T=256 one chunk of fp32 logits is 100 MB instead of
+# 400 MB for all rows; more chunks save little more memory and make the matmuls smaller.
+LOSS_CHUNKS = 4
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` against `targets`, summed and divided by `divisor`, a few
     rows at a time.
@@ -220,37 +233,46 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         divisor = torch.as_tensor(valid.sum() if divisor is None else divisor, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = None
         loss = hidden.new_zeros((), dtype=torch.float32)
         rows = -(-hidden.shape[0] // num_chunks)
+        # fp32 without autocast: every chunk's logits go into one buffer, made once (a fresh 100 MB
+        # tensor per chunk costs its page faults, a fifth of the matmul's time here).
+        reuse = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
+        buffer = hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0]) if reuse else None
         chunks = zip(hidden.split(rows), targets.split(rows), valid.split(rows), grad_hidden.split(rows), strict=True)
         for h, t, v, grad_h in chunks:
-            logits = (h @ weight.T).float()  # (rows, padded_vocab)
+            if reuse:
+                logits = torch.mm(h, weight.T, out=buffer[: h.shape[0]])  # (rows, padded_vocab)
+            else:
+                logits = (h @ weight.T).float()
             logits[:, vocab_size:] = float("-inf")
-            log_probs = torch.log_softmax(logits, dim=1)
+            log_probs = torch.log_softmax(logits, dim=1, out=logits)  # in place: one (rows, vocab) tensor
             t = t.clamp(min=0).unsqueeze(1)  # ignored rows pick token 0; `keep` zeroes them below
-            keep = v.unsqueeze(1)  # (rows, 1): 1 for a real target, 0 for -100
+            keep = v.unsqueeze(1).to(h.dtype)  # (rows, 1): 1 for a real target, 0 for -100
             loss -= (log_probs.gather(1, t) * keep).sum()
             grad = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=log_probs.dtype))
             grad = grad.to(h.dtype)  # softmax - one_hot: the gradient of each row's cross-entropy
             # The row mask goes on the small factors, (rows, C), never on the (rows, vocab) gradient.
-            h = h * keep.to(h.dtype)
-            grad_h.copy_((grad @ weight) * keep.to(h.dtype))
-            if grad_weight.dtype == h.dtype and not torch.is_autocast_enabled(h.device.type):
-                grad_weight.addmm_(grad.T, h)  # summed in place: no (vocab, C) temporary per chunk
-            else:
-                grad_weight += (grad.T @ h).float()  # a low-precision product, summed in fp32
-        divisor = divisor.to(loss.device)
-        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+            h = h * keep
+            if reuse:  # fp32: written in place, no (vocab, C) temporary per chunk, no zero-filled start
+                torch.mm(grad, weight, out=grad_h).mul_(keep)
+                grad_weight = grad.T @ h if grad_weight is None else grad_weight.addmm_(grad.T, h)
+            else:  # autocast or low precision (`out=` would bypass autocast): products summed in fp32
+                grad_h.copy_((grad @ weight) * keep)
+                product = (grad.T @ h).float()
+                grad_weight = product if grad_weight is None else grad_weight.add_(product)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor.to(loss.device))
         ctx.weight_dtype = weight.dtype
-        return loss / divisor
+        return loss / divisor.to(loss.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        # Scaled in place: the saved sums are used once, and a copy would be another (vocab, C) tensor.
         grad_hidden, grad_weight, divisor = ctx.saved_tensors
         scale = grad_loss.float() / divisor
-        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden.mul_(scale), grad_weight.mul_(scale).to(ctx.weight_dtype), None, None, None, None
 
 
 def linear_cross_entropy(
@@ -342,24 +364,26 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits over the `vocab_size` real tokens, and the loss when labels are given.
 
         `labels` are aligned with `input_ids` and shifted here (HF convention); `shift_labels` are
         already the next tokens (the trainer's `y`). Both ignore -100; the loss is their mean, or
-        their sum over `num_items_in_batch` when that is given (transformers' Trainer). A training forward with
-        `shift_labels` and gradients on (the trainer's call) returns `logits=None`: its loss comes
-        from `linear_cross_entropy`, which never holds the (B, T, vocab) logits. Every other call
-        (eval, `generate()`, `labels=`) returns the logits.
+        their sum over `num_items_in_batch` when that is given (transformers' Trainer). With
+        `loss_only=True` (the trainer's call) the loss comes from `linear_cross_entropy`, which never
+        holds the (B, T, vocab) logits, and `logits` is None; the value is the same.
         """
         B, T = input_ids.shape
+        # transformers >= 5.24 passes the KV cache as `cache`, older 5.x as `past_key_values`.
+        past_key_values = cache if cache is not None else kwargs.get("past_key_values")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -379,21 +403,26 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         cache, vocab_size = past_key_values if use_cache else None, self.config.vocab_size
-        if shift_labels is not None and labels is None and self.training and torch.is_grad_enabled():
-            # The training path: the loss straight from the hidden states, never the (B, T, vocab)
-            # logits (see `linear_cross_entropy`); `logits` is None here.
-            loss = linear_cross_entropy(
-                x.flatten(0, 1), self.lm_head.weight, shift_labels.flatten(), vocab_size, 4, num_items_in_batch
-            )
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache)
-        logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
-
-        loss = None
         if labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
-        if shift_labels is not None:
-            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        if loss_only:
+            if shift_labels is None:
+                raise ValueError("loss_only=True needs labels or shift_labels")
+            loss = linear_cross_entropy(
+                x.flatten(0, 1),
+                self.lm_head.weight,
+                shift_labels.flatten(),
+                vocab_size,
+                LOSS_CHUNKS,
+                num_items_in_batch,
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: cache})
+        logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
+        loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+
+    # Conversions from and to other layouts live in `conversion.py`, which this file does not need to
+    # load or run the model (it is shipped alone as remote code); these methods are their documented entry.
 
     @classmethod
     def from_gpt2(cls, name_or_path: str, **kwargs) -> GPT2ScratchForCausalLM:
@@ -406,225 +435,32 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     @classmethod
     def from_gpt2_model(cls, official: nn.Module) -> GPT2ScratchForCausalLM:
         """Copy the weights of a `transformers.GPT2LMHeadModel` into a new model of this class."""
-        state = {}
-        for key, tensor in official.state_dict().items():
-            if key.endswith(MASK_BUFFERS):
-                continue
-            # GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
-            state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-        return cls.from_state_dict(scratch_config_from_gpt2(official.config), state)
+        from conversion import from_gpt2_model
+
+        return from_gpt2_model(official)
 
     @classmethod
     def from_state_dict(cls, config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> GPT2ScratchForCausalLM:
-        """A model with exactly the weights of `state`, a state dict in this model's layout (nn.Linear
-        weights) whose token embedding may lack the vocabulary padding rows; `lm_head.weight` is taken
-        from the tied `transformer.wte.weight`. Keys may carry torch.compile / DDP prefixes (saved from a
-        wrapped model). The model takes the embedding's dtype."""
-        state = strip_wrapper_prefixes(state)
-        if "transformer.wte.weight" not in state:
-            raise ValueError(f"state dict has no transformer.wte.weight; found keys {sorted(state)[:8]}")
-        wte = state["transformer.wte.weight"]
-        state["transformer.wte.weight"] = state["lm_head.weight"] = pad_rows(wte, config.padded_vocab_size)
-        model = cls(config).to(wte.dtype)
-        model.load_state_dict(state, strict=True)
-        model.tie_weights()
-        return model
+        """A model with exactly the weights of `state` (this layout; see `conversion.from_state_dict`)."""
+        from conversion import from_state_dict
+
+        return from_state_dict(config, state)
 
     @classmethod
     def from_nanogpt(
         cls, path: str | Path, vocab_size: int | None = None, activation_function: str | None = None
     ) -> GPT2ScratchForCausalLM:
-        """Load a nanoGPT `ckpt.pt` or build-nanogpt `model_XXXXX.pt` checkpoint, in eval mode.
+        """Load a nanoGPT `ckpt.pt` or build-nanogpt `model_XXXXX.pt` checkpoint, in eval mode, without
+        running any code stored in it (see `conversion.from_nanogpt`)."""
+        from conversion import from_nanogpt
 
-        The file is read with `torch.load(weights_only=True)`: no code in it runs (see
-        `load_nanogpt_checkpoint`). `_orig_mod.` / `module.` key prefixes are stripped, old `attn.bias`
-        mask buffers dropped, and the biases of a `bias=False` model loaded as zeros, which gives the
-        same logits. A vocabulary of 50,304 is GPT-2's 50,257 padded (nanoGPT's default), so the model
-        returns the first 50,257 logits; pass `vocab_size` to say otherwise. nanoGPT's MLP uses the
-        exact GELU and build-nanogpt's the tanh one; the checkpoint's config tells them apart (only
-        nanoGPT's has `bias`), and `activation_function` ("gelu" or "gelu_new") overrides that.
-        """
-        checkpoint = load_nanogpt_checkpoint(path)
-        args = nanogpt_model_args(checkpoint, path)
-        config = GPT2ScratchConfig(
-            vocab_size=vocab_size or (50257 if args["vocab_size"] == 50304 else args["vocab_size"]),
-            n_positions=args["block_size"],
-            n_embd=args["n_embd"],
-            n_layer=args["n_layer"],
-            n_head=args["n_head"],
-            dropout=args.get("dropout", 0.0),
-            activation_function=activation_function or ("gelu" if "bias" in args else "gelu_new"),
-        )
-        with torch.device("meta"):
-            expected = cls(config).state_dict()  # names and shapes only, no memory
-        state = nanogpt_state_dict(checkpoint["model"], expected, config, biases=args.get("bias", True), path=path)
-        return cls.from_state_dict(config, state).eval()
+        return from_nanogpt(path, vocab_size, activation_function)
 
     def to_gpt2(self) -> nn.Module:
         """An equivalent `transformers.GPT2LMHeadModel` (the padding rows of the vocabulary dropped)."""
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from conversion import to_gpt2
 
-        c = self.config
-        official = GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.n_positions,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            layer_norm_epsilon=c.layer_norm_epsilon,
-            initializer_range=c.initializer_range,
-            activation_function=c.activation_function,
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-            pad_token_id=c.pad_token_id,
-        )
-        model = GPT2LMHeadModel(official).to(self.dtype)
-        state = {}
-        for key, tensor in self.state_dict().items():
-            tensor = tensor.detach()
-            state[key] = tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor.clone()
-        state["transformer.wte.weight"] = state["transformer.wte.weight"][: c.vocab_size].clone()
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-        model.load_state_dict(state, strict=True)
-        model.tie_weights()
-        return model.eval() if not self.training else model
-
-
-# The weights GPT-2 keeps in Conv1D layout (in, out).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Causal-mask buffers that old GPT-2 and nanoGPT checkpoints save; not weights.
-MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# What torch.compile (`OptimizedModule`) and DDP / DataParallel put before every state-dict key.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict` with the key prefixes of torch.compile and DDP removed, in any order and number
-    (`module._orig_mod.transformer...` -> `transformer...`). Every loader of raw state dicts uses this."""
-    stripped = {}
-    for key, tensor in state_dict.items():
-        name = key
-        while name.startswith(WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        if name in stripped:
-            raise ValueError(f"state dict has both {key!r} and another key that is also {name!r} without prefixes")
-        stripped[name] = tensor
-    return stripped
-
-
-class NanoGPTCheckpointError(ValueError):
-    """A file is not a nanoGPT / build-nanogpt checkpoint that this model can load."""
-
-
-NANOGPT_EXPECTED = (
-    "expected a nanoGPT ckpt.pt or build-nanogpt model_XXXXX.pt: a torch.save file holding a dict with the "
-    "state dict under 'model' and the config under 'model_args' (a dict) or 'config' (a GPTConfig)"
-)
-NANOGPT_CONFIG_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-
-
-class PickledGPTConfig:
-    """Stands in for the `GPTConfig` dataclass that build-nanogpt pickles by reference (as
-    `__main__.GPTConfig`): the unpickler makes an instance of this inert class and sets its fields, so
-    no code from the script that wrote the checkpoint is imported or run."""
-
-
-def load_nanogpt_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict in `path`, read with `torch.load(weights_only=True)` onto the CPU.
-
-    Only tensors, plain Python values and a class named `GPTConfig` (read into `PickledGPTConfig`) are
-    allowed; any other pickled global is refused before anything is unpickled.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise NanoGPTCheckpointError(f"no checkpoint file at {path}; {NANOGPT_EXPECTED}")
-    try:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        foreign = []  # not a zip checkpoint (legacy format or not one at all): torch.load below decides
-    refused = sorted(name for name in foreign if name.rsplit(".", 1)[-1] != "GPTConfig")
-    if refused:
-        raise NanoGPTCheckpointError(
-            f"{path} pickles {', '.join(refused)}, which could run code when loaded, so it is not read; "
-            f"{NANOGPT_EXPECTED}"
-        )
-    try:
-        with torch.serialization.safe_globals([(PickledGPTConfig, name) for name in foreign]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NanoGPTCheckpointError(
-            f"{path} is not a readable torch checkpoint ({reason}); {NANOGPT_EXPECTED}"
-        ) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = (
-            f"a dict with keys {sorted(map(str, checkpoint))}"
-            if isinstance(checkpoint, dict)
-            else type(checkpoint).__name__
-        )
-        raise NanoGPTCheckpointError(f"{path} holds {found}; {NANOGPT_EXPECTED}")
-    return checkpoint
-
-
-def nanogpt_model_args(checkpoint: dict, path: str | Path) -> dict:
-    """The model's config fields: nanoGPT's `model_args`, else build-nanogpt's `config` (a GPTConfig)."""
-    args = checkpoint.get("model_args", checkpoint.get("config"))
-    args = vars(args) if isinstance(args, PickledGPTConfig) else args
-    if not isinstance(args, dict) or not all(key in args for key in NANOGPT_CONFIG_FIELDS):
-        found = f"fields {sorted(args)}" if isinstance(args, dict) else f"a {type(args).__name__}"
-        raise NanoGPTCheckpointError(
-            f"{path} has no model config with {', '.join(NANOGPT_CONFIG_FIELDS)} (found {found}); {NANOGPT_EXPECTED}"
-        )
-    return args
-
-
-def nanogpt_state_dict(
-    raw: dict[str, torch.Tensor],
-    expected: dict[str, torch.Tensor],
-    config: GPT2ScratchConfig,
-    biases: bool,
-    path: str | Path,
-) -> dict[str, torch.Tensor]:
-    """A nanoGPT state dict in our layout, checked key by key and shape by shape against `expected`.
-
-    nanoGPT already uses our names and `nn.Linear` layout, so this only strips wrapper prefixes, drops
-    mask buffers, refuses an untied `lm_head`, and fills the biases of a `bias=False` model with zeros
-    (nanoGPT's LayerNorm and Linear without bias compute exactly what ours do with a zero bias).
-    """
-    state = {k: v for k, v in strip_wrapper_prefixes(raw).items() if not k.endswith(MASK_BUFFERS)}
-    wte, lm_head = state.get("transformer.wte.weight"), state.pop("lm_head.weight", None)
-    if wte is not None and lm_head is not None and not torch.equal(wte, lm_head):
-        raise NanoGPTCheckpointError(
-            f"{path}: lm_head.weight differs from transformer.wte.weight; this model ties them (as nanoGPT does)"
-        )
-    if not biases:
-        dtype = wte.dtype if wte is not None else torch.float32
-        zeros = {name: torch.zeros(t.shape, dtype=dtype) for name, t in expected.items() if name.endswith(".bias")}
-        state = {**zeros, **state}
-    missing = sorted(set(expected) - set(state) - {"lm_head.weight"})
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise NanoGPTCheckpointError(
-            f"{path}: the state dict under 'model' does not match its config ({config.n_layer} layers, bias={biases}):"
-            f" missing {missing[:4]}{' ...' if len(missing) > 4 else ''},"
-            f" unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
-        )
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise NanoGPTCheckpointError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
-        want = tuple(expected[name].shape)
-        if name == "transformer.wte.weight":
-            # The rows may be the padded or the real vocabulary; from_state_dict pads them.
-            fits = config.vocab_size <= tensor.shape[0] <= want[0] and tensor.shape[1] == want[1]
-            want = f"({config.vocab_size} to {want[0]}, {want[1]})"
-        else:
-            fits = tuple(tensor.shape) == want
-        if not fits:
-            raise NanoGPTCheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}; its config implies {want}")
-    return state
+        return to_gpt2(self)
 
 
 def positions_from_mask(
@@ -634,40 +470,6 @@ def positions_from_mask(
     if attention_mask is None or attention_mask.dim() != 2:
         return torch.arange(past_len, past_len + query_len, device=device).unsqueeze(0)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
-
-
-def pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` with zero rows appended up to `rows` (the padded vocabulary)."""
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
-
-
-def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
-    """Our config for a `transformers.GPT2Config`, refusing GPT-2 variants this model does not implement."""
-    unsupported = {
-        "activation_function": (official.activation_function, tuple(GELU_APPROXIMATION)),
-        "scale_attn_weights": (official.scale_attn_weights, True),
-        "scale_attn_by_inverse_layer_idx": (official.scale_attn_by_inverse_layer_idx, False),
-        "reorder_and_upcast_attn": (official.reorder_and_upcast_attn, False),
-        "add_cross_attention": (official.add_cross_attention, False),
-        "n_inner": (official.n_inner, None),
-    }
-    for key, (found, expected) in unsupported.items():
-        supported = found in expected if isinstance(expected, tuple) else found == expected
-        if not supported and not (key == "n_inner" and found == 4 * official.n_embd):
-            raise ValueError(f"GPT-2 config has {key}={found!r}; GPT2ScratchForCausalLM supports only {expected!r}")
-    return GPT2ScratchConfig(
-        vocab_size=official.vocab_size,
-        n_positions=official.n_positions,
-        n_embd=official.n_embd,
-        n_layer=official.n_layer,
-        n_head=official.n_head,
-        layer_norm_epsilon=official.layer_norm_epsilon,
-        initializer_range=official.initializer_range,
-        activation_function=official.activation_function,
-        bos_token_id=official.bos_token_id,
-        eos_token_id=official.eos_token_id,
-        pad_token_id=official.pad_token_id,
-    )
 
 
 # Importing this module makes the model known to the Auto classes, and `save_pretrained` writes this

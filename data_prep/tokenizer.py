@@ -22,6 +22,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 EOT_TOKEN = "<|endoftext|>"
+# The model file declares the same two numbers (GPT2_VOCAB_SIZE, EOT_TOKEN_ID) because it must load alone;
+# this module must not import torch (tokenizer workers stay light). tests/test_tokenizer.py checks they agree.
 EOT_ID = 50256
 VOCAB_SIZE = 50257
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.tokenizer import EOT_ID
 from eval.common import (
     autocast,
     hub_offline,
@@ -35,7 +36,7 @@ from eval.common import (
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_CACHE = Path(os.environ.get("GPT2_SCRATCH_CACHE", Path.home() / ".cache" / "gpt2_scratch"))
 N_ENDINGS = 4
-PAD_ID = 50256  # any id would do: padding sits after the last real token and is masked out of the loss
+PAD_ID = EOT_ID  # any id would do: padding sits after the last real token and is masked out of the loss
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "hellaswag_completion"
 
 

@@ -18,13 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_nanogpt
-from modeling_gpt2_scratch import (
-    GPT2ScratchConfig,
-    GPT2ScratchForCausalLM,
-    NanoGPTCheckpointError,
-    load_nanogpt_checkpoint,
-    strip_wrapper_prefixes,
-)
+from conversion import NanoGPTCheckpointError, load_nanogpt_checkpoint, strip_wrapper_prefixes
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE = 2, 2, 32, 16
 GPT2_VOCAB = 50257

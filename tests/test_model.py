@@ -244,10 +244,11 @@ def test_training_forward_compiles_without_graph_breaks():
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).train()
     ids = random_ids(2, 16)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(ids, shift_labels=ids)
+    explanation = torch._dynamo.explain(model)(ids, shift_labels=ids, loss_only=True)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(ids, shift_labels=ids).loss, model(ids, shift_labels=ids).loss)
+    expected = model(ids, shift_labels=ids, loss_only=True).loss
+    torch.testing.assert_close(compiled(ids, shift_labels=ids, loss_only=True).loss, expected)
 
 
 def test_bf16_autocast_forward_and_backward():
@@ -343,11 +344,10 @@ def test_num_items_in_batch_divides_the_summed_loss():
     summed = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
     )
-    for train in (False, True):  # the plain path and the chunked training path
-        model.train(train)
-        loss = model(ids, labels=labels, num_items_in_batch=40).loss
+    for loss_only in (False, True):  # the plain path and the chunked training path
+        loss = model(ids, labels=labels, num_items_in_batch=40, loss_only=loss_only).loss
         torch.testing.assert_close(loss, summed / 40, atol=1e-5, rtol=1e-5)
-        shifted = model(ids[:, :-1], shift_labels=labels[:, 1:], num_items_in_batch=40).loss
+        shifted = model(ids[:, :-1], shift_labels=labels[:, 1:], num_items_in_batch=40, loss_only=loss_only).loss
         torch.testing.assert_close(shifted, summed / 40, atol=1e-5, rtol=1e-5)
 
 
@@ -387,7 +387,7 @@ def test_chunked_training_loss_in_a_bf16_model():
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).to(torch.bfloat16).train()
     ids = random_ids(2, 16)
-    chunked = model(ids[:, :-1], shift_labels=ids[:, 1:]).loss
+    chunked = model(ids[:, :-1], shift_labels=ids[:, 1:], loss_only=True).loss
     chunked.backward()
     grad = model.transformer.wte.weight.grad.clone()
     model.zero_grad()

@@ -66,19 +66,19 @@ def batch():
     return x, y
 
 
-def model_loss_and_grads(model, x, y):
+def model_loss_and_grads(model, x, y, loss_only):
     model.zero_grad()
-    out = model(input_ids=x, shift_labels=y)
+    out = model(input_ids=x, shift_labels=y, loss_only=loss_only)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def test_training_forward_matches_plain_loss_and_gradients():
-    """The trainer's call, `model(input_ids=x, shift_labels=y)` in train mode, takes the chunked path;
-    in eval mode the same call takes the plain one (dropout is 0, so both compute the same function)."""
-    model, (x, y) = tiny_model(), batch()
-    fast, fast_grads = model_loss_and_grads(model.train(), x, y)
-    plain, plain_grads = model_loss_and_grads(model.eval(), x, y)
+    """The trainer's call, `model(input_ids=x, shift_labels=y, loss_only=True)`, takes the chunked path;
+    without `loss_only` the same call takes the plain one (dropout is 0, so both compute the same function)."""
+    model, (x, y) = tiny_model().train(), batch()
+    fast, fast_grads = model_loss_and_grads(model, x, y, loss_only=True)
+    plain, plain_grads = model_loss_and_grads(model, x, y, loss_only=False)
     assert fast.logits is None and plain.logits.shape == (3, 20, VOCAB)
     close(fast.loss, plain.loss, msg="loss")
     for name, grad in plain_grads.items():
@@ -86,20 +86,23 @@ def test_training_forward_matches_plain_loss_and_gradients():
 
 
 def test_logits_are_returned_whenever_asked_for():
-    """Only a training forward with `shift_labels` and gradients on skips the logits."""
+    """Only `loss_only=True` skips the logits; it needs targets."""
     model, (x, y) = tiny_model().train(), batch()
     assert model(x, labels=x).logits.shape == (3, 20, VOCAB)
+    assert model(x, shift_labels=y).logits.shape == (3, 20, VOCAB)
     with torch.no_grad():
         assert model(x, shift_labels=y).logits.shape == (3, 20, VOCAB)
     assert model(x).logits.shape == (3, 20, VOCAB)
+    with pytest.raises(ValueError, match="loss_only=True needs labels"):
+        model(x, loss_only=True)
 
 
 def test_training_forward_under_bf16_autocast():
     """bf16 matmuls, fp32 loss and gradients; close to the plain path at bf16 precision."""
     model, (x, y) = tiny_model(), batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast, fast_grads = model_loss_and_grads(model.train(), x, y)
-        plain, plain_grads = model_loss_and_grads(model.eval(), x, y)
+        fast, fast_grads = model_loss_and_grads(model.train(), x, y, loss_only=True)
+        plain, plain_grads = model_loss_and_grads(model.train(), x, y, loss_only=False)
     assert fast.loss.dtype == torch.float32
     torch.testing.assert_close(fast.loss, plain.loss, rtol=2e-2, atol=0)
     for name in plain_grads:
@@ -122,7 +125,7 @@ def test_fused_adamw_on_cpu_matches_the_loop_implementation():
             model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False if not fused else None, fused=fused or None
         )
         for _ in range(3):
-            model(input_ids=x, shift_labels=y).loss.backward()
+            model(input_ids=x, shift_labels=y, loss_only=True).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()

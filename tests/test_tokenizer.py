@@ -8,6 +8,7 @@ import pytest
 import tiktoken_ext.openai_public
 from transformers import AutoTokenizer
 
+import modeling_gpt2_scratch
 from data_prep import tokenizer
 
 TEXTS = [
@@ -53,6 +54,8 @@ def test_known_encodings():
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.n_vocab == tokenizer.VOCAB_SIZE == 50257
     assert enc.eot_token == tokenizer.EOT_ID == 50256
+    # the model file declares them too (it loads alone, without this project): the same numbers
+    assert (modeling_gpt2_scratch.GPT2_VOCAB_SIZE, modeling_gpt2_scratch.EOT_TOKEN_ID) == (enc.n_vocab, enc.eot_token)
 
 
 @pytest.mark.parametrize("text", TEXTS)
