@@ -31,10 +31,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.prepare import iter_encoded, prepare  # noqa: E402
-from data_prep.sources import builtin_documents  # noqa: E402
+from data_prep.sources import (
+    builtin_documents,  # noqa: E402
+    shared_corpus,  # noqa: E402
+)
 from data_prep.tokenizer import EOT_ID, get_encoding  # noqa: E402
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = shared_corpus("tinyshakespeare.txt")
 
 
 def nanogpt_tokenize(doc: str) -> np.ndarray:

@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
-from train_accelerate import TrainConfig, build_optimizer, device_peak_flops  # noqa: E402  (the trainer's own)
+from training.config import TrainConfig  # noqa: E402
+from training.metrics import device_peak_flops  # noqa: E402  (the trainer's own)
+from training.recipe import build_optimizer  # noqa: E402
 
 MODELS = ("ours", "transformers")
 
@@ -99,7 +101,7 @@ def make_optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer
 def loss_of(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The same loss for both: y holds the next tokens (the trainer's call for ours)."""
     if name == "ours":
-        return model(input_ids=x, shift_labels=y).loss
+        return model(input_ids=x, shift_labels=y, loss_only=True).loss
     return model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
 
 

@@ -93,8 +93,8 @@ class ShardLoader:
             check_shard(self.data_dir, entry, verify_hash=False)
         self.chunks_per_shard = np.array([num_chunks(e["tokens"], seq_len) for e in self.entries], dtype=np.int64)
         self.global_batch = batch_size * world_size
-        self.steps_per_epoch = int(self.chunks_per_shard.sum()) // self.global_batch
-        if self.steps_per_epoch == 0:
+        self.batches_per_epoch = int(self.chunks_per_shard.sum()) // self.global_batch
+        if self.batches_per_epoch == 0:
             raise DataPrepError(
                 f"the {split!r} split of {self.data_dir} has {int(self.chunks_per_shard.sum())} chunks of "
                 f"{seq_len + 1} tokens, fewer than one global batch of batch_size {batch_size} x world_size "
@@ -104,7 +104,7 @@ class ShardLoader:
         # Ties a saved state to these exact shards.
         listing = json.dumps([(e["file"], e["tokens"], e["sha256"]) for e in self.entries])
         self.data_fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
-        self.epoch, self.step = 0, 0
+        self.epoch, self.batch_index = 0, 0  # micro-batches drawn in this epoch, not optimizer steps
         self._set_epoch(0)
 
     def _shard(self, index: int) -> np.ndarray:
@@ -143,14 +143,14 @@ class ShardLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next `(x, y)` for this rank, moving to a new shuffled epoch when one ends."""
-        if self.step >= self.steps_per_epoch:
+        if self.batch_index >= self.batches_per_epoch:
             self._set_epoch(self.epoch + 1)
-            self.step = 0
-        first = self.step * self.global_batch + self.rank * self.batch_size
+            self.batch_index = 0
+        first = self.batch_index * self.global_batch + self.rank * self.batch_size
         rows = [self._locate(first + i) for i in range(self.batch_size)]
         for shard in {shard for shard, _ in rows}:
             self._shard(shard)
-        self.step += 1
+        self.batch_index += 1
         return gather(self._shards, rows, self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -169,7 +169,7 @@ class ShardLoader:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "epoch": self.epoch,
-            "chunks_done": self.step * self.global_batch,
+            "chunks_done": self.batch_index * self.global_batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,7 +201,7 @@ class ShardLoader:
                 f"{self.world_size} = {self.global_batch}; keep the product the same (e.g. adjust batch_size)"
             )
         self._set_epoch(int(state["epoch"]))
-        self.step = int(state["chunks_done"]) // self.global_batch
+        self.batch_index = int(state["chunks_done"]) // self.global_batch
 
 
 def iter_val_batches(

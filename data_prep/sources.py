@@ -21,6 +21,16 @@ DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_CONFIG = "sample-10BT"
 BUILTIN_NAME = "python-stdlib-docs"
 
+
+def shared_corpus(name: str) -> Path:
+    """A corpus file of the developers' shared folder, for checks and benchmarks only: in
+    `$GPT2_SCRATCH_SHARED_DATA` when set, else in `../shared/data/` beside the repository. It may be
+    absent; callers skip when it is."""
+    folder = os.environ.get("GPT2_SCRATCH_SHARED_DATA")
+    root = Path(folder) if folder else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return root / name
+
+
 # `datasets` builder for each local file kind.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import DataPrepError, ShardError, load_tokens, prepare, prepare_builtin, read_manifest, verify_shards
+from data_prep.sources import shared_corpus
 from data_prep.tokenizer import EOT_ID, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = shared_corpus("tinyshakespeare.txt")
 
 DOCS = [
     "Hello world. This is the first document.",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import DataPrepError, ShardError, ShardLoader, iter_val_batches, prepare_builtin
+from data_prep import DataPrepError, ShardError, ShardLoader, iter_val_batches, prepare_builtin, read_manifest
 from data_prep.shards import write_manifest, write_shard
 
 T = 8
@@ -43,7 +43,7 @@ def train_chunk_starts() -> set[int]:
 
 
 def epoch_rows(loader: ShardLoader) -> list[int]:
-    return [int(v) for _ in range(loader.steps_per_epoch) for v in loader.next_batch()[0][:, 0]]
+    return [int(v) for _ in range(loader.batches_per_epoch) for v in loader.next_batch()[0][:, 0]]
 
 
 def test_batches_are_next_token_pairs(data_dir: Path) -> None:
@@ -170,7 +170,8 @@ def test_val_batches_are_disjoint_and_equal_in_number(data_dir: Path, world_size
 
 def test_builtin_corpus_feeds_the_loader(tmp_path: Path) -> None:
     data_dir = prepare_builtin(tmp_path / "builtin")
+    (val_tokens,) = [shard["tokens"] for shard in read_manifest(data_dir)["shards"] if shard["split"] == "val"]
     x, y = ShardLoader(data_dir, batch_size=4, seq_len=64).next_batch()
     assert x.shape == (4, 64) and int(x.max()) < 50257
     assert torch.equal(x[:, 1:], y[:, :-1])
-    assert sum(1 for _ in iter_val_batches(data_dir, 4, 64, rank=1, world_size=2)) == (65_536 - 1) // 64 // 8
+    assert sum(1 for _ in iter_val_batches(data_dir, 4, 64, rank=1, world_size=2)) == (val_tokens - 1) // 64 // 8

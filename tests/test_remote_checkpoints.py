@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from test_train_run import data_dir, launch, metric, nano_args, one_thread, train_in_process, wait_for_step  # noqa: F401
 
-import checkpoint_remote as cr
-import train_accelerate as ta
+from training import remote as cr
+from training.checkpoints import find_resume_checkpoint
+from training.config import ConfigError, TrainConfig
+from training.hub import HubError
+from training.run_dir import RunPaths
 
 
 def make_checkpoint(folder: Path, step: int) -> Path:
@@ -33,7 +36,7 @@ def mirror(store: cr.RemoteStore, tmp_path: Path, step: int, keep_last: int = 0)
     local = make_checkpoint(tmp_path / "local" / f"step_{step:06d}", step)
     log = tmp_path / "local" / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, step + 1)))
-    cr.mirror_checkpoint(store, step, local, make_export(tmp_path / "local" / "hf"), [log], keep_last)
+    cr.upload_checkpoint(store, step, local, make_export(tmp_path / "local" / "hf"), [log], keep_last)
     return local
 
 
@@ -57,16 +60,16 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
     assert store.checkpoints == f"/{tmp_path.name}/run/checkpoints" and store.export == f"/{tmp_path.name}/run/hf"
 
     # A fresh machine: nothing in out_dir; --resume auto finds the remote checkpoint and downloads it.
-    paths = ta.RunPaths(tmp_path / "fresh")
-    found = ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store)
+    paths = RunPaths(tmp_path / "fresh")
+    found = find_resume_checkpoint(TrainConfig(resume="auto"), paths, store)
     assert found == paths.checkpoints / "step_000004"
     assert {n: p.read_bytes() for n, p in cr.local_files(found).items()} == remote
     assert paths.log.read_bytes() == log
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step_000004"]  # no temporary folder left
 
     # A fresh run (resume '') over a remote that holds a run is refused, as over a local one.
-    with pytest.raises(ta.ConfigError, match=r"already holds a run .*step_000004.*--resume auto"):
-        ta.find_resume_checkpoint(ta.TrainConfig(), ta.RunPaths(tmp_path / "other"), store)
+    with pytest.raises(ConfigError, match=r"already holds a run .*step_000004.*--resume auto"):
+        find_resume_checkpoint(TrainConfig(), RunPaths(tmp_path / "other"), store)
 
 
 def test_a_partial_upload_is_never_resumed_from(tmp_path):
@@ -78,16 +81,14 @@ def test_a_partial_upload_is_never_resumed_from(tmp_path):
     cr.write(store, files, "files only")
     assert cr.remote_checkpoints(store) == {4: True, 8: False}
 
-    paths = ta.RunPaths(tmp_path / "fresh")
-    assert ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store).name == "step_000004"
+    paths = RunPaths(tmp_path / "fresh")
+    assert find_resume_checkpoint(TrainConfig(resume="auto"), paths, store).name == "step_000004"
     with pytest.raises(cr.RemoteError, match="no COMPLETE marker"):
-        ta.find_resume_checkpoint(ta.TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths)
+        find_resume_checkpoint(TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths)
     assert not (paths.checkpoints / "step_000008").exists()
 
     # Named explicitly, a complete remote checkpoint is downloaded.
-    explicit = ta.find_resume_checkpoint(
-        ta.TrainConfig(resume=f"file://{store.checkpoint(4)}"), ta.RunPaths(tmp_path / "x")
-    )
+    explicit = find_resume_checkpoint(TrainConfig(resume=f"file://{store.checkpoint(4)}"), RunPaths(tmp_path / "x"))
     assert explicit == tmp_path / "x" / "checkpoints" / "step_000004"
 
     # Uploading step 8 again starts its folder afresh and completes it.
@@ -101,9 +102,9 @@ def test_a_download_that_does_not_match_the_marker_is_refused(tmp_path):
     store = cr.open_store(f"file://{tmp_path}/remote")
     mirror(store, tmp_path, 4)
     (Path(store.checkpoint(4)) / "optimizer.bin").write_bytes(b"truncated")
-    paths = ta.RunPaths(tmp_path / "fresh")
+    paths = RunPaths(tmp_path / "fresh")
     with pytest.raises(cr.RemoteError, match=r"differ from its COMPLETE marker .*optimizer.bin.*\(500, 9\)"):
-        ta.find_resume_checkpoint(ta.TrainConfig(resume="auto"), paths, store)
+        find_resume_checkpoint(TrainConfig(resume="auto"), paths, store)
     assert list(paths.checkpoints.iterdir()) == []
 
 
@@ -141,7 +142,7 @@ def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_pa
         train_in_process(argv)
     assert not (tmp_path / "out" / "log.jsonl").exists()
     # hf:// checks login and write access first, with the push_to_hub check; offline it stops at once.
-    with pytest.raises(ta.HubError, match="checkpoint_remote needs the Hub, but offline mode is on"):
+    with pytest.raises(HubError, match="checkpoint_remote needs the Hub, but offline mode is on"):
         train_in_process(nano_args(data_dir, tmp_path / "out", checkpoint_remote="hf://me/tiny-gpt2"))
 
 
@@ -154,8 +155,8 @@ def test_a_protocol_without_its_package_names_the_package(url, package):
 
 
 def test_bad_urls_are_config_errors():
-    with pytest.raises(ta.ConfigError, match="checkpoint_remote must be a URL"):
-        ta.TrainConfig(checkpoint_remote="/tmp/run")
+    with pytest.raises(ConfigError, match="checkpoint_remote must be a URL"):
+        TrainConfig(checkpoint_remote="/tmp/run")
     with pytest.raises(cr.RemoteError, match="unknown protocol 'nope'"):
         cr.open_store("nope://x")
     with pytest.raises(cr.RemoteError, match="model repository"):
@@ -199,7 +200,7 @@ def test_hub_layout_checkpoints_on_a_branch_or_folder_export_at_the_root(tmp_pat
 
 def test_a_failed_upload_is_raised_at_the_end(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    uploads = cr.CheckpointMirror(cr.open_store(f"file://{tmp_path}/a_file/run"), tmp_path / "staging", keep_last=2)
+    uploads = cr.CheckpointUploader(cr.open_store(f"file://{tmp_path}/a_file/run"), tmp_path / "staging", keep_last=2)
     uploads.submit(4, make_checkpoint(tmp_path / "step_000004", 4), make_export(tmp_path / "hf"))
     with pytest.raises(cr.RemoteError, match=r"1 upload\(s\) to file://.*a_file/run failed: step_000004"):
         uploads.close()

@@ -15,6 +15,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 import train_accelerate as ta
+from data_prep.sources import BUILTIN_NAME
+from training.checkpoints import latest_checkpoint
+from training.config import TrainConfig, parse_config
+from training.hub import HubError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +157,7 @@ def pushed_run(data_dir, tmp_path_factory):
 
 def test_run_directory_describes_itself(pushed_run):
     out = pushed_run.out_dir
-    config = ta.parse_config(["--config", str(out / "config.yaml")])
+    config = parse_config(["--config", str(out / "config.yaml")])
     assert (config.model, config.max_steps, config.hub_model_id) == ("cpu-nano", 6, "me/tiny-gpt2")
     info = json.loads((out / "run_info.json").read_text())
     assert info["processes"] == 1 and info["gradient_accumulation_steps"] == 2 and info["mixed_precision"] == "no"
@@ -168,7 +172,7 @@ def test_run_directory_describes_itself(pushed_run):
         assert r["tokens"] == 256 * r["step"]
         assert {"lr", "grad_norm", "tokens_per_s", "mfu", "step_time"} <= set(r)
         assert r["mfu"] == pytest.approx(
-            r["tokens_per_s"] * ta.TrainConfig(model="cpu-nano", seq_len=32).model_config().flops_per_token(32) / 1e11
+            r["tokens_per_s"] * TrainConfig(model="cpu-nano", seq_len=32).model_config().flops_per_token(32) / 1e11
         )
     assert sorted(metric(out, "val/loss")) == [0, 3, 6]
     assert metric(out, "val/loss")[6] < metric(out, "val/loss")[0]
@@ -210,12 +214,12 @@ def test_push_checks_access_first_then_uploads_the_export_with_a_model_card(push
     assert f"| val/loss | {val_loss:.4f} |" in card
     assert "![training and validation loss](loss.png)" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-gpt2", trust_remote_code=True)' in card
-    assert "| `max_lr` | `0.003` |" in card and "python-stdlib-docs" in card
+    assert "| `max_lr` | `0.003` |" in card and BUILTIN_NAME in card
 
 
 def test_push_without_network_fails_before_training(data_dir, tmp_path):
     argv = nano_args(data_dir, tmp_path / "out", push_to_hub=True, hub_model_id="me/tiny-gpt2")
-    with pytest.raises(ta.HubError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         train_in_process(argv)
     assert not (tmp_path / "out" / "log.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
@@ -230,7 +234,7 @@ def test_sigkill_then_resume_auto_logs_the_same_losses(data_dir, tmp_path):
     wait_for_step(out, proc, 6)
     proc.kill()
     proc.wait()
-    newest = ta.latest_checkpoint(out / "checkpoints")
+    newest = latest_checkpoint(out / "checkpoints")
     assert newest is not None and int(newest.name[5:]) < 16, "the run was to be killed before its end"
     (out / "checkpoints" / ".tmp_step_000099").mkdir()  # a save cut short: never resumed from
     train_in_process(nano_args(data_dir, out, resume="auto", **common))
@@ -252,7 +256,7 @@ def test_sigterm_saves_a_usable_checkpoint_and_exits_cleanly(data_dir, tmp_path)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     assert "SIGTERM received" in proc.stderr.read()
     last = max(metric(out, "train/loss"))
-    assert ta.latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"  # not a save_interval step
+    assert latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"  # not a save_interval step
     assert (out / "hf" / "model.safetensors").is_file()
 
     argv = nano_args(data_dir, out, max_steps=500, save_interval=1000, eval_interval=1000, num_samples=0)

@@ -7,8 +7,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-import train_accelerate as ta
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from training.config import TrainConfig
+from training.recipe import build_optimizer
+from training.step import train_step
 
 
 class ListLoader:
@@ -31,13 +33,13 @@ def one_step(base, inputs, targets, micro_batch: int, accumulation_steps: int):
     """Loss, grad norm, new parameters and the per-micro-step sync flags of one `train_step`."""
     accelerator = fresh_accelerator(accumulation_steps)
     model = copy.deepcopy(base)
-    optimizer = ta.build_optimizer(model, ta.TrainConfig(max_lr=1e-3, warmup_steps=0), torch.device("cpu"))
+    optimizer = build_optimizer(model, TrainConfig(max_lr=1e-3, warmup_steps=0), torch.device("cpu"))
     model, optimizer = accelerator.prepare(model, optimizer)
     synced = []
     model.register_forward_pre_hook(lambda module, args: synced.append(accelerator.sync_gradients))
     rows = range(0, len(inputs), micro_batch)
     loader = ListLoader((inputs[i : i + micro_batch], targets[i : i + micro_batch]) for i in rows)
-    loss, grad_norm = ta.train_step(model, optimizer, loader, accelerator, grad_clip=1.0)
+    loss, grad_norm = train_step(model, optimizer, loader, accelerator, grad_clip=1.0)
     assert not loader.batches, "train_step must consume exactly gradient_accumulation_steps micro-batches"
     return loss.item(), grad_norm.item(), [p.detach().clone() for p in model.parameters()], synced
 

@@ -34,6 +34,8 @@ from urllib.parse import quote
 
 import fsspec
 
+from training import UserError
+
 logger = logging.getLogger("train.remote")
 
 MARKER = "COMPLETE"
@@ -41,7 +43,7 @@ LOGS = "logs"  # the run's records travel with each checkpoint, so a resumed run
 STEP_PREFIX = "step_"
 
 
-class RemoteError(RuntimeError):
+class RemoteError(UserError, RuntimeError):
     """The remote store cannot be reached or written, or holds no usable checkpoint where one was named."""
 
 
@@ -238,7 +240,7 @@ def upload_plan(store: RemoteStore, step: int, checkpoint: Path, export: Path, l
     ]
 
 
-def mirror_checkpoint(
+def upload_checkpoint(
     store: RemoteStore, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = (), keep_last: int = 0
 ) -> None:
     """Upload one local checkpoint and the export (the checkpoint's files only once: a step already
@@ -313,7 +315,7 @@ def download_url(url: str, checkpoints: Path, out_dir: Path) -> Path:
 # In the background
 
 
-class CheckpointMirror:
+class CheckpointUploader:
     """Uploads checkpoints in a background thread, at most one at a time, so training does not wait.
 
     `submit` first snapshots what it uploads into `staging` (hard links where the filesystem allows, as
@@ -343,7 +345,7 @@ class CheckpointMirror:
 
     def upload(self, step: int, snapshot: Path, logs: list[Path]) -> None:
         try:
-            mirror_checkpoint(self.store, step, snapshot / "checkpoint", snapshot / "export", logs, self.keep_last)
+            upload_checkpoint(self.store, step, snapshot / "checkpoint", snapshot / "export", logs, self.keep_last)
             logger.info("mirrored %s and the HF export to %s", step_name(step), self.store.url)
         except Exception as err:  # reported now and raised by close(): training goes on meanwhile
             self.errors.append(f"{step_name(step)}: {type(err).__name__}: {err}")

@@ -1,0 +1,275 @@
+"""The training config: a typed dataclass whose fields carry their one-line docs, YAML presets in
+`configs/`, and `--field value` overrides on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from accelerate.utils import LoggerType
+from huggingface_hub.errors import StrictDataclassError
+
+from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig
+from training import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS_DIR = ROOT / "configs"
+
+
+class ConfigError(UserError, ValueError):
+    """A training config value is unknown, of the wrong type, or inconsistent with the others."""
+
+
+def arg(default: Any, help: str) -> Any:
+    """A config field with its one-line doc (shown by `--help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. The defaults are the embedded CPU run."""
+
+    # data and output
+    data_dir: str = arg("data/builtin", "folder of token shards and manifest.json written by data_prep")
+    prepare_builtin: bool = arg(True, "tokenize the built-in corpus into data_dir when it holds no manifest.json")
+    out_dir: str = arg("runs/cpu-micro", "run directory: config, logs, plots, checkpoints, HF export")
+    # model
+    model: str = arg("cpu-micro", f"model size preset: {', '.join(PRESETS)}")
+    n_layer: int | None = arg(None, "override the preset's number of blocks")
+    n_head: int | None = arg(None, "override the preset's number of attention heads")
+    n_embd: int | None = arg(None, "override the preset's width")
+    dropout: float = arg(0.0, "dropout probability (0 for pretraining, as GPT-2 124M reproductions use)")
+    # batch: tokens per optimizer step = micro_batch_size * seq_len * processes * accumulation steps
+    micro_batch_size: int = arg(16, "sequences per process per forward/backward pass")
+    seq_len: int = arg(128, "tokens per sequence (T)")
+    total_batch_size: int = arg(2048, "tokens per optimizer step, summed over processes and accumulation")
+    # schedule (linear warmup, then cosine decay to min_lr_ratio * max_lr at max_steps)
+    max_steps: int = arg(80, "optimizer steps of the LR schedule (the run's length)")
+    stop_at_step: int = arg(0, "end this launch after this step, schedule unchanged (0: at max_steps)")
+    warmup_steps: int = arg(8, "steps of linear LR warmup from max_lr / warmup_steps to max_lr")
+    max_lr: float = arg(3e-3, "peak learning rate")
+    min_lr_ratio: float = arg(0.1, "final LR as a fraction of max_lr (GPT-3: 10%)")
+    # optimizer (GPT-3 paper, section 2.3 and appendix B)
+    weight_decay: float = arg(0.1, "AdamW decoupled weight decay, on parameters with 2+ dimensions only")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.95, "AdamW beta2")
+    adam_eps: float = arg(1e-8, "AdamW epsilon")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0: no clipping)")
+    # evaluation
+    eval_interval: int = arg(20, "steps between evaluations (val loss, HellaSwag, samples); also at the end")
+    val_batches: int = arg(4, "validation batches of micro_batch_size per process per evaluation")
+    hellaswag_path: str = arg("auto", "HellaSwag val jsonl; 'auto': eval's cached file if available; 'none': skip")
+    hellaswag_limit: int | None = arg(100, "score the first N HellaSwag examples (None: all 10,042)")
+    sample_prompt: str = arg("Hello, I'm a language model,", "prompt of the text samples generated at each evaluation")
+    num_samples: int = arg(3, "text samples per evaluation (top-k 50 sampling)")
+    sample_tokens: int = arg(48, "new tokens per sample")
+    # logging and checkpoints
+    log_interval: int = arg(5, "steps between log lines (log.jsonl, trackers, console)")
+    report_to: str = arg("tensorboard", "Accelerate trackers, comma-separated (tensorboard, wandb, ...) or 'none'")
+    save_interval: int = arg(40, "steps between checkpoints; one is also written at the end")
+    keep_checkpoints: int = arg(2, "keep only the newest N checkpoints (0: keep all)")
+    resume: str = arg(
+        "", "'' fresh run, 'auto' newest complete checkpoint in out_dir or checkpoint_remote, a checkpoint path or URL"
+    )
+    checkpoint_remote: str | None = arg(
+        None, "fsspec URL that mirrors every checkpoint and the export: file://, hf://user/name[@branch][/dir], s3://"
+    )
+    remote_keep_last: int = arg(2, "keep only the newest N complete remote checkpoints (0: keep all)")
+    seed: int = arg(1337, "seed for initialisation, data order and dropout")
+    # performance
+    compile: bool = arg(False, "torch.compile the model (inductor); worth it on GPU")
+    mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that supports it, else fp32), 'no', 'bf16', 'fp16'")
+    peak_flops: float | None = arg(None, "peak FLOP/s per device for MFU (None: datasheet bf16 / measured fp32)")
+    # Hugging Face Hub
+    push_to_hub: bool = arg(False, "push the HF export with a model card to the Hub at the end")
+    hub_model_id: str | None = arg(None, "Hub repository, 'user/name', for push_to_hub")
+    hub_private: bool = arg(False, "create the Hub repository as private")
+
+    def __post_init__(self) -> None:
+        problems = list(config_problems(self))
+        if problems:
+            raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+    def model_config(self) -> GPT2ScratchConfig:
+        """The model's config: the preset with this config's size overrides and dropout."""
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd") if getattr(self, k) is not None}
+        return GPT2ScratchConfig.from_preset(self.model, dropout=self.dropout, **sizes)
+
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
+
+AT_LEAST_ONE += ("save_interval", "val_batches", "sample_tokens")
+
+AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip")
+
+AT_LEAST_ZERO += ("remote_keep_last",)
+
+
+def config_problems(c: TrainConfig) -> Iterator[str]:
+    """Each inconsistent or out-of-range value of `c`, as a message naming the field."""
+    yield from (f"{name} must be >= 1, got {getattr(c, name)}" for name in AT_LEAST_ONE if getattr(c, name) < 1)
+    yield from (f"{name} must be >= 0, got {getattr(c, name)}" for name in AT_LEAST_ZERO if getattr(c, name) < 0)
+    for name in ("warmup_steps", "stop_at_step"):
+        if getattr(c, name) > c.max_steps:
+            yield f"{name} ({getattr(c, name)}) must be <= max_steps ({c.max_steps})"
+    if c.max_lr <= 0:
+        yield f"max_lr must be > 0, got {c.max_lr}"
+    if not 0 <= c.min_lr_ratio <= 1:
+        yield f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}"
+    for name in ("dropout", "adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            yield f"{name} must be in [0, 1), got {getattr(c, name)}"
+    if c.mixed_precision not in PRECISIONS:
+        yield f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
+    trackers = {t.value for t in LoggerType} | {"none"}
+    for name in tracker_names(c.report_to):
+        if name not in trackers:
+            yield f"report_to: unknown tracker {name!r}; choose from {sorted(trackers)}"
+    if c.micro_batch_size > 0 and c.seq_len > 0 and (problem := batch_problem(c, world_size=1)):
+        yield problem
+    if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
+        yield f"checkpoint_remote must be a URL such as file:///abs/path or hf://user/name, got {c.checkpoint_remote!r}"
+    if c.push_to_hub and not c.hub_model_id:
+        yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
+    if c.model not in PRESETS:
+        yield f"model: unknown preset {c.model!r}; choose one of {', '.join(PRESETS)}"
+        return
+    try:
+        n_positions = c.model_config().n_positions
+    except (ValueError, StrictDataclassError) as err:  # the model config's own checks
+        yield f"model size: {err}"
+        return
+    if c.seq_len > n_positions:
+        yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
+
+
+def tracker_names(report_to: str) -> list[str]:
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def parse_value(name: str, value: Any, where: str) -> Any:
+    """`value` (a YAML scalar or a command-line string) converted to field `name`'s type."""
+    hint = FIELD_TYPES[name]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {name} must be a {base.__name__}, got None")
+    try:
+        if isinstance(value, str) and base is not str:
+            return parse_string(value, base)
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f"{where}: {name} must be a {base.__name__}, got {value!r}")
+
+
+def parse_string(text: str, base: type) -> Any:
+    if base is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    if base is int:
+        return int(text.replace("_", ""))
+    return base(text)
+
+
+def unknown_field_error(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; `--help` lists the fields"
+    return ConfigError(f"{where}: unknown config field {name!r}{hint}")
+
+
+def load_preset(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields set by a YAML preset, checked against `TrainConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        presets = ", ".join(sorted(p.name for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {path} (presets in {PRESETS_DIR}: {presets})")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+    for name in values:
+        if name not in FIELDS:
+            raise unknown_field_error(name, str(path))
+    return {name: parse_value(name, value, str(path)) for name, value in values.items()}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        usage="accelerate launch [--config_file ACCELERATE.yaml] train_accelerate.py [--config PRESET.yaml] "
+        "[--field value ...]",
+        description="Pretrain GPT-2 with Accelerate. Field values come from the dataclass defaults, then the "
+        "--config YAML preset, then --field value overrides.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML preset (e.g. configs/gpt2-124m-fineweb-edu.yaml)")
+    for f in dataclasses.fields(TrainConfig):
+        bool_field = FIELD_TYPES[f.name] is bool
+        parser.add_argument(
+            f"--{f.name}",
+            default=argparse.SUPPRESS,
+            nargs="?" if bool_field else None,
+            const="true" if bool_field else None,
+            metavar=type_name(FIELD_TYPES[f.name]),
+            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"),
+        )
+    return parser
+
+
+def type_name(hint: Any) -> str:
+    names = [t.__name__.upper() for t in typing.get_args(hint) or (hint,)]
+    return "|".join(names).replace("NONETYPE", "NONE")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The config from the defaults, an optional `--config` YAML preset and `--field value` overrides."""
+    args, unknown = build_arg_parser().parse_known_args(argv)
+    if unknown:
+        flag = next((a for a in unknown if a.startswith("--")), unknown[0])
+        if flag.startswith("--"):
+            raise unknown_field_error(flag[2:].split("=")[0], "command line")
+        raise ConfigError(f"command line: unexpected argument {flag!r}; fields are given as --field value")
+    overrides = vars(args)
+    values = load_preset(overrides.pop("config")) if overrides.get("config") else {}
+    overrides.pop("config", None)
+    values.update({name: parse_value(name, value, "command line") for name, value in overrides.items()})
+    return TrainConfig(**values)
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def batch_problem(c: TrainConfig, world_size: int) -> str | None:
+    """Why `total_batch_size` cannot be split into whole micro-batches over `world_size` processes, or None."""
+    per_micro_step = c.micro_batch_size * c.seq_len * world_size
+    if c.total_batch_size % per_micro_step == 0:
+        return None
+    return (
+        f"total_batch_size ({c.total_batch_size}) must be a multiple of micro_batch_size * seq_len * processes "
+        f"({c.micro_batch_size} * {c.seq_len} * {world_size} = {per_micro_step}); change one of them"
+    )

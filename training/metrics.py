@@ -1,0 +1,122 @@
+"""Throughput and model FLOPs utilisation (MFU), and the JSON-lines records of a run.
+
+MFU divides by one device's peak: a GPU's datasheet number, else the best matmul measured here. The
+benchmarks divide by the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from training.config import TrainConfig
+from training.recipe import resolve_mixed_precision
+
+# Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
+# device name (more specific names first). fp32 means TF32 tensor cores, which we enable on CUDA.
+DATASHEET_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 494.5e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "H100": {"bf16": 989e12, "fp32": 494.5e12},  # SXM
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "A10G": {"bf16": 70e12, "fp32": 35e12},
+    "RTX 4090": {"bf16": 165e12, "fp32": 83e12},
+}
+
+
+def peak_flops(config: TrainConfig, device: torch.device) -> float:
+    """Peak FLOP/s of one device for MFU: the config value, else `device_peak_flops` for the run's precision."""
+    if config.peak_flops:
+        return config.peak_flops
+    precision = "bf16" if resolve_mixed_precision(config.mixed_precision) in ("bf16", "fp16") else "fp32"
+    return device_peak_flops(device, precision)[0]
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """The FLOP/s that MFU divides by ("bf16" or "fp32" matmuls), and where the number comes from:
+    a GPU's datasheet peak, else the best matmul throughput measured here and now."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in DATASHEET_PEAK_FLOPS.items():
+            if key in name:
+                return peaks[precision], f"datasheet dense {precision} peak of {key}"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measure_matmul_flops(device, dtype), f"measured: best {precision} 1024x1024 matmul on this device"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """The best FLOP/s of n x n matmuls repeated for about `seconds`: the best, not the mean, so that
+    moments when other processes hold the cores count less. Uses a private generator, so the global
+    RNG (and hence the initial weights) is the same whether the peak is measured or given."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    best, start, repeats = math.inf, time.perf_counter(), 0
+    while repeats < 3 or time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best, repeats = min(best, time.perf_counter() - tick), repeats + 1
+    return 2 * n**3 / best
+
+
+class Meter:
+    """Wall time and tokens between log lines; evaluation and checkpoint time is left out."""
+
+    def __init__(self, flops_per_token: int, peak: float, world_size: int):
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def read(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        tokens_per_s = self.tokens / elapsed
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+        stats = {"tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed / max(1, self.steps)}
+        self.restart()
+        return stats
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_records_through(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (those of a run killed after its last checkpoint), and a
+    last line that the kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(kept))
+
+
+def format_value(name: str, value: float) -> str:
+    if name == "mfu":
+        return f"{100 * value:.2f}%"
+    if name in ("lr",):
+        return f"{value:.3e}"
+    if name == "tokens_per_s":
+        return f"{value:,.0f}"
+    if name == "step_time":
+        return f"{1000 * value:.0f}ms"
+    return f"{value:.4f}"

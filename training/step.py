@@ -1,0 +1,32 @@
+"""One optimizer step of the hand-written loop: accumulate gradients over micro-batches, clip, step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+
+def train_step(
+    model, optimizer, loader, accelerator: Accelerator, grad_clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    `accelerator.backward` divides each micro-batch loss by the number of micro-steps and DDP averages
+    over ranks, so the gradient is that of the mean loss over the whole `total_batch_size`; gradients
+    are all-reduced only on the last micro-step. Returns that mean loss and the pre-clip grad norm.
+    """
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for _ in range(accelerator.gradient_accumulation_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=x, shift_labels=y, loss_only=True).loss
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(loss_sum / accelerator.gradient_accumulation_steps, reduction="mean")
+    return loss, grad_norm
