@@ -40,8 +40,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import UserError, remote
-from training.checkpoints import TrainState, export_hf, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoints import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, parse_config, tracker_names
+from training.export import export_hf
 from training.hub import describe_source, preflight_hub, preflight_remote, push_export, write_model_card
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process

@@ -94,6 +94,9 @@ class TrainConfig:
     push_to_hub: bool = arg(False, "push the HF export with a model card to the Hub at the end")
     hub_model_id: str | None = arg(None, "Hub repository, 'user/name', for push_to_hub")
     hub_private: bool = arg(False, "create the Hub repository as private")
+    hub_format: str = arg(
+        "gpt2", "what push_to_hub uploads: 'gpt2' (official GPT2LMHeadModel layout), 'scratch' (ours), 'both'"
+    )
 
     def __post_init__(self) -> None:
         problems = list(config_problems(self))
@@ -107,6 +110,7 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+HUB_FORMATS = ("gpt2", "scratch", "both")
 
 AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
 
@@ -141,6 +145,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield problem
     if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
         yield f"checkpoint_remote must be a URL such as file:///abs/path or hf://user/name, got {c.checkpoint_remote!r}"
+    if c.hub_format not in HUB_FORMATS:
+        yield f"hub_format must be one of {HUB_FORMATS}, got {c.hub_format!r}"
     if c.push_to_hub and not c.hub_model_id:
         yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
     if c.model not in PRESETS:
