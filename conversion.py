@@ -88,37 +88,74 @@ def from_gpt2_model(official: nn.Module) -> GPT2ScratchForCausalLM:
     return from_state_dict(scratch_config_from_gpt2(official.config), state)
 
 
+def gpt2_unsupported(config: GPT2ScratchConfig) -> str | None:
+    """Why `GPT2LMHeadModel` cannot compute what a model of `config` computes, or None when it can.
+
+    Every preset and every trainer option gives a model GPT-2 expresses: the same blocks, either
+    GELU (transformers' `gelu_new` and `gelu` are ours), tied or untied embeddings. This guards
+    configs edited by hand, whose export must not silently change the model's outputs.
+    """
+    if config.activation_function not in GELU_APPROXIMATION:
+        return (
+            f"activation_function={config.activation_function!r} has no GPT-2 equivalent "
+            f"(GPT-2 takes {sorted(GELU_APPROXIMATION)})"
+        )
+    return None
+
+
 def gpt2_config(config: GPT2ScratchConfig):
     """The `transformers.GPT2Config` of the same architecture."""
     from transformers import GPT2Config
 
+    reason = gpt2_unsupported(config)
+    if reason is not None:
+        raise ValueError(f"this model has no official GPT-2 layout: {reason}")
     shared = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     dropout = {name: config.dropout for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    return GPT2Config(**shared, **dropout)
+    return GPT2Config(**shared, **dropout, tie_word_embeddings=config.tie_word_embeddings)
+
+
+def gpt2_layout(state: dict[str, torch.Tensor], config: GPT2ScratchConfig) -> dict[str, torch.Tensor]:
+    """A state dict of our model (wrapper prefixes allowed, `lm_head.weight` optional when tied) in
+    GPT-2's layout: Conv1D weights transposed, the vocabulary padding rows dropped, `lm_head.weight`
+    the same tensor as `transformer.wte.weight` when the config ties them. Fresh contiguous tensors."""
+    vocab_size = config.vocab_size
+    out = {}
+    for key, tensor in strip_wrapper_prefixes(state).items():
+        tensor = tensor.detach()
+        out[key] = tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor.clone()
+    if "transformer.wte.weight" not in out or ("lm_head.weight" not in out and not config.tie_word_embeddings):
+        raise ValueError(
+            f"state dict lacks transformer.wte.weight or an untied lm_head.weight; found {sorted(out)[:8]}"
+        )
+    out["transformer.wte.weight"] = out["transformer.wte.weight"][:vocab_size].clone()
+    tied = config.tie_word_embeddings
+    out["lm_head.weight"] = out["transformer.wte.weight"] if tied else out["lm_head.weight"][:vocab_size].clone()
+    return out
 
 
 def gpt2_state_dict(model: GPT2ScratchForCausalLM) -> dict[str, torch.Tensor]:
-    """Our weights in GPT-2's layout: Conv1D weights transposed, the vocabulary padding rows dropped,
-    `lm_head.weight` the same tensor as `transformer.wte.weight` (tied). Fresh contiguous tensors."""
-    vocab_size = model.config.vocab_size
-    state = {}
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        state[key] = tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor.clone()
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][:vocab_size].clone()
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+    """Our model's weights in GPT-2's layout (see `gpt2_layout`)."""
+    return gpt2_layout(model.state_dict(), model.config)
+
+
+def gpt2_model(config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A `transformers.GPT2LMHeadModel` that holds the tensors of `state` (GPT-2's layout, from
+    `gpt2_layout`) themselves: built on the meta device and assigned, so no second copy of the
+    weights is made; device and dtype are the tensors'."""
+    from transformers import GPT2LMHeadModel
+
+    with torch.device("meta"):
+        official = GPT2LMHeadModel(gpt2_config(config))
+    official.load_state_dict(state, strict=True, assign=True)
+    official.tie_weights()
+    return official
 
 
 def to_gpt2(model: GPT2ScratchForCausalLM) -> nn.Module:
     """An equivalent `transformers.GPT2LMHeadModel` (the padding rows of the vocabulary dropped), in the
     same train / eval mode as `model`."""
-    from transformers import GPT2LMHeadModel
-
-    official = GPT2LMHeadModel(gpt2_config(model.config)).to(model.dtype)
-    official.load_state_dict(gpt2_state_dict(model), strict=True)
-    official.tie_weights()
-    return official.train(model.training)
+    return gpt2_model(model.config, gpt2_state_dict(model)).train(model.training)
 
 
 def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:

@@ -1,27 +1,163 @@
-"""The Hugging Face export of a run's weights: `out_dir/hf`, loadable with `from_pretrained`."""
+"""The Hugging Face exports of a run, side by side in its out_dir:
+
+- `hf/`: our class, `save_pretrained` with `modeling_gpt2_scratch.py` as remote code; loads with
+  `trust_remote_code=True`, or anywhere this project is imported.
+- `hf-gpt2/`: the official layout, a `GPT2LMHeadModel` (`model_type: gpt2`, no code, the vocabulary's
+  padding rows dropped); loads with stock transformers and the tools that serve or convert GPT-2.
+
+Each folder is written under a temporary name and renamed into place, and records the step it holds
+in `export.json`, so a kill mid-export leaves the previous folder or none, never a partial one, and
+`exported_step` tells a complete pair of the same step from a missing, partial or stale one.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from conversion import gpt2_layout, gpt2_model, gpt2_unsupported
 
-def export_hf(accelerator: Accelerator, model, folder: Path) -> None:
-    """`save_pretrained` of the model (with its remote-code file) and the tokenizer into `folder`."""
-    from data_prep.tokenizer import save_hf_tokenizer
+logger = logging.getLogger("train")
 
+SCRATCH_EXPORT = "hf"
+GPT2_EXPORT = "hf-gpt2"
+RECORD = "export.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PLOTS = ("loss.png", "hellaswag.png")
+
+
+def export_model(accelerator: Accelerator, model, out_dir: Path, step: int) -> None:
+    """Write `out_dir/hf` and, when GPT-2 can express the model, `out_dir/hf-gpt2`, both holding
+    `step`. Call on every rank: under FSDP gathering the full weights is a collective."""
     acc = accelerator
-    # Under FSDP the full weights must be gathered (a collective); elsewhere the model's own state is used.
     state_dict = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None
     if acc.is_main_process:
-        tmp = folder.with_name(f".tmp_{folder.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
-        save_hf_tokenizer(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        write_exports(acc.unwrap_model(model, keep_torch_compile=False), Path(out_dir), step, state_dict)
     acc.wait_for_everyone()
+
+
+def write_exports(model, out_dir: Path, step: int, state_dict: dict | None = None) -> list[Path]:
+    """The main-process part of `export_model`: both folders from `model` (or from `state_dict`, its
+    gathered weights). A model GPT-2 cannot express gets no `hf-gpt2/` (a stale one is removed) and
+    a log line saying why. Returns the folders written."""
+    reason = gpt2_unsupported(model.config)
+    scratch, gpt2 = out_dir / SCRATCH_EXPORT, out_dir / GPT2_EXPORT
+    write_scratch_export(model, scratch, step, state_dict, gpt2_unsupported=reason)
+    if reason is not None:
+        logger.info("no %s/ (official GPT-2 layout): %s", GPT2_EXPORT, reason)
+        shutil.rmtree(gpt2, ignore_errors=True)
+        return [scratch]
+    write_gpt2_export(model.config, model.state_dict() if state_dict is None else state_dict, gpt2, step)
+    return [scratch, gpt2]
+
+
+def write_scratch_export(
+    model, folder: Path, step: int | None, state_dict: dict | None = None, gpt2_unsupported: str | None = None
+) -> None:
+    """`save_pretrained` of our model (with its remote-code file) and the tokenizer into `folder`."""
+    from data_prep.tokenizer import save_hf_tokenizer
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        save_hf_tokenizer(tmp)
+        write_record(tmp, step, "scratch", gpt2_unsupported=gpt2_unsupported)
+
+    write_folder(folder, write)
+
+
+def write_gpt2_export(config, state_dict: dict, folder: Path, step: int | None) -> None:
+    """The official layout of our weights (`state_dict`, our layout, of a model with `config`) into
+    `folder`: `GPT2LMHeadModel.save_pretrained` (config with `model_type: gpt2`, safetensors without the
+    vocabulary's padding rows) and the tokenizer."""
+    from data_prep.tokenizer import save_hf_tokenizer
+
+    def write(tmp: Path) -> None:
+        gpt2_model(config, gpt2_layout(state_dict, config)).save_pretrained(tmp)
+        save_hf_tokenizer(tmp)
+        write_record(tmp, step, "gpt2")
+
+    write_folder(folder, write)
+
+
+def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Fill `.tmp_<name>` with `write`, then swap it in for `folder`: at any moment `folder` is the old
+    complete one, absent, or the new complete one."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".tmp_{folder.name}"), folder.with_name(f".old_{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` with `text`, through a temporary file, so a reader never sees half of it."""
+    tmp = path.with_name(f".tmp_{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_record(folder: Path, step: int | None, layout: str, **extra) -> None:
+    write_text(folder / RECORD, json.dumps({"step": step, "layout": layout, **extra}, indent=2) + "\n")
+
+
+def read_record(folder: Path, layout: str) -> dict | None:
+    """The export record of `folder` when it is a complete export of `layout` ("scratch" or "gpt2"),
+    else None (missing, unreadable, another layout, or the config or weights are gone)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return None
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("layout") != layout or type(record.get("step")) is not int:
+        return None
+    return record
+
+
+def exported_step(out_dir: Path) -> int | None:
+    """The step that `hf/` and `hf-gpt2/` both hold; None when `hf/` is missing or incomplete, or when
+    the model has an official layout and `hf-gpt2/` is missing, incomplete or of another step."""
+    out_dir = Path(out_dir)
+    scratch = read_record(out_dir / SCRATCH_EXPORT, "scratch")
+    if scratch is None:
+        return None
+    if scratch.get("gpt2_unsupported"):
+        return scratch["step"]
+    gpt2 = read_record(out_dir / GPT2_EXPORT, "gpt2")
+    return scratch["step"] if gpt2 is not None and gpt2["step"] == scratch["step"] else None
+
+
+def write_model_cards(out_dir: Path, config, model, manifest: dict, license: str | None = None) -> list[Path]:
+    """README.md model cards for the exports in `out_dir` (main process only), with the plots of
+    `out_dir/plots` copied beside them. The results come from `out_dir/log.jsonl`, up to the step the
+    export holds, so a relaunched finished run writes the same card. Returns the cards written."""
+    from training.hub import DEFAULT_LICENSE, ModelCard, run_results
+
+    out_dir = Path(out_dir)
+    scratch = read_record(out_dir / SCRATCH_EXPORT, "scratch")
+    results = run_results(out_dir / "log.jsonl", through_step=scratch["step"] if scratch else None)
+    card = ModelCard(config, model, manifest, results, out_dir, license=license or DEFAULT_LICENSE)
+    written = []
+    for name, layout in ((SCRATCH_EXPORT, "scratch"), (GPT2_EXPORT, "gpt2")):
+        folder = out_dir / name
+        if not folder.is_dir():
+            continue
+        plots = [p for p in PLOTS if (out_dir / "plots" / p).is_file()]
+        for plot in plots:
+            shutil.copy(out_dir / "plots" / plot, folder / plot)
+        write_text(folder / "README.md", card.render(layout, plots))
+        written.append(folder / "README.md")
+    return written

@@ -1,0 +1,188 @@
+"""The official GPT-2 layout (`hf-gpt2/`) of an existing run, export or checkpoint: what the trainer
+writes at the end of every run, for runs made before it did, and for any checkpoint.
+
+    python -m export_gpt2 runs/cpu-micro                            # -> runs/cpu-micro/hf-gpt2, hf/ refreshed
+    python -m export_gpt2 runs/cpu-micro/checkpoints/step_000040    # -> runs/cpu-micro/hf-gpt2-step_000040
+    python -m export_gpt2 my-gpt2                                   # -> my-gpt2-gpt2 (any save_pretrained folder)
+
+The result loads with stock transformers, `AutoModelForCausalLM.from_pretrained(folder)` without
+`trust_remote_code`, as a `GPT2LMHeadModel` with the same logits. Weights are read from safetensors
+only; no code from the source folder runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record, write_exports, write_gpt2_export, write_text
+
+CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerator.save_state writes for the model
+
+
+@dataclass
+class Source:
+    """A model to export and where it came from: its step when known, and its run folder when it has one."""
+
+    model: object
+    step: int | None
+    run: Path | None
+
+
+def load_export(folder: Path):
+    """Our model from a `save_pretrained` folder (safetensors; its remote code is never run)."""
+    from modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{folder / 'config.json'} is not a readable model config ({err})") from err
+    if model_type == "gpt2":
+        raise ValueError(f"{folder} is already in the official GPT-2 layout (config.json model_type 'gpt2')")
+    if model_type != "gpt2_scratch":
+        raise ValueError(f"{folder / 'config.json'} has model_type {model_type!r}; expected 'gpt2_scratch'")
+    return GPT2ScratchForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+
+
+def load_checkpoint_weights(checkpoint: Path, config):
+    """Our model from the weights of a training checkpoint (`checkpoints/step_NNNNNN`) and its run's config."""
+    from safetensors.torch import load_file
+
+    from conversion import from_state_dict
+
+    weights = checkpoint / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no {CHECKPOINT_WEIGHTS}; only unsharded checkpoints can be read (an FSDP checkpoint "
+            "holds sharded weights: use the run's hf/ export instead)"
+        )
+    return from_state_dict(config.model_config(), load_file(weights)).eval()
+
+
+def run_config(run: Path):
+    from training.config import parse_config
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a run folder holds the config.yaml the trainer wrote")
+    return parse_config(["--config", str(path)])
+
+
+def run_manifest(config) -> dict:
+    """The run's data manifest, or one that names its data folder when the data is not on this machine."""
+    from data_prep import read_manifest
+    from data_prep.shards import DataPrepError
+
+    try:
+        return read_manifest(config.data_dir)
+    except (FileNotFoundError, DataPrepError):
+        return {"source": {"name": Path(config.data_dir).name}}
+
+
+def step_of(checkpoint: Path) -> int | None:
+    from training.remote import parse_step
+
+    return parse_step(checkpoint.name)
+
+
+def export_run(run: Path) -> list[Path]:
+    """Both exports of a run folder, from `hf/` (or its newest checkpoint when `hf/` is missing), with cards."""
+    from training.checkpoints import latest_checkpoint
+    from training.export import write_model_cards
+
+    config = run_config(run)
+    hf = run / SCRATCH_EXPORT
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    if (hf / "config.json").is_file():
+        model = load_export(hf)
+        record = read_record(hf, "scratch")
+        # An export from before export.json was written is that of the newest checkpoint.
+        step = record["step"] if record else step_of(checkpoint) if checkpoint else None
+    elif checkpoint is not None:
+        model, step = load_checkpoint_weights(checkpoint, config), step_of(checkpoint)
+    else:
+        raise FileNotFoundError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor a checkpoint to export")
+    written = write_exports(model, run, step)
+    write_model_cards(run, config, model, run_manifest(config))
+    return written
+
+
+def export_one(source: Source, out: Path) -> Path:
+    """The official layout of one model into `out`, with a model card (the run's results up to its step)."""
+    from training.hub import ModelCard, run_results
+
+    write_gpt2_export(source.model.config, source.model.state_dict(), out, source.step)
+    if source.run is not None:
+        config = run_config(source.run)
+        results = run_results(source.run / "log.jsonl", through_step=source.step)
+        card = ModelCard(config, source.model, run_manifest(config), results, source.run)
+    else:
+        card = ModelCard(None, source.model, {}, {}, out)
+    write_text(out / "README.md", card.render("gpt2", []))
+    return out
+
+
+def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the official layout of a run folder, an export folder or a checkpoint; returns the folders
+    written. A run folder (or its `hf/`) gets `hf-gpt2/` and refreshed `hf/` and cards, as the trainer
+    writes them; a checkpoint `run/checkpoints/step_N` gets `run/hf-gpt2-step_N`; any other export
+    folder `X` gets `X-gpt2`. `out` overrides the destination of the last two."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no folder at {path}: pass a run folder, an export folder or a checkpoint folder")
+    is_run = (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+    if path.name == SCRATCH_EXPORT and (path.parent / "config.yaml").is_file() and out is None:  # a run's hf/
+        path, is_run = path.parent, True
+    if is_run:
+        if out is not None:
+            raise ValueError(
+                f"--out is for an export or a checkpoint; a run folder's export goes to {path / GPT2_EXPORT}"
+            )
+        return export_run(path)
+    if (path / "config.json").is_file():
+        source, default = Source(load_export(path), None, None), path.with_name(f"{path.name}-gpt2")
+        record = read_record(path, "scratch")
+        source.step = record["step"] if record else None
+    elif (path / CHECKPOINT_WEIGHTS).is_file():
+        run = path.parent.parent
+        source = Source(load_checkpoint_weights(path, run_config(run)), step_of(path), run)
+        default = run / f"{GPT2_EXPORT}-{path.name}"
+    else:
+        raise FileNotFoundError(
+            f"{path} is not a run folder (config.yaml), an export (config.json) or a checkpoint ({CHECKPOINT_WEIGHTS})"
+        )
+    out = Path(out) if out is not None else default
+    if out.resolve() == path.resolve():
+        raise ValueError(f"--out {out} is the source folder itself; choose another folder")
+    return [export_one(source, out)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export_gpt2",
+        description="Write the official GPT-2 layout (GPT2LMHeadModel, loadable without trust_remote_code) of a "
+        "run folder, an export folder or a training checkpoint.",
+    )
+    parser.add_argument(
+        "path",
+        help="a run folder (writes its hf-gpt2/ and refreshes hf/ and the model cards), an export folder of this "
+        "model (writes NAME-gpt2 beside it), or a checkpoint run/checkpoints/step_N (writes run/hf-gpt2-step_N)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="where to write, for an export or a checkpoint (default: beside it, as above)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for folder in export(args.path, args.out):
+        print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    from eval.common import run_cli
+
+    run_cli(main)
