@@ -80,7 +80,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model accepts, from its config (ours and transformers' GPT-2 alike)."""
-    config = getattr(unwrap(model), "config", None)
+    return config_positions(getattr(unwrap(model), "config", None))
+
+
+def config_positions(config) -> int | None:
+    """The longest sequence a model of `config` accepts, or None when the config does not say."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
@@ -119,6 +123,49 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def locate_model(name_or_path: str) -> tuple[str, bool, bool]:
+    """Where `from_pretrained` should look for `name_or_path`, whether it is a local folder, and whether
+    only local files may be used; a path that is not a saved model folder raises `ModelLoadError`."""
+    path = Path(name_or_path).expanduser()
+    # A Hub id is `name` or `owner/name`; anything else that is not an existing folder is a wrong path.
+    looks_like_path = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not path.is_dir():
+        raise ModelLoadError(f"no model folder at {path}: pass a folder written by save_pretrained, or a Hub id")
+    if looks_like_path and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+    if looks_like_path:
+        return str(path), True, True
+    # Without network the Hub client retries for ~30 s before using its cache; ask the cache at once instead.
+    return name_or_path, False, hub_offline() or not hub_reachable()
+
+
+def load_error(name_or_path: str, folder: bool, local_only: bool, err: Exception) -> ModelLoadError:
+    """The one-line error for a model or config that `from_pretrained` could not load."""
+    if folder:
+        hint = "the folder is not a complete save_pretrained folder (weights missing?)"
+    elif local_only:
+        hint = (
+            f"{'HF_HUB_OFFLINE is set' if hub_offline() else 'the Hub is unreachable'} and it is not in the Hub "
+            f"cache: download it where there is network (`hf download {name_or_path}`) or pass a local folder"
+        )
+    else:
+        hint = "check the Hub id, or pass a local folder"
+    return ModelLoadError(f"could not load model {name_or_path!r}: {hint}. ({err})")
+
+
+def load_model_config(name_or_path: str):
+    """The config of a model folder or Hub id (ours or official GPT-2), without loading its weights."""
+    from transformers import AutoConfig
+
+    import modeling_gpt2_scratch  # noqa: F401  (registers our config with the Auto classes)
+
+    target, folder, local_only = locate_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(target, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise load_error(name_or_path, folder, local_only, err) from err
+
+
 def load_model(name_or_path: str, device: str | torch.device | None = None) -> nn.Module:
     """Load a causal LM in fp32, in eval mode: a local folder (ours or official GPT-2 format) or a Hub id.
 
@@ -129,29 +176,9 @@ def load_model(name_or_path: str, device: str | torch.device | None = None) -> n
 
     import modeling_gpt2_scratch  # noqa: F401  (registers our model with the Auto classes)
 
-    path = Path(name_or_path).expanduser()
-    # A Hub id is `name` or `owner/name`; anything else that is not an existing folder is a wrong path.
-    looks_like_path = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path and not path.is_dir():
-        raise ModelLoadError(f"no model folder at {path}: pass a folder written by save_pretrained, or a Hub id")
-    if looks_like_path and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a saved model folder (save_pretrained writes one)")
-    offline = hub_offline()
-    # Without network the Hub client retries for ~30 s before using its cache; ask the cache at once instead.
-    local_only = looks_like_path or offline or not hub_reachable()
+    target, folder, local_only = locate_model(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path) if looks_like_path else name_or_path, dtype=torch.float32, local_files_only=local_only
-        )
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, local_files_only=local_only)
     except OSError as err:
-        if looks_like_path:
-            hint = "the folder is not a complete save_pretrained folder (weights missing?)"
-        elif local_only:
-            hint = (
-                f"{'HF_HUB_OFFLINE is set' if offline else 'the Hub is unreachable'} and it is not in the Hub "
-                f"cache: download it where there is network (`hf download {name_or_path}`) or pass a local folder"
-            )
-        else:
-            hint = "check the Hub id, or pass a local folder"
-        raise ModelLoadError(f"could not load model {name_or_path!r}: {hint}. ({err})") from err
+        raise load_error(name_or_path, folder, local_only, err) from err
     return model.to(resolve_device(device=device)).eval()

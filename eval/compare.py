@@ -1,11 +1,13 @@
 """Side-by-side comparison of checkpoints: parameters, val loss, HellaSwag and samples from the same prompts.
 
-    python -m eval.compare --model runs/gpt2-124m/hf --baseline openai-community/gpt2 \\
-        --data_dir data/fineweb_edu_10B --hellaswag hellaswag_val.jsonl --out_dir compare/
+    python -m eval.compare --model runs/gpt2-124m/hf-gpt2 --baseline openai-community/gpt2 \\
+        --data_dir data/fineweb-edu-10BT --hellaswag hellaswag_val.jsonl --out_dir compare/
 
 writes `compare.md` (a Markdown table and the samples), `compare.json` and `compare.png` (bar charts
-with the published GPT-2 / GPT-3 reference lines). Local folders work offline; Hub ids need network or
-the Hub cache. Models are loaded one at a time, so any number fits in memory.
+with the published GPT-2 / GPT-3 reference lines). A model is a folder in either export layout (`hf/`,
+ours; `hf-gpt2/`, official GPT-2) or a Hub id. Local folders work offline; Hub ids need network or the
+Hub cache. Val loss uses the same windows for every model: `--seq_len`, or by default the shortest
+context among the models compared. Models are loaded one at a time, so any number fits in memory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eval.common import count_parameters, load_model, max_positions, resolve_device, run_cli
+from eval.common import (
+    config_positions,
+    count_parameters,
+    load_model,
+    load_model_config,
+    max_positions,
+    resolve_device,
+    run_cli,
+)
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM
 from eval.val_loss import evaluate_val_loss
@@ -70,7 +80,7 @@ def compare_models(
     hellaswag_examples: list[dict] | None = None,
     prompts: list[str] = DEFAULT_PROMPTS,
     batch_size: int = 8,
-    seq_len: int = 1024,
+    seq_len: int | None = None,
     val_batches: int | None = None,
     max_new_tokens: int = 32,
     top_k: int | None = 50,
@@ -79,10 +89,14 @@ def compare_models(
 ) -> dict:
     """Evaluate each model in turn with the same data, settings and prompts; return a JSON-able dict.
 
-    Val loss runs when `data_dir` is given (every model on the same `seq_len`-token windows),
-    HellaSwag when `hellaswag_examples` are. `baselines` are entries of `models` to mark as such.
+    Val loss runs when `data_dir` is given, every model on the same `seq_len`-token windows (by default
+    the shortest context among the models, so that every model takes them); HellaSwag runs when
+    `hellaswag_examples` are given. `baselines` are entries of `models` to mark as such.
     """
     device = resolve_device(device=device)
+    window = "given"
+    if data_dir is not None:
+        seq_len, window = val_window(models, seq_len)
     rows = []
     for name in models:
         model = load_model(name, device=device)
@@ -103,6 +117,7 @@ def compare_models(
     settings = {
         "data_dir": data_dir,
         "seq_len": seq_len if data_dir is not None else None,
+        "seq_len_from": window if data_dir is not None else None,
         "val_batches": val_batches,
         "hellaswag_examples": len(hellaswag_examples) if hellaswag_examples is not None else None,
         "prompts": prompts,
@@ -111,6 +126,26 @@ def compare_models(
         "seed": seed,
     }
     return {"models": rows, "settings": settings}
+
+
+def val_window(models: list[str], seq_len: int | None) -> tuple[int, str]:
+    """The val-loss window and where it came from: `seq_len` when given ("given"), else the shortest
+    context (`n_positions`) among `models` ("shortest context"), read from their configs. A given
+    window longer than some model's context is refused before any model is evaluated."""
+    positions = {name: config_positions(load_model_config(name)) for name in models}
+    known = {name: n for name, n in positions.items() if n is not None}
+    if seq_len is None:
+        if not known:
+            raise ValueError("no model's config gives its context length (n_positions); pass --seq_len")
+        return min(known.values()), "shortest context"
+    too_short = {name: n for name, n in known.items() if n < seq_len}
+    if too_short:
+        name, n = min(too_short.items(), key=lambda item: item[1])
+        raise ValueError(
+            f"--seq_len {seq_len} is longer than the {n} positions of {name}; lower it, or leave it out to use "
+            f"the shortest context of the models compared ({min(known.values())})"
+        )
+    return seq_len, "given"
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -124,7 +159,8 @@ def to_markdown(result: dict) -> str:
     lines = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(rows)]
     lines.append("| parameters | " + " | ".join(f"{r['parameters'] / 1e6:.2f}M" for r in rows) + " |")
     if settings["data_dir"] is not None:
-        label = f"val loss ({settings['seq_len']}-token windows)"
+        shortest = ", the shortest context compared" if settings.get("seq_len_from") == "shortest context" else ""
+        label = f"val loss ({settings['seq_len']}-token windows{shortest})"
         lines.append(f"| {label} | " + " | ".join(fmt(r["val_loss"]) for r in rows) + " |")
     if settings["hellaswag_examples"] is not None:
         for key in ("acc", "acc_norm"):
@@ -205,7 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch_size", type=int, default=8, help="sequences (val loss) or examples (HellaSwag) per forward pass"
     )
-    parser.add_argument("--seq_len", type=int, default=1024, help="val-loss window length, the same for every model")
+    parser.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        help="val-loss window length, the same for every model (default: the shortest context among them)",
+    )
     parser.add_argument(
         "--prompt", action="append", default=None, help=f"a generation prompt, repeatable (default: {DEFAULT_PROMPTS})"
     )

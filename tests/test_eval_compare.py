@@ -11,7 +11,8 @@ from eval import compare
 from eval.common import ModelLoadError
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.val_loss import evaluate_val_loss
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from training.export import write_exports
 
 
 def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):
@@ -60,3 +61,26 @@ def test_compare_missing_model_is_a_clear_error(tmp_path):
         compare.main(["--model", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         compare.parse_args(["--out_dir", str(tmp_path)])  # no model at all
+
+
+def test_compare_takes_either_export_layout_and_fits_the_window_to_the_shortest_context(tmp_path):
+    ours = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano", n_positions=16)).eval()
+    hf, gpt2 = write_exports(ours, tmp_path / "run", step=1)  # hf/ (our class) and hf-gpt2/ (official layout)
+    tiny_gpt2(seed=1, n_positions=128).save_pretrained(tmp_path / "longer")
+    data_dir = write_shards(tmp_path / "data", random_tokens(300))
+    argv = ["--model", str(hf), "--model", str(gpt2), "--baseline", str(tmp_path / "longer")]
+    argv += ["--data_dir", str(data_dir), "--val_batches", "2", "--batch_size", "2", "--max_new_tokens", "4"]
+    compare.main([*argv, "--out_dir", str(tmp_path / "cmp")])
+
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert (result["settings"]["seq_len"], result["settings"]["seq_len_from"]) == (16, "shortest context")
+    scratch_row, gpt2_row, longer_row = result["models"]
+    assert scratch_row["val_loss"] == pytest.approx(gpt2_row["val_loss"], rel=1e-5)
+    assert scratch_row["val_loss"] == pytest.approx(
+        evaluate_val_loss(ours, data_dir, batch_size=2, seq_len=16, max_batches=2), rel=1e-5
+    )
+    assert scratch_row["samples"] == gpt2_row["samples"] and scratch_row["parameters"] == gpt2_row["parameters"]
+    assert "val loss (16-token windows, the shortest context compared)" in (tmp_path / "cmp" / "compare.md").read_text()
+
+    with pytest.raises(ValueError, match=f"--seq_len 64 is longer than the 16 positions of {hf}"):
+        compare.main([*argv, "--seq_len", "64", "--out_dir", str(tmp_path / "cmp2")])
