@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import platform
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +37,27 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data_prep.shards import DataPrepError, ShardError
+from data_prep.tokenizer import TokenizerFileError
+from eval.hellaswag import HellaSwagDataError
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import UserError, remote
-from training.checkpoints import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoints import (
+    TrainState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_weights,
+    run_settings,
+    save_checkpoint,
+)
 from training.config import TrainConfig, parse_config, tracker_names
-from training.export import export_hf
-from training.hub import describe_source, preflight_hub, preflight_remote, push_export, write_model_card
+from training.data import build_loader, prepare_data, train_fingerprint
+from training.export import export_model, exported_step, write_model_cards
+from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
-from training.run_dir import RunPaths, describe_run
+from training.run_dir import RunLock, RunPaths, check_out_dir, describe_run
 from training.step import train_step
 
 logger = logging.getLogger("train")
@@ -76,38 +86,8 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def prepare_data(config: TrainConfig, accelerator: Accelerator) -> dict:
-    """Check the shards in `data_dir` (tokenizing the built-in corpus on the main process first if
-    allowed and missing); return the manifest."""
-    from data_prep import prepare_builtin, read_manifest
-
-    with accelerator.main_process_first():
-        try:
-            return read_manifest(config.data_dir)
-        except FileNotFoundError:
-            if not config.prepare_builtin:
-                raise
-        logger.info("no prepared data in %s: tokenizing the built-in corpus", config.data_dir)
-        prepare_builtin(config.data_dir)
-        return read_manifest(config.data_dir)
-
-
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:
     return GPT2ScratchForCausalLM(config.model_config())
-
-
-def build_loader(config: TrainConfig, accelerator: Accelerator):
-    from data_prep import ShardLoader
-
-    return ShardLoader(
-        config.data_dir,
-        split="train",
-        batch_size=config.micro_batch_size,
-        seq_len=config.seq_len,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=config.seed,
-    )
 
 
 @dataclass
@@ -121,7 +101,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     state: TrainState
     meter: Meter
-    data_source: str = ""
+    settings: dict[str, Any]  # what a checkpoint must be resumed with (training.checkpoints.run_settings)
+    manifest: dict  # the data's manifest.json: the model card names the data by it
     hellaswag: list[dict] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     first_loss: float | None = None
@@ -249,11 +230,14 @@ def evaluate(run: Run) -> None:
 
 
 def save(run: Run, upload: bool = True) -> Path:
-    """Checkpoint the current step, export the same weights to hf/, and (with `upload` and
-    checkpoint_remote) queue both for the background upload."""
-    checkpoint = save_checkpoint(run.accelerator, run.paths.checkpoints, run.state.step, run.config.keep_checkpoints)
-    export_hf(run.accelerator, run.model, run.paths.hf)
-    logger.info("saved %s and the HF export %s", checkpoint, run.paths.hf)
+    """Checkpoint the current step, export the same weights to hf/ and hf-gpt2/ (unless they hold this
+    step already: a relaunched finished run rebuilds only a missing or stale export), and (with
+    `upload` and checkpoint_remote) queue both for the background upload."""
+    acc, c, step = run.accelerator, run.config, run.state.step
+    checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
+    if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
+        export_model(acc, run.model, run.paths.out_dir, step)
+    logger.info("saved %s and the HF exports in %s", checkpoint, run.paths.out_dir)
     if upload:
         queue_upload(run, checkpoint)
     return checkpoint
@@ -298,19 +282,16 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
     """Checkpoint and export the last step, plot the losses, write the model card, push when asked, and
     wait for the uploads to checkpoint_remote (an upload that failed fails the run, here at the end)."""
     checkpoint = save(run, upload=False)  # uploaded below, once the export has its card
-    acc, paths = run.accelerator, run.paths
+    acc, paths, c = run.accelerator, run.paths, run.config
     if acc.is_main_process:
         from eval.plot import plot_training
 
-        for plot in plot_training(paths.out_dir, paths.plots):  # loss.png, and hellaswag.png when scored
-            shutil.copy(plot, paths.hf / plot.name)
-        s = run.state
-        write_model_card(
-            paths.hf, run.config, run.unwrapped, s.step, s.tokens, run.last_loss, run.last_eval, run.data_source
-        )
-        if run.config.push_to_hub and complete:
-            url = push_export(paths.hf, run.config.hub_model_id, f"step {run.state.step}: {run.state.tokens:,} tokens")
-            logger.info("pushed %s to %s", paths.hf, url)
+        plot_training(paths.out_dir, paths.plots)  # loss.png, and hellaswag.png when scored
+        write_model_cards(paths.out_dir, c, run.unwrapped, run.manifest)  # results from log.jsonl
+        if c.push_to_hub and complete:
+            message = f"step {run.state.step}: {run.state.tokens:,} tokens"
+            url = push_export(paths.out_dir, c.hub_model_id, c.hub_format, message)
+            logger.info("pushed the %s export of %s to %s", c.hub_format, paths.out_dir, url)
         queue_upload(run, checkpoint)
     acc.wait_for_everyone()
     acc.end_training()
@@ -349,25 +330,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
     paths = RunPaths(config.out_dir)
+    lock = RunLock(paths.lock)  # held by the main process for the whole run
+    on_main_process(accelerator, lambda: (lock.acquire(), check_out_dir(paths, config.resume)))
+    try:
+        return run_training(config, accelerator, paths)
+    finally:
+        lock.release()
+
+
+def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> dict[str, Any]:
     store = preflight_remote(config, accelerator)
-    checkpoint = on_main_process(accelerator, lambda: find_resume_checkpoint(config, paths, store))
     preflight_hub(config, accelerator)
-    manifest = prepare_data(config, accelerator)
+    manifest = on_main_process(accelerator, lambda: prepare_data(config))
+    settings = run_settings(config, train_fingerprint(manifest))
+    checkpoint = on_main_process(
+        accelerator, lambda: find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
+    )
 
     set_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config)
+    if config.init_from:
+        load_weights(model, Path(config.init_from))
     optimizer = build_optimizer(model, config, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(config.seed, device_specific=True)  # then different dropout masks per rank
     state = TrainState(build_loader(config, accelerator))
-    accelerator.register_for_checkpointing(state)
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
-    run = Run(config, accelerator, paths, model, optimizer, state, meter, data_source=describe_source(manifest))
+    run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest)
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last)
     if checkpoint is not None:
-        load_checkpoint(accelerator, checkpoint)
+        load_checkpoint(accelerator, checkpoint, state)
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(config, accelerator)
     if accelerator.is_main_process:
@@ -394,9 +388,12 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
     }
 
 
+# Errors in what the user gave: one `error:` line and exit status 2, never a traceback.
+USER_ERRORS = (UserError, DataPrepError, ShardError, TokenizerFileError, HellaSwagDataError)
+
 if __name__ == "__main__":
     try:
         main()
-    except UserError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

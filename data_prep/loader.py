@@ -36,6 +36,12 @@ def split_entries(data_dir: str | os.PathLike, split: str) -> list[dict[str, Any
     return entries
 
 
+def data_fingerprint(entries: list[dict[str, Any]]) -> str:
+    """A short hash of a split's shard listing (names, token counts, sha256): equal only for the same data."""
+    listing = json.dumps([(e["file"], e["tokens"], e["sha256"]) for e in entries])
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 def check_batch_shape(batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
     """Raise `ValueError` unless the batch shape and the rank are usable."""
     if batch_size < 1 or seq_len < 1:
@@ -80,14 +86,16 @@ class ShardLoader:
         seed: int = 1337,
         shuffle: bool = True,
         verify: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
-        """`verify` checks each shard's sha256 against the manifest the first time it is used."""
+        """`verify` checks each shard's sha256 against the manifest the first time it is used, and with
+        `vocab_size` that its token ids are below it."""
         check_batch_shape(batch_size, seq_len, rank, world_size)
         self.data_dir = Path(data_dir)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.entries = split_entries(data_dir, split)
-        self.verify = verify
+        self.verify, self.vocab_size = verify, vocab_size
         self._shards: list[np.ndarray | None] = [None] * len(self.entries)
         for entry in self.entries:  # cheap header and size checks now, hashes when first read
             check_shard(self.data_dir, entry, verify_hash=False)
@@ -101,15 +109,13 @@ class ShardLoader:
                 f"{world_size}"
             )
         self.tokens_per_batch = batch_size * seq_len
-        # Ties a saved state to these exact shards.
-        listing = json.dumps([(e["file"], e["tokens"], e["sha256"]) for e in self.entries])
-        self.data_fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+        self.data_fingerprint = data_fingerprint(self.entries)  # ties a saved state to these exact shards
         self.epoch, self.batch_index = 0, 0  # micro-batches drawn in this epoch, not optimizer steps
         self._set_epoch(0)
 
     def _shard(self, index: int) -> np.ndarray:
         if self._shards[index] is None:
-            path = check_shard(self.data_dir, self.entries[index], verify_hash=self.verify)
+            path = check_shard(self.data_dir, self.entries[index], verify_hash=self.verify, vocab_size=self.vocab_size)
             self._shards[index] = load_tokens(path, mmap=True)
         return self._shards[index]
 

@@ -127,8 +127,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def check_shard(data_dir: str | os.PathLike, entry: dict[str, Any], verify_hash: bool = True) -> Path:
-    """Check one manifest entry's file (header, size, token count, optionally sha256); return its path."""
+def check_shard(
+    data_dir: str | os.PathLike, entry: dict[str, Any], verify_hash: bool = True, vocab_size: int | None = None
+) -> Path:
+    """Check one manifest entry's file (header, size, token count, optionally sha256 and that every token
+    id is below `vocab_size`); return its path."""
     path = Path(data_dir) / entry["file"]
     num_tokens = read_header(path)
     if num_tokens != entry["tokens"]:
@@ -139,6 +142,13 @@ def check_shard(data_dir: str | os.PathLike, entry: dict[str, Any], verify_hash:
             raise ShardError(
                 f"{path}: sha256 {found} does not match manifest.json ({entry['sha256']}); the file changed after "
                 "it was written. Re-run `python -m data_prep` with the same arguments to rewrite it"
+            )
+    if vocab_size is not None and num_tokens:
+        largest = int(load_tokens(path, mmap=True).max())
+        if largest >= vocab_size:
+            raise ShardError(
+                f"{path}: token id {largest} is outside the model's vocabulary of {vocab_size}; the shard was made "
+                "with another tokenizer or is damaged"
             )
     return path
 

@@ -1,28 +1,40 @@
-"""Checkpoints mirrored to a remote store (checkpoint_remote.py), on real fsspec filesystems (`memory://`,
+"""Checkpoints mirrored to a remote store (training/remote.py), on real fsspec filesystems (`memory://`,
 `file://`): the layout and marker, resume from remote on an empty out_dir (exactly, after SIGKILL), partial
 uploads, pruning, the pre-flight, and the hf:// layout without the network."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_run import data_dir, launch, metric, nano_args, one_thread, train_in_process, wait_for_step  # noqa: F401
 
 from training import remote as cr
-from training.checkpoints import find_resume_checkpoint
+from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
 from training.config import ConfigError, TrainConfig
 from training.hub import HubError
 from training.run_dir import RunPaths
 
+SETTINGS = {"seed": 1, "data": "abc"}  # what the stand-in checkpoints were saved with
+
 
 def make_checkpoint(folder: Path, step: int) -> Path:
-    """A stand-in for a `save_state` folder: a few files of distinct contents, one in a subfolder."""
-    for name, size in (("model.safetensors", 300), ("optimizer.bin", 500), ("sub/random_states_0.pkl", 40)):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bytes((step + i) % 256 for i in range(size)))
+    """A stand-in for a trainer's checkpoint: files of distinct contents (a torch file in a subfolder),
+    our train_state.json, and the checkpoint.json manifest written last."""
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(bytes((step + i) % 256 for i in range(300)))
+    torch.save({"state": {}, "step": torch.full((100,), step)}, folder / "optimizer.bin")
+    torch.save({"torch_manual_seed": torch.arange(10) + step}, folder / "sub" / "random_states_0.pkl")
+    (folder / "train_state.json").write_text(json.dumps({"step": step, "settings": SETTINGS}))
+    write_manifest(folder, step)
     return folder
+
+
+def find(config: TrainConfig, out_dir: Path, store=None, settings=SETTINGS) -> Path | None:
+    paths = RunPaths(out_dir)
+    return find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
 
 
 def make_export(folder: Path) -> Path:
@@ -52,7 +64,11 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
     marker = json.loads(remote.pop("COMPLETE"))
     log = remote.pop("logs/log.jsonl")
     assert remote == {name: path.read_bytes() for name, path in cr.local_files(local).items()}
-    assert marker == {"step": 4, "files": {**{n: len(b) for n, b in remote.items()}, "logs/log.jsonl": len(log)}}
+    listing = {
+        n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+        for n, b in {**remote, "logs/log.jsonl": log}.items()
+    }
+    assert marker == {"step": 4, "files": listing}
     assert remote_files(store, store.export) == {
         "config.json": b'{"model_type": "gpt2-scratch"}',
         "model.safetensors": b"weights",
@@ -61,7 +77,7 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
 
     # A fresh machine: nothing in out_dir; --resume auto finds the remote checkpoint and downloads it.
     paths = RunPaths(tmp_path / "fresh")
-    found = find_resume_checkpoint(TrainConfig(resume="auto"), paths, store)
+    found = find(TrainConfig(resume="auto"), paths.out_dir, store)
     assert found == paths.checkpoints / "step_000004"
     assert {n: p.read_bytes() for n, p in cr.local_files(found).items()} == remote
     assert paths.log.read_bytes() == log
@@ -69,7 +85,7 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
 
     # A fresh run (resume '') over a remote that holds a run is refused, as over a local one.
     with pytest.raises(ConfigError, match=r"already holds a run .*step_000004.*--resume auto"):
-        find_resume_checkpoint(TrainConfig(), RunPaths(tmp_path / "other"), store)
+        find(TrainConfig(), tmp_path / "other", store)
 
 
 def test_a_partial_upload_is_never_resumed_from(tmp_path):
@@ -82,13 +98,13 @@ def test_a_partial_upload_is_never_resumed_from(tmp_path):
     assert cr.remote_checkpoints(store) == {4: True, 8: False}
 
     paths = RunPaths(tmp_path / "fresh")
-    assert find_resume_checkpoint(TrainConfig(resume="auto"), paths, store).name == "step_000004"
+    assert find(TrainConfig(resume="auto"), paths.out_dir, store).name == "step_000004"
     with pytest.raises(cr.RemoteError, match="no COMPLETE marker"):
-        find_resume_checkpoint(TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths)
+        find(TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths.out_dir)
     assert not (paths.checkpoints / "step_000008").exists()
 
     # Named explicitly, a complete remote checkpoint is downloaded.
-    explicit = find_resume_checkpoint(TrainConfig(resume=f"file://{store.checkpoint(4)}"), RunPaths(tmp_path / "x"))
+    explicit = find(TrainConfig(resume=f"file://{store.checkpoint(4)}"), tmp_path / "x")
     assert explicit == tmp_path / "x" / "checkpoints" / "step_000004"
 
     # Uploading step 8 again starts its folder afresh and completes it.
@@ -98,14 +114,43 @@ def test_a_partial_upload_is_never_resumed_from(tmp_path):
     assert "stale.bin" not in remote_files(store, store.checkpoint(8))
 
 
-def test_a_download_that_does_not_match_the_marker_is_refused(tmp_path):
+def test_a_download_that_does_not_match_the_marker_is_refused_and_resume_auto_falls_back(tmp_path):
     store = cr.open_store(f"file://{tmp_path}/remote")
     mirror(store, tmp_path, 4)
+    mirror(store, tmp_path, 8)
+    optimizer = Path(store.checkpoint(8)) / "optimizer.bin"
+    damaged = bytearray(optimizer.read_bytes())
+    damaged[len(damaged) // 2] ^= 1  # one flipped bit: the same size
+    optimizer.write_bytes(bytes(damaged))
+    with pytest.raises(cr.RemoteError, match=r"optimizer.bin differ from the sizes or sha256 of its COMPLETE marker"):
+        find(TrainConfig(resume=f"file://{store.checkpoint(8)}"), tmp_path / "named")
+    assert list((tmp_path / "named" / "checkpoints").iterdir()) == []
+    # --resume auto warns and takes the newest intact one
+    assert find(TrainConfig(resume="auto"), tmp_path / "fresh", store).name == "step_000004"
+    # with none intact it refuses, rather than silently starting afresh
     (Path(store.checkpoint(4)) / "optimizer.bin").write_bytes(b"truncated")
-    paths = RunPaths(tmp_path / "fresh")
-    with pytest.raises(cr.RemoteError, match=r"differ from its COMPLETE marker .*optimizer.bin.*\(500, 9\)"):
-        find_resume_checkpoint(TrainConfig(resume="auto"), paths, store)
-    assert list(paths.checkpoints.iterdir()) == []
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
+        find(TrainConfig(resume="auto"), tmp_path / "fresh2", store)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "logs/../../escaped", "a\\..\\b"])
+def test_a_marker_naming_a_path_outside_the_checkpoint_is_refused(tmp_path, name):
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    mirror(store, tmp_path, 4)
+    marker = Path(store.checkpoint(4)) / "COMPLETE"
+    content = json.loads(marker.read_text())
+    content["files"][name] = {"bytes": 3, "sha256": hashlib.sha256(b"pwn").hexdigest()}
+    marker.write_text(json.dumps(content))
+    (tmp_path / "remote" / "escaped").write_bytes(b"pwn")
+    with pytest.raises(cr.RemoteError, match="not a plain path inside the checkpoint"):
+        find(TrainConfig(resume=f"file://{store.checkpoint(4)}"), tmp_path / "out" / "run")
+    assert not (tmp_path / "out" / "escaped").exists() and not (tmp_path / "out" / "run" / "escaped").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "remote"]  # nothing written outside
+
+
+def test_file_urls_must_be_absolute():
+    with pytest.raises(cr.RemoteError, match="needs an absolute path"):
+        cr.open_store("file://runs/remote")
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
@@ -187,10 +232,12 @@ def test_hub_layout_checkpoints_on_a_branch_or_folder_export_at_the_root(tmp_pat
     files, export, marker = (ops for c in commits for ops in c.values())
     step = f"{folder}/step_000004"
     assert sorted(op.path_in_repo for op in files) == [
+        f"{step}/checkpoint.json",
         f"{step}/logs/log.jsonl",
         f"{step}/model.safetensors",
         f"{step}/optimizer.bin",
         f"{step}/sub/random_states_0.pkl",
+        f"{step}/train_state.json",
     ]
     assert sorted(op.path_in_repo for op in export) == ["config.json", "model.safetensors"]  # loads as a model
     assert [op.path_in_repo for op in marker] == [f"{step}/COMPLETE"]

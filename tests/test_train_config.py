@@ -12,7 +12,6 @@ from training.config import FIELDS, ConfigError, TrainConfig, parse_config
 from training.hub import HubError, check_hub_access
 from training.metrics import Meter, measure_matmul_flops
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, param_groups, resolve_mixed_precision
-from training.run_dir import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_124M = ROOT / "configs" / "gpt2-124m-fineweb-edu.yaml"
@@ -193,12 +192,10 @@ def test_resume_takes_only_complete_checkpoints(tmp_path):
         (checkpoints / name).mkdir(parents=True)
     (checkpoints / "step_000024").write_text("a file, not a checkpoint folder")
     assert latest_checkpoint(checkpoints).name == "step_000012"
-    paths = RunPaths(tmp_path)
-    assert find_resume_checkpoint(TrainConfig(resume="auto"), paths).name == "step_000012"
     with pytest.raises(ConfigError, match="already holds a run .*step_000012.*--resume auto"):
-        find_resume_checkpoint(TrainConfig(), paths)
+        find_resume_checkpoint(TrainConfig(), checkpoints, tmp_path, {})
     with pytest.raises(ConfigError, match="not a checkpoint folder"):
-        find_resume_checkpoint(TrainConfig(resume=str(checkpoints / ".tmp_step_000016")), paths)
+        find_resume_checkpoint(TrainConfig(resume=str(checkpoints / ".tmp_step_000016")), checkpoints, tmp_path, {})
 
 
 def test_prune_keeps_the_newest(tmp_path):

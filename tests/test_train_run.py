@@ -205,15 +205,16 @@ def test_push_checks_access_first_then_uploads_the_export_with_a_model_card(push
     assert calls[2] == ("auth_check", "me/tiny-gpt2", True)
     assert len(calls) == 4 and calls[3][0] == "upload_folder"
     _, repo_id, folder, files, card = calls[3]
-    assert repo_id == "me/tiny-gpt2" and folder == pushed_run.out_dir / "hf"
-    needed = {"config.json", "model.safetensors", "modeling_gpt2_scratch.py", "tokenizer.json", "README.md", "loss.png"}
-    assert needed <= set(files)
+    # the default hub_format pushes the official layout, which loads without remote code
+    assert repo_id == "me/tiny-gpt2" and folder == pushed_run.out_dir / "hf-gpt2"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss.png"} <= set(files)
+    assert not any(name.endswith(".py") for name in files)
     val_loss = metric(pushed_run.out_dir, "val/loss")[6]
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "| tokens seen | 1,536 |" in card and "| optimizer steps | 6 of 6 |" in card
     assert f"| val/loss | {val_loss:.4f} |" in card
     assert "![training and validation loss](loss.png)" in card
-    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-gpt2", trust_remote_code=True)' in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-gpt2")' in card and "trust_remote_code=True" not in card
     assert "| `max_lr` | `0.003` |" in card and BUILTIN_NAME in card
 
 

@@ -1,27 +1,68 @@
-"""Local checkpoints: write one completely or not at all, find the one to resume from, prune old ones."""
+"""Local checkpoints that can be trusted: written completely or not at all, hashed, checked before use.
+
+A checkpoint is `checkpoints/step_NNNNNN/`: Accelerate's `save_state` files (model.safetensors,
+optimizer.bin, one random_states_R.pkl per rank), our own `train_state.json` (step, tokens, loader
+position, and the settings that must not change on resume) and, written last, `checkpoint.json`:
+the sha256 and size of every file. Nothing we write is a pickle that needs code to load: the
+`.bin` / `.pkl` files hold tensors, numbers and numpy arrays, which `torch.load(weights_only=True)`
+reads, and each is scanned for anything more before it is loaded at all.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
-from training import remote
+from data_prep.shards import file_sha256
+from training import UserError, remote
 from training.config import ConfigError, TrainConfig
-from training.run_dir import RunPaths
 
 logger = logging.getLogger("train")
 
+MANIFEST = "checkpoint.json"
+STATE_FILE = "train_state.json"
+MANIFEST_FORMAT = 1
+# What a checkpoint's pickled files may contain besides tensors and plain values: numpy arrays and
+# dtypes in the RNG states (the globals Accelerate itself allows when it loads them).
+SAFE_PICKLE_GLOBALS = ("numpy.", "_codecs.encode", "codecs.encode")
+# Settings whose change makes a resumed run differ from an uninterrupted one. The data is compared by
+# the fingerprint of its training shards, so a moved data folder still resumes.
+RESUME_FIELDS = (
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dropout",
+    "seq_len",
+    "micro_batch_size",
+    "total_batch_size",
+    "max_steps",
+    "warmup_steps",
+    "max_lr",
+    "min_lr_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "grad_clip",
+    "seed",
+)
+
+
+class CheckpointError(UserError):
+    """A checkpoint is damaged, incomplete, tampered with, or from a run with other settings."""
+
 
 class TrainState:
-    """What `save_state` does not hold by itself: the step, the tokens seen and the data position.
-
-    Registered with `accelerator.register_for_checkpointing`, which writes it from the main process;
-    that is enough because `ShardLoader`'s state is the same on every rank.
-    """
+    """What `save_state` does not hold: the step, the tokens seen and the data position, saved by us
+    as JSON (never a pickle). `ShardLoader`'s state is the same on every rank."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -36,71 +77,26 @@ class TrainState:
         self.loader.load_state_dict(state["loader"])
 
 
-def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
-    """The complete local checkpoints by step: only renamed step_NNNNNN folders count, never the
-    temporary ones being written."""
-    if not checkpoints.is_dir():
-        return {}
-    steps = {p: remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir()}
-    return {step: p for p, step in steps.items() if step is not None}
+def run_settings(config: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with (`RESUME_FIELDS` and the training data)."""
+    return {**{name: getattr(config, name) for name in RESUME_FIELDS}, "data": data_fingerprint}
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint."""
-    found = complete_checkpoints(checkpoints)
-    return found[max(found)] if found else None
+# ----------------------------------------------------------------------------------------------
+# Writing
 
 
-def find_resume_checkpoint(
-    config: TrainConfig, paths: RunPaths, store: remote.RemoteStore | None = None
-) -> Path | None:
-    """The checkpoint to continue from per `config.resume`, downloaded first when it is remote (the newest
-    complete one of out_dir and `store`, or a URL); refuse to start afresh over an existing run."""
-    latest = latest_checkpoint(paths.checkpoints)
-    newest_remote = remote.newest_complete(store) if store is not None else None
-    if config.resume == "":
-        if latest is not None:
-            raise ConfigError(
-                f"{paths.out_dir} already holds a run (newest checkpoint {latest.name}); pass --resume auto to "
-                "continue it, or choose another --out_dir"
-            )
-        if newest_remote is not None:
-            raise ConfigError(
-                f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint "
-                f"{remote.step_name(newest_remote)}); pass --resume auto to continue it, or choose another "
-                "--checkpoint_remote"
-            )
-        return None
-    if config.resume == "auto":
-        if newest_remote is not None and (latest is None or newest_remote > remote.parse_step(latest.name)):
-            logger.info("downloading step_%06d from %s", newest_remote, store.url)
-            return remote.download_checkpoint(
-                store.fs, store.checkpoint(newest_remote), paths.checkpoints, paths.out_dir
-            )
-        return latest
-    if "://" in config.resume:
-        logger.info("downloading %s", config.resume)
-        return remote.download_url(config.resume, paths.checkpoints, paths.out_dir)
-    path = Path(config.resume)
-    if not (path.is_dir() and remote.parse_step(path.name) is not None):
-        raise ConfigError(f"resume: {path} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''")
-    return path
-
-
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Model, optimizer, every rank's RNG states and the registered `TrainState`: data position, step and
-    tokens seen."""
-    accelerator.load_state(str(checkpoint))
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints: Path, state: TrainState, settings: dict[str, Any], keep: int
+) -> Path:
     """The full training state in checkpoints/step_NNNNNN; then only the newest `keep` are kept.
 
-    Written under a temporary name and renamed once complete, so a crash mid-save never leaves a folder
-    that `--resume auto` would take for a checkpoint. A step already saved is not written again.
+    Written under a temporary name with `checkpoint.json` last, and renamed once complete, so a crash
+    mid-save never leaves a folder that `--resume auto` would take for a checkpoint. A step already
+    saved is not written again.
     """
     acc = accelerator
-    final = checkpoints / remote.step_name(step)
+    final = checkpoints / remote.step_name(state.step)
     if final.is_dir():
         return final
     tmp = checkpoints / f".tmp_{final.name}"
@@ -111,9 +107,28 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, keep
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        write_manifest(tmp, state.step)
         os.replace(tmp, final)
         prune_checkpoints(checkpoints, keep)
+    acc.wait_for_everyone()
     return final
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """`checkpoint.json`: the size and sha256 of every file in `folder`, written last."""
+    files = {rel: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for rel, path in local_files(folder)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def local_files(folder: Path) -> list[tuple[str, Path]]:
+    """Every file under `folder` but the manifest, by its POSIX path relative to `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [(p.relative_to(folder).as_posix(), p) for p in files if p.name != MANIFEST]
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
@@ -122,3 +137,233 @@ def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     complete = complete_checkpoints(checkpoints)
     for step in sorted(complete)[:-keep]:  # by step number: step_1000000 sorts before step_999999 by name
         shutil.rmtree(complete[step])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What is wrong with the checkpoint in `folder`, each as a short phrase; empty when it is intact:
+    every file its manifest lists is there with its size and sha256, nothing else is, and no pickled
+    file asks for anything but tensors, plain values and numpy arrays."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text()).get("files")
+    except FileNotFoundError:
+        return [f"no {MANIFEST} (its save did not finish, or it predates checksums)"]
+    except (ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
+        return [f"{MANIFEST} is not a valid checkpoint manifest"]
+    problems = []
+    present = dict(local_files(folder))
+    for rel, expected in listed.items():
+        path = present.get(rel)
+        if path is None:
+            problems.append(f"{rel} is missing")
+        elif path.stat().st_size != expected.get("bytes"):
+            problems.append(f"{rel} has {path.stat().st_size} bytes, {expected.get('bytes')} were written")
+        elif file_sha256(path) != expected.get("sha256"):
+            problems.append(f"{rel} does not match its sha256 (damaged or replaced)")
+    problems += [f"{rel} is not one of the files the trainer wrote" for rel in sorted(set(present) - set(listed))]
+    if STATE_FILE not in listed:
+        problems.append(f"{STATE_FILE} is not listed")
+    for rel, path in present.items():
+        if rel in listed and path.suffix in (".bin", ".pkl", ".pt") and not problems:
+            problems += unsafe_pickle_problems(path, rel)
+    return problems
+
+
+def unsafe_pickle_problems(path: Path, rel: str) -> list[str]:
+    """A problem for each global a pickled file needs beyond tensors, plain values and numpy arrays:
+    loading such a file could run code, so it is refused before anything in it is unpickled."""
+    import torch
+
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:
+        return [f"{rel} is not a torch file ({type(err).__name__})"]
+    unsafe = [name for name in needed if not name.startswith(SAFE_PICKLE_GLOBALS)]
+    return [f"{rel} needs {', '.join(unsafe)} to load, which could run code; refused"] if unsafe else []
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
+    return [
+        f"{name}: {saved.get(name)!r} -> {value!r}" if name != "data" else "data: other training shards"
+        for name, value in current.items()
+        if saved.get(name) != value
+    ]
+
+
+def check_resumable(folder: Path, settings: dict[str, Any]) -> None:
+    """Raise a one-line `CheckpointError` unless `folder` is intact and was saved with `settings`."""
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
+    changes = settings_changes(read_train_state(folder).get("settings", {}), settings)
+    if changes:
+        raise CheckpointError(
+            f"cannot resume {folder} exactly, these settings changed: {'; '.join(changes)}. Resume with the old "
+            f"values, or start a new run from its weights: --init_from {folder} --out_dir NEW_DIR"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the checkpoint to resume from
+
+
+def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
+    """The local checkpoint folders by step: only renamed step_NNNNNN folders count, never the
+    temporary ones being written (whether each is intact is `checkpoint_problems`' question)."""
+    if not checkpoints.is_dir():
+        return {}
+    steps = {p: remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir()}
+    return {step: p for p, step in steps.items() if step is not None}
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint folder."""
+    found = complete_checkpoints(checkpoints)
+    return found[max(found)] if found else None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never resumed or pruned), so
+    that its step can be saved again."""
+    target = folder.with_name(f"damaged_{folder.name}_{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(folder, target)
+    return target
+
+
+def find_resume_checkpoint(
+    config: TrainConfig,
+    checkpoints: Path,
+    out_dir: Path,
+    settings: dict[str, Any],
+    store: remote.RemoteStore | None = None,
+) -> Path | None:
+    """The checkpoint to continue from per `config.resume`, downloaded first when it is remote.
+
+    '': none, and an error if out_dir or the remote already holds a run. 'auto': the newest intact
+    one of out_dir and `store`; a damaged one is reported, set aside and the next older one tried
+    (a run that has none starts afresh). A path or URL: that one, or a one-line error.
+    """
+    local = complete_checkpoints(checkpoints)
+    remote_steps = remote.complete_steps(store) if store is not None else []
+    if config.resume == "":
+        if local:
+            raise ConfigError(
+                f"{out_dir} already holds a run (newest checkpoint {local[max(local)].name}); pass --resume auto to "
+                "continue it, or choose another --out_dir"
+            )
+        if remote_steps:
+            raise ConfigError(
+                f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint "
+                f"{remote.step_name(remote_steps[-1])}); pass --resume auto to continue it, or choose another "
+                "--checkpoint_remote"
+            )
+        return None
+    if config.resume == "auto":
+        return newest_intact(local, remote_steps, store, checkpoints, out_dir, settings)
+    if "://" in config.resume:
+        logger.info("downloading %s", config.resume)
+        folder = remote.download_url(config.resume, checkpoints, out_dir)
+    else:
+        folder = Path(config.resume)
+        if not (folder.is_dir() and remote.parse_step(folder.name) is not None):
+            raise ConfigError(
+                f"resume: {folder} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''"
+            )
+    check_resumable(folder, settings)
+    return folder
+
+
+def newest_intact(
+    local: dict[int, Path],
+    remote_steps: list[int],
+    store: remote.RemoteStore | None,
+    checkpoints: Path,
+    out_dir: Path,
+    settings: dict[str, Any],
+) -> Path | None:
+    """`--resume auto`: the newest checkpoint, local or remote, that `check_resumable` accepts. Damaged
+    ones are skipped with a warning; a change of settings is an error (an older checkpoint has the
+    same settings, so falling back would not help). None when there is no checkpoint at all; an error
+    when there are some but none is intact, so a long run never silently restarts from step 0."""
+    rejected = []
+    for step in sorted(set(local) | set(remote_steps), reverse=True):
+        try:
+            if step in local:
+                folder = local[step]
+            else:
+                logger.info("downloading %s from %s", remote.step_name(step), store.url)
+                folder = remote.download_checkpoint(store.fs, store.checkpoint(step), checkpoints, out_dir)
+            problems = checkpoint_problems(folder)
+        except remote.RemoteError as err:
+            folder, problems = f"{store.url} {remote.step_name(step)}", [str(err)]
+        if problems:
+            aside = f"; set aside as {set_aside(folder).name}" if isinstance(folder, Path) else ""
+            logger.warning(
+                "resume auto: %s is damaged (%s)%s; trying the next older one", folder, "; ".join(problems), aside
+            )
+            rejected.append(f"{folder}: {'; '.join(problems)}")
+            continue
+        check_resumable(folder, settings)
+        return folder
+    if rejected:
+        raise CheckpointError(f"no intact checkpoint to resume from ({' | '.join(rejected)})")
+    return None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState) -> None:
+    """Model, optimizer and every rank's RNG states (Accelerate's `load_state`, which reads them with
+    `weights_only=True`; `check_resumable` has vetted each file), then our JSON `TrainState`.
+
+    Accelerate only logs (at info level) an RNG file it cannot read and goes on with other random
+    numbers, so this rank's file must be there first."""
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        saved = read_train_state(checkpoint).get("processes")
+        raise CheckpointError(
+            f"{checkpoint} has no {rng_file.name} (saved by {saved} processes, this launch has "
+            f"{accelerator.num_processes}); resume with as many processes, or start a new run from its weights: "
+            f"--init_from {checkpoint} --out_dir NEW_DIR"
+        )
+    accelerator.load_state(str(checkpoint))
+    state.load_state_dict(read_train_state(checkpoint))
+
+
+def load_weights(model, folder: Path) -> None:
+    """`--init_from`: the weights only (no optimizer, data position or step) of a checkpoint folder or
+    an HF export, from its model.safetensors (safetensors: no code can run); a checkpoint is checked
+    for damage first. `lm_head.weight` is tied to the embedding, so the file may leave it out."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if (folder / MANIFEST).is_file() and (problems := checkpoint_problems(folder)):
+        raise CheckpointError(f"init_from: checkpoint {folder} is damaged: {'; '.join(problems)}")
+    path = folder / "model.safetensors"
+    try:
+        weights = load_file(path)
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"init_from: cannot read {path} ({err}); give a checkpoint folder or an hf/ export"
+        ) from err
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in expected or expected[name].shape != tensor.shape:
+            found = tuple(expected[name].shape) if name in expected else "no such weight"
+            raise CheckpointError(
+                f"init_from: {path} has {name} of shape {tuple(tensor.shape)}, this model: {found}; use the same "
+                "model size as the run that wrote it"
+            )
+    missing = sorted(set(expected) - set(weights) - {"lm_head.weight"})
+    if missing:
+        raise CheckpointError(f"init_from: {path} lacks {', '.join(missing[:4])}")
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()

@@ -41,7 +41,9 @@ class TrainConfig:
 
     # data and output
     data_dir: str = arg("data/builtin", "folder of token shards and manifest.json written by data_prep")
-    prepare_builtin: bool = arg(True, "tokenize the built-in corpus into data_dir when it holds no manifest.json")
+    prepare_builtin: bool | None = arg(
+        None, "tokenize the built-in corpus into an absent or empty data_dir (None: only into the default data_dir)"
+    )
     out_dir: str = arg("runs/cpu-micro", "run directory: config, logs, plots, checkpoints, HF export")
     # model
     model: str = arg("cpu-micro", f"model size preset: {', '.join(PRESETS)}")
@@ -78,6 +80,9 @@ class TrainConfig:
     report_to: str = arg("tensorboard", "Accelerate trackers, comma-separated (tensorboard, wandb, ...) or 'none'")
     save_interval: int = arg(40, "steps between checkpoints; one is also written at the end")
     keep_checkpoints: int = arg(2, "keep only the newest N checkpoints (0: keep all)")
+    init_from: str | None = arg(
+        None, "start a new run from the weights of a checkpoint folder or an hf/ export (not its optimizer or data)"
+    )
     resume: str = arg(
         "", "'' fresh run, 'auto' newest complete checkpoint in out_dir or checkpoint_remote, a checkpoint path or URL"
     )
@@ -101,7 +106,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = list(config_problems(self))
         if problems:
-            raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+            raise ConfigError("invalid training config: " + "; ".join(problems))
 
     def model_config(self) -> GPT2ScratchConfig:
         """The model's config: the preset with this config's size overrides and dropout."""
@@ -145,8 +150,19 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield problem
     if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
         yield f"checkpoint_remote must be a URL such as file:///abs/path or hf://user/name, got {c.checkpoint_remote!r}"
+    elif c.checkpoint_remote is not None:
+        from training import remote
+
+        try:
+            remote.open_store(c.checkpoint_remote)  # the URL's form and protocol; no network is touched
+        except remote.RemoteError as err:
+            yield str(err)
     if c.hub_format not in HUB_FORMATS:
         yield f"hub_format must be one of {HUB_FORMATS}, got {c.hub_format!r}"
+    if c.num_samples and not c.sample_prompt:
+        yield "sample_prompt is empty; give a prompt or set num_samples 0"
+    if c.init_from and c.resume:
+        yield "init_from starts a new run and resume continues one; give only one of them"
     if c.push_to_hub and not c.hub_model_id:
         yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
     if c.model not in PRESETS:
@@ -159,6 +175,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         return
     if c.seq_len > n_positions:
         yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
+    if c.num_samples and c.sample_tokens >= n_positions:
+        yield f"sample_tokens ({c.sample_tokens}) leaves no room for the prompt in the model's {n_positions} positions"
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -215,7 +233,10 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         presets = ", ".join(sorted(p.name for p in PRESETS_DIR.glob("*.yaml")))
         raise ConfigError(f"config file not found: {path} (presets in {PRESETS_DIR}: {presets})")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
     for name in values:
@@ -234,7 +255,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML preset (e.g. configs/gpt2-124m-fineweb-edu.yaml)")
     for f in dataclasses.fields(TrainConfig):
-        bool_field = FIELD_TYPES[f.name] is bool
+        bool_field = bool in (FIELD_TYPES[f.name], *typing.get_args(FIELD_TYPES[f.name]))  # `--flag` means true
         parser.add_argument(
             f"--{f.name}",
             default=argparse.SUPPRESS,

@@ -34,12 +34,14 @@ from urllib.parse import quote
 
 import fsspec
 
+from data_prep.shards import file_sha256
 from training import UserError
 
 logger = logging.getLogger("train.remote")
 
 MARKER = "COMPLETE"
 LOGS = "logs"  # the run's records travel with each checkpoint, so a resumed run continues its log
+LOG_FILES = ("log.jsonl", "samples.jsonl")
 STEP_PREFIX = "step_"
 
 
@@ -81,6 +83,11 @@ def open_store(url: str) -> RemoteStore:
     protocol = url.split("://", 1)[0] if "://" in url else ""
     if protocol == "hf":
         return open_hub_store(url)
+    if protocol == "file" and not url.startswith("file:///"):
+        raise RemoteError(
+            f"{url}: a file:// URL needs an absolute path (file:///abs/path; {url!r} would be read relative to "
+            "wherever the trainer starts)"
+        )
     fs, root = filesystem(url)
     root = root.rstrip("/")
     return RemoteStore(url, fs, f"{root}/checkpoints", f"{root}/hf")
@@ -208,8 +215,13 @@ def remote_checkpoints(store: RemoteStore) -> dict[int, bool]:
     return {step: fs.exists(f"{store.checkpoint(step)}/{MARKER}") for step in sorted(steps)}
 
 
+def complete_steps(store: RemoteStore) -> list[int]:
+    """The steps of the complete remote checkpoints, oldest first."""
+    return [step for step, complete in remote_checkpoints(store).items() if complete]
+
+
 def newest_complete(store: RemoteStore) -> int | None:
-    return max((step for step, complete in remote_checkpoints(store).items() if complete), default=None)
+    return max(complete_steps(store), default=None)
 
 
 def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
@@ -232,7 +244,8 @@ def upload_plan(store: RemoteStore, step: int, checkpoint: Path, export: Path, l
     files = local_files(checkpoint)
     files |= {f"{LOGS}/{p.name}": p for p in logs if p.is_file()}
     folder = store.checkpoint(step)
-    marker = {"step": step, "files": {name: path.stat().st_size for name, path in files.items()}}
+    listing = {name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for name, path in files.items()}
+    marker = {"step": step, "files": listing}
     return [
         (step_name(step), {f"{folder}/{name}": path for name, path in files.items()}),
         ("HF export", {f"{store.export}/{name}": path for name, path in local_files(export).items()}),
@@ -270,28 +283,45 @@ def prune(store: RemoteStore, keep_last: int) -> list[int]:
     return doomed
 
 
+def marker_files(marker: Any, folder: str) -> dict[str, dict[str, Any]]:
+    """The marker's file listing, every name checked to stay inside the checkpoint folder: a name with
+    `..`, an absolute path or a backslash is refused, so a marker can never choose where we write."""
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        raise RemoteError(f"{folder}/{MARKER} is not a checkpoint marker (no file listing)")
+    for rel, expected in files.items():
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or any(part in ("", ".", "..") for part in parts):
+            raise RemoteError(f"{folder}/{MARKER} names {rel!r}, which is not a plain path inside the checkpoint")
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
+            raise RemoteError(f"{folder}/{MARKER} lists {rel!r} without its bytes and sha256")
+    return files
+
+
 def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints: Path, out_dir: Path) -> Path:
     """A complete remote checkpoint into `checkpoints/step_NNNNNN` (under a temporary name, renamed once
-    every file has the size its marker lists); its logs into `out_dir`. Returns the local folder."""
+    every file has the size and sha256 its marker lists); its logs into `out_dir`. Returns the folder."""
     name = posixpath.basename(folder.rstrip("/"))
     if parse_step(name) is None:
         raise RemoteError(f"{folder} is not a checkpoint folder (…/step_NNNNNN)")
-    marker = read_marker(fs, folder)
+    files = marker_files(read_marker(fs, folder), folder)
     final, tmp = checkpoints / name, checkpoints / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    targets = {rel: tmp / rel for rel in marker["files"]}
+    targets = {rel: tmp / rel for rel in files}
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     fs.get([f"{folder}/{rel}" for rel in targets], [str(p) for p in targets.values()])
-    wrong = {rel: (size, targets[rel].stat().st_size) for rel, size in marker["files"].items()}
-    wrong = {rel: sizes for rel, sizes in wrong.items() if sizes[0] != sizes[1]}
+    wrong = [
+        rel
+        for rel, expected in files.items()
+        if targets[rel].stat().st_size != expected["bytes"] or file_sha256(targets[rel]) != expected["sha256"]
+    ]
     if wrong:
         shutil.rmtree(tmp)
-        raise RemoteError(
-            f"{folder}: downloaded files differ from its {MARKER} marker (expected, found bytes): {wrong}"
-        )
-    for log in (tmp / LOGS).glob("*"):
-        os.replace(log, out_dir / log.name)
+        raise RemoteError(f"{folder}: {', '.join(wrong)} differ from the sizes or sha256 of its {MARKER} marker")
+    for log in LOG_FILES:  # only the run's own log names: a marker cannot place other files in out_dir
+        if (tmp / LOGS / log).is_file():
+            os.replace(tmp / LOGS / log, out_dir / log)
     shutil.rmtree(tmp / LOGS, ignore_errors=True)
     if final.is_dir():  # the same step saved locally meanwhile: keep that one
         shutil.rmtree(tmp)

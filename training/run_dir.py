@@ -1,11 +1,15 @@
-"""The run directory describes itself: where each record goes, the resolved config and the launch's
-environment (processes, precision, package versions, git revision).
+"""The run directory: where each record goes, who may write it (one trainer at a time, never a folder
+the trainer did not make), and how it describes itself (the resolved config, the launch's processes,
+precision, package versions and git revision).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from training.config import ROOT, TrainConfig, config_to_yaml
+from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
 
 
 @dataclass
@@ -33,6 +37,7 @@ class RunPaths:
         self.checkpoints = self.out_dir / "checkpoints"
         self.hf = self.out_dir / "hf"
         self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
+        self.lock = self.out_dir / ".lock"
 
 
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
@@ -70,3 +75,49 @@ def git_revision() -> dict[str, Any] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def check_out_dir(paths: RunPaths, resume: str) -> None:
+    """out_dir must be a folder this trainer can own: absent, empty, or (when resuming) a run folder of
+    ours. A fresh run never writes into a folder holding anything, so a mistyped path loses nothing."""
+    out = paths.out_dir
+    if not out.is_dir() or not any(p != paths.lock for p in out.iterdir()):  # a failed launch leaves the lock file
+        return
+    ours = paths.config.is_file() or paths.checkpoints.is_dir()
+    if resume == "" or not ours:
+        what = "already holds a run" if ours else "is not empty and is not a run folder of this trainer"
+        hint = "pass --resume auto to continue it, or choose" if ours else "choose"
+        raise ConfigError(f"out_dir {out} {what}; {hint} another --out_dir")
+
+
+class RunLock:
+    """An exclusive OS lock (`flock`) on out_dir/.lock for the whole run, so that two trainers never
+    write one run folder. The kernel releases it when the holder dies, however it dies, so a lock
+    left by a killed trainer never blocks; the file names the holder for the error message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise a one-line `ConfigError` naming its holder."""
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise ConfigError(f"out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"out_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to end or "
+                "choose another --out_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock; the file stays, harmlessly
+            self.fd = None

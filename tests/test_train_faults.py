@@ -1,0 +1,346 @@
+"""What survives what: damaged and tampered checkpoints, a kill during the final export, two trainers on
+one run folder, a mistyped data folder, changed settings on resume, and user errors as one line. Real
+trainer runs on real files; each fault is made the way it happens (a truncated, missing, flipped or
+replaced file, a SIGKILL), never with mocks."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_run import (  # noqa: F401  (fixtures)
+    ONE_THREAD,
+    ROOT,
+    data_dir,
+    launch,
+    metric,
+    nano_args,
+    one_thread,
+    records,
+    train_in_process,
+)
+
+from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
+from training.checkpoints import CheckpointError
+from training.config import ConfigError
+
+# Dropout on and samples drawn: both use the RNG states a checkpoint must restore.
+COMMON = dict(dropout=0.1, max_steps=12, save_interval=4, eval_interval=4, keep_checkpoints=2)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """An uninterrupted run to step 12."""
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    train_in_process(nano_args(data_dir, out, **COMMON))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """The same run stopped after step 8: checkpoints step_000004 and step_000008."""
+    out = tmp_path_factory.mktemp("faults") / "stopped"
+    train_in_process(nano_args(data_dir, out, stop_at_step=8, **COMMON))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def same_losses(run: Path, reference: Path) -> None:
+    assert sorted(metric(run, "train/loss")) == list(range(1, 13))  # each step once, none lost or repeated
+    assert metric(run, "train/loss") == metric(reference, "train/loss")
+    assert metric(run, "val/loss") == metric(reference, "val/loss")
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+class Touch:
+    """Unpickling this creates a file: the proof that a pickle's code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def plant_pickle(checkpoint: Path, name: str, proof: Path) -> None:
+    """Replace (or add) `name` with a torch file whose unpickling would create `proof`, and rewrite the
+    manifest's entry to match, as an attacker who can write the folder would."""
+    torch.save({"state": Touch(proof)}, checkpoint / name)
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"][name] = {"bytes": (checkpoint / name).stat().st_size, "sha256": file_sha256(checkpoint / name)}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+DAMAGES = {
+    "truncated weights": lambda c, _: truncate(c / "model.safetensors", 999),
+    "missing optimizer": lambda c, _: (c / "optimizer.bin").unlink(),
+    "truncated optimizer": lambda c, _: truncate(c / "optimizer.bin", 100),
+    "missing RNG file": lambda c, _: (c / "random_states_0.pkl").unlink(),
+    "flipped byte": lambda c, _: flip_byte(c / "model.safetensors"),
+    "empty folder": lambda c, _: [p.unlink() for p in c.iterdir()],
+    "planted pickle": lambda c, proof: plant_pickle(c, "optimizer.bin", proof),
+    "planted custom state": lambda c, proof: plant_pickle(c, "custom_checkpoint_0.pkl", proof),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(damage, data_dir, stopped, reference, tmp_path):  # noqa: F811
+    run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
+    DAMAGES[damage](run / "checkpoints" / "step_000008", proof)
+    train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
+    same_losses(run, reference)  # resumed from step 4, and trained 5 to 12 again exactly
+    assert json.loads((run / "run_info.json").read_text())["resumed_from"].endswith("step_000004")
+    assert [p.name.startswith("damaged_step_000008_") for p in (run / "checkpoints").iterdir()].count(True) == 1
+    assert not proof.exists()
+
+
+def run_cli(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
+        cwd=ROOT,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a refused launch (exit status 2, no traceback)."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_dir, stopped, tmp_path):  # noqa: F811
+    run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
+    checkpoint = run / "checkpoints" / "step_000008"
+    plant_pickle(checkpoint, "random_states_0.pkl", proof)
+    done = run_cli(nano_args(data_dir, run, resume=checkpoint, **COMMON))
+    line = one_line_error(done)
+    assert "random_states_0.pkl needs" in line and "could run code" in line
+    flip_byte(checkpoint / "model.safetensors")  # and a flipped bit (same size) names the file
+    line = one_line_error(run_cli(nano_args(data_dir, run, resume=checkpoint, **COMMON)))
+    assert "model.safetensors does not match its sha256" in line
+    assert not proof.exists()
+
+
+def test_a_remote_checkpoint_with_a_planted_pickle_is_refused_and_runs_no_code(data_dir, stopped, tmp_path):  # noqa: F811
+    from training import remote
+
+    proof, remote_dir = tmp_path / "code_ran", tmp_path / "remote"
+    store = remote.open_store(f"file://{remote_dir}")
+    checkpoint = stopped / "checkpoints" / "step_000008"
+    remote.upload_checkpoint(store, 8, checkpoint, stopped / "hf", [stopped / "log.jsonl"])
+    # The attacker replaces a file and rewrites both the checkpoint manifest and the COMPLETE marker.
+    uploaded = remote_dir / "checkpoints" / "step_000008"
+    plant_pickle(uploaded, "optimizer.bin", proof)
+    marker = json.loads((uploaded / "COMPLETE").read_text())
+    for name in ("optimizer.bin", "checkpoint.json"):
+        marker["files"][name] = {"bytes": (uploaded / name).stat().st_size, "sha256": file_sha256(uploaded / name)}
+    (uploaded / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="optimizer.bin needs .* could run code"):
+        train_in_process(nano_args(data_dir, tmp_path / "fresh", resume=f"file://{uploaded}", **COMMON))
+    assert not proof.exists()
+
+
+def test_sigkill_during_the_final_export_then_relaunch_rebuilds_it(data_dir, stopped, reference, tmp_path):  # noqa: F811
+    run = copy_run(stopped, tmp_path)
+    proc = launch(nano_args(data_dir, run, resume="auto", **COMMON))
+    final = run / "checkpoints" / "step_000012"
+    deadline = time.monotonic() + 240
+    while not final.is_dir():  # the final checkpoint is renamed into place; the export comes right after
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(run / "hf", ignore_errors=True)  # the worst moment: the old export gone, the new not there
+
+    summary = train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
+    assert summary["complete"] and summary["step"] == 12
+    same_losses(run, reference)
+    exported = {k: v.clone() for k, v in load_file(run / "hf" / "model.safetensors").items()}  # not an mmap
+    checkpointed = load_file(final / "model.safetensors")
+    assert all(torch.equal(exported[name], checkpointed[name]) for name in checkpointed)
+    card = (run / "hf" / "README.md").read_text()
+    assert f"{metric(reference, 'val/loss')[12]:.4f}" in card  # the card keeps the run's results
+
+    # A stale export (an older step's weights) is replaced too.
+    shutil.copytree(stopped / "hf", run / "hf", dirs_exist_ok=True)
+    train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
+    assert torch.equal(
+        load_file(run / "hf" / "model.safetensors")["transformer.wte.weight"], exported["transformer.wte.weight"]
+    )
+
+
+def test_two_trainers_on_one_run_folder(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "shared"
+    argv = nano_args(data_dir, out, max_steps=6, save_interval=3, eval_interval=6, num_samples=0)
+    first, second = launch(argv), launch(argv)
+    codes = sorted([first.wait(timeout=300), second.wait(timeout=300)])
+    assert codes == [0, 2]
+    loser = first if first.returncode == 2 else second
+    stderr = loser.stderr.read()
+    assert "is in use by another trainer (host" in stderr and "pid" in stderr and "Traceback" not in stderr
+    assert [r["step"] for r in records(out) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
+
+
+def test_a_lock_left_by_a_killed_trainer_does_not_block(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "killed"
+    proc = launch(nano_args(data_dir, out, max_steps=200, save_interval=2, eval_interval=200, num_samples=0))
+    while not (out / "checkpoints").is_dir():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert (out / ".lock").is_file()
+    summary = train_in_process(
+        nano_args(data_dir, out, max_steps=200, save_interval=2, eval_interval=200, num_samples=0, resume="auto")
+        + ["--stop_at_step", "4"]
+    )
+    assert summary["step"] == 4
+
+
+def test_a_mistyped_data_folder_is_refused_and_left_untouched(tmp_path):
+    typo = tmp_path / "my_data"
+    typo.mkdir()
+    (typo / "notes.txt").write_text("the user's own file")
+    before = sorted(p.name for p in typo.iterdir())
+    line = one_line_error(run_cli(["--data_dir", str(typo), "--out_dir", str(tmp_path / "out")]))
+    assert "holds no manifest.json" in line and str(typo) in line
+    assert (
+        sorted(p.name for p in typo.iterdir()) == before and (typo / "notes.txt").read_text() == "the user's own file"
+    )
+    # asked explicitly, the built-in corpus still goes only into an absent or empty folder
+    line = one_line_error(run_cli(["--data_dir", str(typo), "--prepare_builtin", "--out_dir", str(tmp_path / "o2")]))
+    assert "is not empty" in line and sorted(p.name for p in typo.iterdir()) == before
+    missing = tmp_path / "missing_data"
+    with pytest.raises(ConfigError, match="holds no manifest.json"):
+        train_in_process(["--data_dir", str(missing), "--out_dir", str(tmp_path / "o3")])
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "old"),
+    [
+        ("total_batch_size", "512", "256"),
+        ("seq_len", "16", "32"),
+        ("micro_batch_size", "8", "4"),
+        ("n_layer", "3", "None"),
+        ("seed", "7", "1337"),
+        ("max_lr", "0.001", "0.003"),
+    ],
+)
+def test_a_changed_setting_is_refused_naming_old_and_new(field, value, old, data_dir, stopped, tmp_path):  # noqa: F811
+    run = copy_run(stopped, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        train_in_process([*nano_args(data_dir, run, resume="auto", **COMMON), f"--{field}", value])
+    message = str(error.value)
+    assert f"{field}: {old}" in message.replace("'", "") and value in message and "--init_from" in message
+    assert "\n" not in message
+
+
+def test_other_training_data_is_refused_on_resume(stopped, tmp_path):
+    from data_prep import prepare_builtin
+
+    other = prepare_builtin(tmp_path / "other_data", shard_tokens=40_000)
+    with pytest.raises(CheckpointError, match="data: other training shards"):
+        train_in_process(nano_args(other, copy_run(stopped, tmp_path), resume="auto", **COMMON))
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoints_weights(data_dir, stopped, tmp_path):  # noqa: F811
+    checkpoint = stopped / "checkpoints" / "step_000008"
+    out = tmp_path / "longer"
+    common = {**COMMON, "max_steps": 2, "warmup_steps": 1, "save_interval": 2, "eval_interval": 2}
+    train_in_process(nano_args(data_dir, out, init_from=checkpoint, seq_len=32, max_lr=1e-3, **common))
+    assert metric(out, "val/loss")[0] == pytest.approx(metric(stopped, "val/loss")[8], rel=1e-6)
+    assert sorted(metric(out, "train/loss")) == [1, 2]
+
+
+def damage_val_shard(data: Path, tmp_path: Path, token: int | None) -> Path:
+    """A copy of the data whose val shard has one token changed: either its hash no longer matches
+    (token None: a flipped bit), or it holds `token` and the manifest is updated to match."""
+    copy = Path(shutil.copytree(data, tmp_path / "data"))
+    manifest = read_manifest(copy)
+    (entry,) = [e for e in manifest["shards"] if e["split"] == "val"]
+    shard = copy / entry["file"]
+    if token is None:
+        flip_byte(shard)
+        return copy
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[-5] = token
+    tokens.tofile(shard)
+    entry["sha256"] = file_sha256(shard)
+    write_manifest(copy, manifest)
+    return copy
+
+
+def test_the_val_shard_is_checked_before_training(data_dir, tmp_path):  # noqa: F811
+    flipped = damage_val_shard(data_dir, tmp_path / "a", None)
+    with pytest.raises(ShardError, match="val_000000.bin: sha256 .* does not match"):
+        train_in_process(nano_args(flipped, tmp_path / "out_a"))
+    too_large = damage_val_shard(data_dir, tmp_path / "b", 60_000)
+    with pytest.raises(ShardError, match="token id 60000 is outside the model's vocabulary of 50257"):
+        train_in_process(nano_args(too_large, tmp_path / "out_b"))
+    assert not (tmp_path / "out_a" / "log.jsonl").exists()
+
+
+def test_user_errors_are_one_line(data_dir, tmp_path):  # noqa: F811
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("max_steps: [1, 2\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {
+        "is not valid YAML": ["--config", str(bad_yaml)],
+        "is a file, not a folder": nano_args(data_dir, a_file),
+        "sample_prompt is empty": [*nano_args(data_dir, tmp_path / "o1"), "--sample_prompt", ""],
+        "sample_tokens (64) leaves no room": [*nano_args(data_dir, tmp_path / "o2"), "--sample_tokens", "64"],
+        "needs an absolute path": nano_args(data_dir, tmp_path / "o3", checkpoint_remote="file://relative/remote"),
+    }
+    for expected, argv in cases.items():
+        assert expected in one_line_error(run_cli(argv)), expected
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_the_checkpoint_holds_no_pickle_of_our_own_state(stopped):
+    checkpoint = stopped / "checkpoints" / "step_000008"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert names == [
+        "checkpoint.json",
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "train_state.json",
+    ]
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert (state["step"], state["tokens"], state["settings"]["seq_len"]) == (8, 8 * 256, 32)
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint / name)) <= {
+            "numpy.core.multiarray._reconstruct",
+            "numpy._core.multiarray._reconstruct",
+            "numpy.ndarray",
+            "numpy.dtype",
+            "numpy.dtypes.UInt32DType",
+            "_codecs.encode",
+        }
