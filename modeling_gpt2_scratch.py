@@ -221,7 +221,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     forward); the gradients of `hidden` and `weight` are summed over the chunks and kept for
     `backward`. Memory: one chunk of logits instead of four full tensors; work: the same three matmuls
     as the plain path. The matmuls run on the padded weight (fast shapes); the padding columns are set
-    to -inf, so they get zero probability and zero gradient.
+    to -inf, so they get zero probability and zero gradient. In fp32 one (rows, vocab) buffer serves
+    every chunk: logits, log-softmax and gradient are written over each other, and `backward` scales
+    the saved sums in place (each new 100 MB tensor costs page faults and a peak of its own).
 
     Precision: the sums are kept undivided (each row's gradient is O(1)) and the weight's gradient is
     summed in fp32; the division by `divisor` and the loss scale of `backward` are applied once, in
