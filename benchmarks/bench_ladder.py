@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.metrics import device_peak_flops  # noqa: E402
-from training.recipe import build_optimizer, param_groups  # noqa: E402
+from training.recipe import build_optimizer, lr_at, param_groups  # noqa: E402
 
 CPU_SHAPE = dict(preset="cpu-mini", seq_len=256, batch_size=8)  # bench_train.py's CPU shape
 GPU_SHAPE = dict(preset="gpt2", seq_len=1024, batch_size=16)  # the reproduction's single-GPU ladder
@@ -64,6 +64,7 @@ class Rung:
     settings: Settings
     cuda_only: str = ""  # why the rung is not measured on a CPU ("" : it is)
     cpu_only: str = ""  # why the rung is not measured on CUDA ("" : it is)
+    needs_bf16: bool = False  # measured only where bf16 matmuls are native
 
 
 def ladder() -> list[Rung]:
@@ -74,12 +75,11 @@ def ladder() -> list[Rung]:
     def add(name: str, change: str, cuda_only: str = "", cpu_only: str = "", **changes: Any) -> None:
         nonlocal s
         s = replace(s, **changes)
-        rungs.append(Rung(name, change, s, cuda_only, cpu_only))
+        rungs.append(Rung(name, change, s, cuda_only, cpu_only, needs_bf16=changes.get("bf16", False)))
 
     add("fp32", "eager fp32, SDPA math backend, vocabulary 50,257, default AdamW, logits + cross-entropy")
     add("tf32", "TF32 matmuls", tf32=True, cuda_only="TF32 is a mode of NVIDIA tensor cores")
-    no_bf16 = "bf16 matmuls are emulated on this CPU (about 100x slower than fp32 here), so CPU training is fp32"
-    add("bf16", "bf16 autocast", bf16=True, cuda_only=no_bf16)
+    add("bf16", "bf16 autocast", bf16=True)
     add("compile", "torch.compile (inductor)", compile=True)
     add("flash", "SDPA fused attention kernels (flash on CUDA and on CPU)", sdpa=True)
     add("vocab_50304", "vocabulary padded to 50,304 (a multiple of 64)", pad_vocab=True)
@@ -135,20 +135,19 @@ def synchronize(device: str) -> None:
 
 def run_rung(rung: Rung, args: argparse.Namespace) -> dict[str, Any]:
     """Train the rung's configuration for warm-up + timed steps in this process; its measurements."""
-    s, device = rung.settings, args.device
+    s, device = effective_settings(rung.name, args.device), args.device
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.tf32
     torch.manual_seed(args.seed)
     config = GPT2ScratchConfig.from_preset(args.preset, pad_vocab_multiple=64 if s.pad_vocab else 1)
     model = GPT2ScratchForCausalLM(config).to(device).train()
-    recipe = TrainConfig()  # the trainer's optimizer hyper-parameters
+    recipe = TrainConfig(warmup_steps=0)  # the trainer's optimizer, at its peak learning rate
     if s.fused_adamw:
         optimizer = build_optimizer(model, recipe, torch.device(device))
     else:
-        groups = param_groups(model, recipe.weight_decay)
-        betas = (recipe.adam_beta1, recipe.adam_beta2)
-        optimizer = torch.optim.AdamW(groups, lr=recipe.max_lr, betas=betas, eps=recipe.adam_eps)
+        groups, betas = param_groups(model, recipe.weight_decay), (recipe.adam_beta1, recipe.adam_beta2)
+        optimizer = torch.optim.AdamW(groups, lr=lr_at(0, recipe), betas=betas, eps=recipe.adam_eps)
     step_model = torch.compile(model) if s.compile else model
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
@@ -189,6 +188,14 @@ def run_rung(rung: Rung, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def native_bf16(device: str) -> bool:
+    """Whether this device runs bf16 matmuls natively: CUDA that supports bf16, a CPU with AVX-512 BF16
+    or AMX (oneDNN's check). Elsewhere bf16 is emulated, many times slower than fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def skip_reason(rung: Rung, device: str) -> str | None:
     """Why the rung is not measured on this device, or None."""
     cuda = device.startswith("cuda")
@@ -196,7 +203,23 @@ def skip_reason(rung: Rung, device: str) -> str | None:
         return rung.cuda_only
     if rung.cpu_only and cuda:
         return rung.cpu_only
+    if rung.needs_bf16 and not native_bf16(device):
+        return "bf16 is emulated on this device (no AVX-512 BF16 / AMX), many times slower than fp32"
     return None
+
+
+def effective_settings(name: str, device: str) -> Settings:
+    """The rung's settings on this device: the changes of the rungs skipped here are left out, so a
+    CPU never runs the TF32 rung's setting (or an emulated bf16) in the rungs above it."""
+    settings, before = Settings(), Settings()
+    for rung in ladder():
+        if not skip_reason(rung, device):
+            changed = {k: v for k, v in asdict(rung.settings).items() if v != getattr(before, k)}
+            settings = replace(settings, **changed)
+        before = rung.settings
+        if rung.name == name:
+            return settings
+    raise KeyError(name)
 
 
 def spawn(rung: Rung, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -216,12 +239,12 @@ def spawn(rung: Rung, args: argparse.Namespace, argv: list[str]) -> dict[str, An
 
 
 def device_peak(args: argparse.Namespace) -> tuple[float, str]:
-    """One peak for every rung, so their MFUs compare: CUDA's dense bf16 datasheet peak (the precision
-    of the top rungs), or the best fp32 matmul measured on this CPU (the trainer's function)."""
+    """One peak for every rung, so their MFUs compare: the bf16 peak where bf16 is native (CUDA's dense
+    datasheet number, or the best bf16 matmul measured on this CPU), else the best fp32 matmul measured
+    here; the trainer's function either way."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12, "--peak-tflops"
-    cuda = args.device.startswith("cuda")
-    return device_peak_flops(torch.device(args.device), "bf16" if cuda else "fp32")
+    return device_peak_flops(torch.device(args.device), "bf16" if native_bf16(args.device) else "fp32")
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     results = []
     for name in wanted:
         rung = rungs[name]
-        entry = {"name": name, "change": rung.change, "settings": asdict(rung.settings)}
+        entry = {"name": name, "change": rung.change, "settings": asdict(effective_settings(name, args.device))}
         reason = skip_reason(rung, args.device)
         if reason:
             entry.update(tokens_per_s=None, reason=reason)

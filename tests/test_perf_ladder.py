@@ -28,11 +28,16 @@ def test_each_rung_adds_exactly_one_change_to_the_one_before():
         assert len(changed) == 1, (after.name, changed)
 
 
-def test_cpu_skips_only_the_cuda_rungs_and_says_why():
-    reasons = {r.name: bench_ladder.skip_reason(r, "cpu") for r in bench_ladder.ladder()}
-    assert {name for name, reason in reasons.items() if reason} == {"tf32", "bf16"}
+def test_skipped_rungs_say_why_and_leave_their_change_out_of_the_rungs_above(monkeypatch):
+    for bf16 in (False, True):
+        monkeypatch.setattr(bench_ladder, "native_bf16", lambda device, bf16=bf16: bf16)
+        reasons = {r.name: bench_ladder.skip_reason(r, "cpu") for r in bench_ladder.ladder()}
+        assert {name for name, reason in reasons.items() if reason} == {"tf32"} | ({"bf16"} if not bf16 else set())
+        top = bench_ladder.effective_settings("huge_pages", "cpu")
+        assert not top.tf32 and top.bf16 == bf16 and top.compile and top.chunked_loss
     on_cuda = {r.name for r in bench_ladder.ladder() if bench_ladder.skip_reason(r, "cuda")}
     assert on_cuda == {"pinned_threads", "huge_pages"}
+    assert bench_ladder.effective_settings("chunked_loss", "cuda") == bench_ladder.ladder()[7].settings
 
 
 def test_command_writes_rungs_with_tokens_per_s_or_a_reason(tmp_path):
