@@ -236,9 +236,7 @@ def test_no_card_or_config_holds_a_local_absolute_path(run):
 
 
 def test_data_source_names_what_the_manifest_records():
-    files = {
-        "source": {"kind": "files", "files": [{"path": "/srv/me/corpus/a.jsonl", "bytes": 3}], "text_column": "t"}
-    }
+    files = {"source": {"kind": "files", "files": [{"path": "/srv/me/corpus/a.jsonl", "bytes": 3}], "text_column": "t"}}
     assert data_source(files).ref == "a.jsonl" and "/srv/me" not in data_source(files).text
     builtin = {"source": {"kind": "builtin", "name": "python-stdlib-docs", "python": "3.11.7"}}
     assert data_source(builtin).ref == "python-stdlib-docs" and "Python 3.11.7" in data_source(builtin).text
