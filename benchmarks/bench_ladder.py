@@ -226,8 +226,8 @@ def spawn(rung: Rung, args: argparse.Namespace, argv: list[str]) -> dict[str, An
     """Run one rung in a fresh process with its environment; its JSON, or the reason it failed."""
     env = {**os.environ, **rung.settings.env}
     if not args.device.startswith("cuda"):
-        # Compile in-process: inductor's pool of compile workers otherwise lingers and takes the cores
-        # from the timed steps (seen here as steps 5 to 10 times slower on 2 cores).
+        # Compile in-process: no pool of inductor compile workers stays beside the timed steps on a
+        # machine with few cores.
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", rung.name]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
