@@ -8,7 +8,7 @@ its own process (so each has its own peak memory and its own environment variabl
 MFU. A rung that does not apply to the device (TF32 and bf16 on a CPU without native bf16, say) is
 written with `tokens_per_s: null` and the reason. Writes JSON (`--out`) and a Markdown table (`--md`).
 
-    python benchmarks/bench_ladder.py     # CPU: cpu-mini, T=256, B=8, fp32: about 6 to 8 minutes on 2 cores
+    python benchmarks/bench_ladder.py     # CPU: cpu-mini, T=256, B=8: 3 to 6.5 minutes on 2 cores
     python benchmarks/bench_ladder.py     # CUDA: GPT-2 124M, T=1024, B=16, as in the reproduction
     python benchmarks/bench_ladder.py --rungs fp32,compile --steps 3   # a subset, fewer steps
 """
