@@ -87,7 +87,10 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:
-    return GPT2ScratchForCausalLM(config.model_config())
+    model = GPT2ScratchForCausalLM(config.model_config())
+    if config.gradient_checkpointing:  # non-reentrant: works with DDP, compile and inputs without grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 @dataclass

@@ -243,3 +243,32 @@ def test_mfu_uses_the_models_flops_per_token():
     # 124M params: ~0.85 GFLOP per token; 1M tokens/s on 8 H100s (989 TFLOP/s bf16 each) is ~10.7% MFU
     assert stats["mfu"] == pytest.approx(0.107, abs=0.002)
     assert measure_matmul_flops(torch.device("cpu"), torch.float32, n=256, seconds=0.05) > 1e8
+
+
+def test_the_trainers_fused_adamw_equals_the_plain_loop_adamw():
+    """`build_optimizer` (fused AdamW on CPU and CUDA, GPT-3 betas and eps, decay on 2-D weights only)
+    takes the same steps as PyTorch's plain for-loop AdamW given the same groups and settings.
+
+    In float64: the key bias has a zero gradient up to rounding (softmax ignores a constant shift), and
+    Adam would turn float32 rounding noise into visible, implementation-dependent steps."""
+    config = TrainConfig(max_lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    ids = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(1))
+    params = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).double().train()
+        if fused:
+            optimizer = build_optimizer(model, config, torch.device("cpu"))
+            assert optimizer.defaults["fused"]
+        else:
+            optimizer = torch.optim.AdamW(
+                param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False
+            )
+        for _ in range(3):
+            model(input_ids=ids, labels=ids, loss_only=True).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        params[fused] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name, p in params[False].items():
+        torch.testing.assert_close(params[True][name], p, rtol=1e-9, atol=1e-12, msg=name)

@@ -289,3 +289,12 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(data_dir, t
     assert sorted(two_losses) == [1, 2, 3, 4]
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     assert metric(two, "val/loss") == pytest.approx(metric(tmp_path / "one", "val/loss"), rel=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_model(data_dir, tmp_path):
+    """--gradient_checkpointing recomputes activations in backward: the same losses, less memory."""
+    common = dict(max_steps=3, eval_interval=3, save_interval=3, num_samples=0)
+    train_in_process(nano_args(data_dir, tmp_path / "plain", **common))
+    train_in_process(nano_args(data_dir, tmp_path / "recomputed", gradient_checkpointing=True, **common))
+    plain, recomputed = metric(tmp_path / "plain", "train/loss"), metric(tmp_path / "recomputed", "train/loss")
+    assert sorted(plain) == [1, 2, 3] and recomputed == pytest.approx(plain, rel=1e-6)

@@ -93,6 +93,9 @@ class TrainConfig:
     seed: int = arg(1337, "seed for initialisation, data order and dropout")
     # performance
     compile: bool = arg(False, "torch.compile the model (inductor); worth it on GPU")
+    gradient_checkpointing: bool = arg(
+        False, "recompute each block's activations in backward: less memory, ~1/3 more block compute (large models)"
+    )
     mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that supports it, else fp32), 'no', 'bf16', 'fp16'")
     peak_flops: float | None = arg(None, "peak FLOP/s per device for MFU (None: datasheet bf16 / measured fp32)")
     # Hugging Face Hub
