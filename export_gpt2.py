@@ -13,6 +13,7 @@ only; no code from the source folder runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,21 @@ def load_export(folder: Path):
         raise ValueError(f"{folder} is already in the official GPT-2 layout (config.json model_type 'gpt2')")
     if model_type != "gpt2_scratch":
         raise ValueError(f"{folder / 'config.json'} has model_type {model_type!r}; expected 'gpt2_scratch'")
-    return GPT2ScratchForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+    with unreadable_as_value_error(folder):
+        return GPT2ScratchForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+
+
+@contextlib.contextmanager
+def unreadable_as_value_error(folder: Path):
+    """A folder whose config or weights do not load (missing or truncated safetensors, wrong shapes or
+    types in config.json) is the user's input at fault: one line naming it, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, TypeError, KeyError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: cannot load the model ({reason})") from err
 
 
 def load_checkpoint_weights(checkpoint: Path, config):
@@ -58,7 +73,12 @@ def load_checkpoint_weights(checkpoint: Path, config):
             f"{checkpoint} has no {CHECKPOINT_WEIGHTS}; only unsharded checkpoints can be read (an FSDP checkpoint "
             "holds sharded weights: use the run's hf/ export instead)"
         )
-    return from_state_dict(config.model_config(), load_file(weights)).eval()
+    from training.checkpoints import checkpoint_problems
+
+    if (checkpoint / "checkpoint.json").is_file() and (problems := checkpoint_problems(checkpoint)):
+        raise ValueError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}")
+    with unreadable_as_value_error(checkpoint):
+        return from_state_dict(config.model_config(), load_file(weights)).eval()
 
 
 def run_config(run: Path):
@@ -156,6 +176,10 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
     out = Path(out) if out is not None else default
     if out.resolve() == path.resolve():
         raise ValueError(f"--out {out} is the source folder itself; choose another folder")
+    # Only a folder that is absent, empty, or an official-layout export of ours is replaced: never a
+    # user's folder, a run folder, or one that holds the source.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and read_record(out, "gpt2") is None:
+        raise ValueError(f"--out {out} exists and is not an hf-gpt2 export; choose a new or empty folder")
     return [export_one(source, out)]
 
 

@@ -57,7 +57,7 @@ from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
-from training.run_dir import RunLock, RunPaths, check_out_dir, describe_run
+from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run
 from training.step import train_step
 
 logger = logging.getLogger("train")
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging(accelerator)
     paths = RunPaths(config.out_dir)
     lock = RunLock(paths.lock)  # held by the main process for the whole run
-    on_main_process(accelerator, lambda: (lock.acquire(), check_out_dir(paths, config.resume)))
+    on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
         return run_training(config, accelerator, paths)
     finally:
@@ -345,7 +345,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     store = preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
-    settings = run_settings(config, train_fingerprint(manifest))
+    settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes)
     checkpoint = on_main_process(
         accelerator, lambda: find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
     )

@@ -358,3 +358,24 @@ def test_cli_errors_are_one_line(run, tmp_path):
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "already in the official" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_out_never_replaces_a_folder_that_is_not_an_official_export(run, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep")
+    for out in (precious, run.out_dir):  # a user's folder, and the run folder that holds the source
+        with pytest.raises(ValueError, match="exists and is not an hf-gpt2 export"):
+            export_gpt2.export(run.out_dir / "hf", out=out)
+    assert (precious / "thesis.txt").read_text() == "keep" and (run.out_dir / "hf" / "config.json").is_file()
+    export_gpt2.export(run.out_dir / "hf", out=tmp_path / "mine")  # a new folder, then replaced on a rerun
+    export_gpt2.export(run.out_dir / "hf", out=tmp_path / "mine")
+    assert json.loads((tmp_path / "mine" / "export.json").read_text())["layout"] == "gpt2"
+
+
+def test_a_truncated_export_is_one_line(run, tmp_path):
+    broken = Path(shutil.copytree(run.out_dir / "hf", tmp_path / "broken"))
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ValueError, match="cannot load the model"):
+        export_gpt2.export(broken)

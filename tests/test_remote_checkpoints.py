@@ -17,7 +17,8 @@ from training.config import ConfigError, TrainConfig
 from training.hub import HubError
 from training.run_dir import RunPaths
 
-SETTINGS = {"seed": 1, "data": "abc"}  # what the stand-in checkpoints were saved with
+SETTINGS = {"seed": 1, "total_batch_size": 256, "data": "abc"}  # what the stand-in checkpoints were saved with
+LOADER = {"epoch": 0, "chunks_done": 0, "batch_size": 4, "world_size": 1, "seq_len": 32, "seed": 1}
 
 
 def make_checkpoint(folder: Path, step: int) -> Path:
@@ -27,7 +28,8 @@ def make_checkpoint(folder: Path, step: int) -> Path:
     (folder / "model.safetensors").write_bytes(bytes((step + i) % 256 for i in range(300)))
     torch.save({"state": {}, "step": torch.full((100,), step)}, folder / "optimizer.bin")
     torch.save({"torch_manual_seed": torch.arange(10) + step}, folder / "sub" / "random_states_0.pkl")
-    (folder / "train_state.json").write_text(json.dumps({"step": step, "settings": SETTINGS}))
+    state = {"step": step, "tokens": step * 256, "processes": 1, "loader": LOADER, "settings": SETTINGS}
+    (folder / "train_state.json").write_text(json.dumps(state))
     write_manifest(folder, step)
     return folder
 
@@ -100,8 +102,11 @@ def test_a_partial_upload_is_never_resumed_from(tmp_path):
     paths = RunPaths(tmp_path / "fresh")
     assert find(TrainConfig(resume="auto"), paths.out_dir, store).name == "step_000004"
     with pytest.raises(cr.RemoteError, match="no COMPLETE marker"):
-        find(TrainConfig(resume=f"file://{store.checkpoint(8)}"), paths.out_dir)
-    assert not (paths.checkpoints / "step_000008").exists()
+        find(TrainConfig(resume=f"file://{store.checkpoint(8)}"), tmp_path / "named")
+    assert not (tmp_path / "named" / "checkpoints" / "step_000008").exists()
+    # into an out_dir holding checkpoints of its own, a named one is refused: two histories would mix
+    with pytest.raises(ConfigError, match="holds checkpoints of its own"):
+        find(TrainConfig(resume=f"file://{store.checkpoint(4)}"), paths.out_dir)
 
     # Named explicitly, a complete remote checkpoint is downloaded.
     explicit = find(TrainConfig(resume=f"file://{store.checkpoint(4)}"), tmp_path / "x")

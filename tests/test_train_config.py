@@ -77,12 +77,16 @@ def test_every_shipped_preset_loads():
         (["--report_to", "tensorbord"], "unknown tracker 'tensorbord'"),
         (["--max_step", "5"], "unknown config field 'max_step'; did you mean 'max_steps'?"),
         (["stray"], "unexpected argument 'stray'"),
+        (["--n_head", "0"], "n_head must be >= 1, got 0"),
+        (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+        (["--max_lr", "nan"], "max_lr must be a finite number, got nan"),
+        (["--grad_clip", "inf"], "grad_clip must be a finite number, got inf"),
     ],
 )
 def test_bad_values_are_clear_errors(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_config(argv)
-    assert message in str(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_preset_names_the_file_and_key(tmp_path):

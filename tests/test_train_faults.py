@@ -78,10 +78,22 @@ class Touch:
         return (Path.touch, (self.path,))
 
 
-def plant_pickle(checkpoint: Path, name: str, proof: Path) -> None:
+class NumpyRun:
+    """Unpickling this runs code through a numpy function (numpy.testing's `runstring`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return (runstring, (f"open({str(self.path)!r}, 'w').close()", {}))
+
+
+def plant_pickle(checkpoint: Path, name: str, proof: Path, numpy_callable: bool = False) -> None:
     """Replace (or add) `name` with a torch file whose unpickling would create `proof`, and rewrite the
     manifest's entry to match, as an attacker who can write the folder would."""
-    torch.save({"state": Touch(proof)}, checkpoint / name)
+    torch.save({"state": NumpyRun(proof) if numpy_callable else Touch(proof)}, checkpoint / name)
     manifest = json.loads((checkpoint / "checkpoint.json").read_text())
     manifest["files"][name] = {"bytes": (checkpoint / name).stat().st_size, "sha256": file_sha256(checkpoint / name)}
     (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
@@ -100,7 +112,26 @@ DAMAGES = {
     "empty folder": lambda c, _: [p.unlink() for p in c.iterdir()],
     "planted pickle": lambda c, proof: plant_pickle(c, "optimizer.bin", proof),
     "planted custom state": lambda c, proof: plant_pickle(c, "custom_checkpoint_0.pkl", proof),
+    "planted numpy callable": lambda c, proof: plant_pickle(c, "optimizer.bin", proof, numpy_callable=True),
+    "train state of another step": lambda c, _: rewrite_state(c, step=5),
+    "symlink to another file": lambda c, _: link_outside(c, "optimizer.bin"),
 }
+
+
+def rewrite_state(checkpoint: Path, **changes) -> None:
+    """A consistent-looking train_state.json (its manifest entry rewritten) that lies about the state."""
+    path = checkpoint / "train_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"]["train_state.json"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def link_outside(checkpoint: Path, name: str) -> None:
+    """`name` replaced by a link to a copy outside the folder (same bytes, so the hashes still match)."""
+    outside = checkpoint.parent.parent / f"outside_{name}"
+    shutil.move(checkpoint / name, outside)
+    (checkpoint / name).symlink_to(outside)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -344,3 +375,39 @@ def test_the_checkpoint_holds_no_pickle_of_our_own_state(stopped):
             "numpy.dtypes.UInt32DType",
             "_codecs.encode",
         }
+
+
+def test_with_every_checkpoint_damaged_relaunches_keep_refusing(data_dir, stopped, tmp_path):  # noqa: F811
+    """None intact is an error, and stays one on the next identical launch: never a silent restart."""
+    run = copy_run(stopped, tmp_path)
+    for step in ("step_000004", "step_000008"):
+        flip_byte(run / "checkpoints" / step / "model.safetensors")
+    log = (run / "log.jsonl").read_text()
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
+            train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
+    assert (run / "log.jsonl").read_text() == log
+
+
+def test_an_rng_file_that_is_not_an_rng_state_is_an_error(data_dir, stopped, tmp_path):  # noqa: F811
+    """A harmless pickle in place of the RNG state, its hashes rewritten: Accelerate would go on with
+    other random numbers; the trainer stops instead."""
+    run = copy_run(stopped, tmp_path)
+    checkpoint = run / "checkpoints" / "step_000008"
+    torch.save({}, checkpoint / "random_states_0.pkl")
+    plant = json.loads((checkpoint / "checkpoint.json").read_text())
+    rng = checkpoint / "random_states_0.pkl"
+    plant["files"]["random_states_0.pkl"] = {"bytes": rng.stat().st_size, "sha256": file_sha256(rng)}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(plant))
+    with pytest.raises(CheckpointError, match="random_states_0.pkl holds no usable RNG state"):
+        train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp_path):  # noqa: F811
+    victim = tmp_path / "victim"
+    victim.write_text("important")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    line = one_line_error(run_cli(nano_args(data_dir, out)))
+    assert "cannot hold a run" in line and victim.read_text() == "important"

@@ -30,8 +30,15 @@ MANIFEST = "checkpoint.json"
 STATE_FILE = "train_state.json"
 MANIFEST_FORMAT = 1
 # What a checkpoint's pickled files may contain besides tensors and plain values: numpy arrays and
-# dtypes in the RNG states (the globals Accelerate itself allows when it loads them).
-SAFE_PICKLE_GLOBALS = ("numpy.", "_codecs.encode", "codecs.encode")
+# dtypes in the RNG states, exactly the globals Accelerate itself allows when it loads them.
+SAFE_PICKLE_GLOBALS = {
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "_codecs.encode",
+}
+SAFE_PICKLE_PREFIXES = ("numpy.dtypes.",)  # the dtype classes (UInt32DType, ...): plain data
 # Settings whose change makes a resumed run differ from an uninterrupted one. The data is compared by
 # the fingerprint of its training shards, so a moved data folder still resumes.
 RESUME_FIELDS = (
@@ -53,6 +60,7 @@ RESUME_FIELDS = (
     "adam_eps",
     "grad_clip",
     "seed",
+    "mixed_precision",
 )
 
 
@@ -77,9 +85,11 @@ class TrainState:
         self.loader.load_state_dict(state["loader"])
 
 
-def run_settings(config: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with (`RESUME_FIELDS` and the training data)."""
-    return {**{name: getattr(config, name) for name in RESUME_FIELDS}, "data": data_fingerprint}
+def run_settings(config: TrainConfig, data_fingerprint: str, processes: int) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with: `RESUME_FIELDS`, the training data and the number
+    of processes (each rank's RNG state and share of the batch)."""
+    fields = {name: getattr(config, name) for name in RESUME_FIELDS}
+    return {**fields, "data": data_fingerprint, "processes": processes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +165,9 @@ def checkpoint_problems(folder: Path) -> list[str]:
         listed = None
     if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
         return [f"{MANIFEST} is not a valid checkpoint manifest"]
+    links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+    if links:
+        return [f"{', '.join(links)} is a symbolic link, which a checkpoint never holds"]
     problems = []
     present = dict(local_files(folder))
     for rel, expected in listed.items():
@@ -168,6 +181,8 @@ def checkpoint_problems(folder: Path) -> list[str]:
     problems += [f"{rel} is not one of the files the trainer wrote" for rel in sorted(set(present) - set(listed))]
     if STATE_FILE not in listed:
         problems.append(f"{STATE_FILE} is not listed")
+    elif not problems:
+        problems += state_problems(folder)
     for rel, path in present.items():
         if rel in listed and path.suffix in (".bin", ".pkl", ".pt") and not problems:
             problems += unsafe_pickle_problems(path, rel)
@@ -183,8 +198,34 @@ def unsafe_pickle_problems(path: Path, rel: str) -> list[str]:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as err:
         return [f"{rel} is not a torch file ({type(err).__name__})"]
-    unsafe = [name for name in needed if not name.startswith(SAFE_PICKLE_GLOBALS)]
+    unsafe = [name for name in needed if name not in SAFE_PICKLE_GLOBALS and not name.startswith(SAFE_PICKLE_PREFIXES)]
     return [f"{rel} needs {', '.join(unsafe)} to load, which could run code; refused"] if unsafe else []
+
+
+def state_problems(folder: Path) -> list[str]:
+    """What is inconsistent in `train_state.json`: its step must be the folder's and the manifest's, its
+    tokens those of that many steps, and the loader's position plain numbers of the expected form."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        manifest_step = json.loads((folder / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return [f"{STATE_FILE} is not readable JSON"]
+    if not isinstance(state, dict):
+        return [f"{STATE_FILE} is not a JSON object"]
+    step, tokens, settings = state.get("step"), state.get("tokens"), state.get("settings")
+    loader, processes = state.get("loader"), state.get("processes")
+    if type(step) is not int or step != remote.parse_step(folder.name) or step != manifest_step:
+        return [f"{STATE_FILE} step {step!r} is not the folder's ({folder.name}) and the manifest's ({manifest_step})"]
+    if not isinstance(settings, dict) or type(settings.get("total_batch_size")) is not int:
+        return [f"{STATE_FILE} has no settings"]
+    if type(tokens) is not int or tokens != step * settings["total_batch_size"]:
+        return [f"{STATE_FILE} tokens {tokens!r} is not {step} steps of {settings['total_batch_size']}"]
+    if type(processes) is not int or processes < 1:
+        return [f"{STATE_FILE} processes {processes!r} is not a count of processes"]
+    numbers = ("epoch", "chunks_done", "batch_size", "world_size", "seq_len", "seed")
+    if not isinstance(loader, dict) or not all(type(loader.get(key)) is int and loader[key] >= 0 for key in numbers):
+        return [f"{STATE_FILE} has no valid loader position"]
+    return []
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
@@ -222,7 +263,7 @@ def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
     temporary ones being written (whether each is intact is `checkpoint_problems`' question)."""
     if not checkpoints.is_dir():
         return {}
-    steps = {p: remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir()}
+    steps = {p: remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir() and not p.is_symlink()}
     return {step: p for p, step in steps.items() if step is not None}
 
 
@@ -270,6 +311,12 @@ def find_resume_checkpoint(
         return None
     if config.resume == "auto":
         return newest_intact(local, remote_steps, store, checkpoints, out_dir, settings)
+    own = "://" not in config.resume and Path(config.resume).resolve().parent == checkpoints.resolve()
+    if local and not own:  # mixing another run's history into this one would lose track of both
+        raise ConfigError(
+            f"out_dir {out_dir} holds checkpoints of its own (newest {local[max(local)].name}); to continue it use "
+            f"--resume auto, to resume {config.resume} choose a new --out_dir"
+        )
     if "://" in config.resume:
         logger.info("downloading %s", config.resume)
         folder = remote.download_url(config.resume, checkpoints, out_dir)
@@ -278,6 +325,12 @@ def find_resume_checkpoint(
         if not (folder.is_dir() and remote.parse_step(folder.name) is not None):
             raise ConfigError(
                 f"resume: {folder} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''"
+            )
+        newer = [step for step in local if step > remote.parse_step(folder.name)]
+        if newer:
+            raise ConfigError(
+                f"resume: out_dir {out_dir} holds newer checkpoints ({remote.step_name(max(newer))}); resuming from "
+                f"{folder.name} would mix two histories: choose a new --out_dir"
             )
     check_resumable(folder, settings)
     return folder
@@ -315,8 +368,13 @@ def newest_intact(
             continue
         check_resumable(folder, settings)
         return folder
-    if rejected:
-        raise CheckpointError(f"no intact checkpoint to resume from ({' | '.join(rejected)})")
+    set_aside_before = sorted(p.name for p in checkpoints.glob("damaged_step_*")) if checkpoints.is_dir() else []
+    if rejected or set_aside_before:
+        found = " | ".join(rejected) or f"only damaged checkpoints remain: {', '.join(set_aside_before)}"
+        raise CheckpointError(
+            f"no intact checkpoint to resume from ({found}); resume one explicitly with --resume PATH, or start "
+            "a new run in another --out_dir"
+        )
     return None
 
 
@@ -335,7 +393,26 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
             f"--init_from {checkpoint} --out_dir NEW_DIR"
         )
     accelerator.load_state(str(checkpoint))
-    state.load_state_dict(read_train_state(checkpoint))
+    check_rng_restored(rng_file)
+    try:
+        state.load_state_dict(read_train_state(checkpoint))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{checkpoint}/{STATE_FILE}: {err}") from err
+
+
+def check_rng_restored(rng_file: Path) -> None:
+    """Raise unless the torch RNG now holds the state saved in `rng_file`: Accelerate swallows any
+    error while restoring RNG states, and a run resumed with other random numbers is not exact."""
+    import torch
+    from accelerate.utils import load
+
+    try:
+        saved = load(rng_file)["torch_manual_seed"]  # weights_only, with Accelerate's numpy allowlist
+        restored = torch.equal(saved, torch.get_rng_state())
+    except Exception as err:  # any way the file fails to hold an RNG state means the same here
+        raise CheckpointError(f"{rng_file} holds no usable RNG state ({type(err).__name__}: {err})") from err
+    if not restored:
+        raise CheckpointError(f"{rng_file}: the RNG state was not restored from it; the file is not an RNG state")
 
 
 def load_weights(model, folder: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -131,6 +132,17 @@ AT_LEAST_ZERO += ("remote_keep_last",)
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
     """Each inconsistent or out-of-range value of `c`, as a message naming the field."""
+    floats = [f.name for f in dataclasses.fields(c) if isinstance(getattr(c, f.name), float)]
+    yield from (
+        f"{name} must be a finite number, got {getattr(c, name)}"
+        for name in floats
+        if not math.isfinite(getattr(c, name))
+    )
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            yield f"{name} must be >= 1, got {getattr(c, name)}"
+    if not 0 <= c.seed < 2**32:
+        yield f"seed must be in [0, 2**32), got {c.seed}"
     yield from (f"{name} must be >= 1, got {getattr(c, name)}" for name in AT_LEAST_ONE if getattr(c, name) < 1)
     yield from (f"{name} must be >= 0, got {getattr(c, name)}" for name in AT_LEAST_ZERO if getattr(c, name) < 0)
     for name in ("warmup_steps", "stop_at_step"):
@@ -173,8 +185,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         return
     try:
         n_positions = c.model_config().n_positions
-    except (ValueError, StrictDataclassError) as err:  # the model config's own checks
-        yield f"model size: {err}"
+    except (ValueError, StrictDataclassError, ZeroDivisionError) as err:  # the model config's own checks
+        yield f"model size: {' '.join(str(err).split())}"
         return
     if c.seq_len > n_positions:
         yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
@@ -238,6 +250,8 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path} (presets in {PRESETS_DIR}: {presets})")
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):

@@ -12,7 +12,7 @@ export at the root of the default branch, so that `from_pretrained("user/name")`
 
 A remote checkpoint is `step_NNNNNN/` holding the `save_state` files, `logs/` (the run's log.jsonl and
 samples.jsonl up to that step) and `COMPLETE`, uploaded last: JSON of the step and every file with its
-size. Only a folder with `COMPLETE` counts: resume never uses one without it, and prune removes such
+size and sha256. Only a folder with `COMPLETE` counts: resume never uses one without it, and prune removes such
 leftovers of an interrupted upload once a newer checkpoint is complete.
 """
 
@@ -232,6 +232,8 @@ def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
             f"{folder} holds no {MARKER} marker: its upload did not finish, so it is not used; name a complete "
             "checkpoint or use --resume auto"
         ) from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RemoteError(f"{folder}/{MARKER} is not valid JSON ({err})") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +312,13 @@ def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints:
     targets = {rel: tmp / rel for rel in files}
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    fs.get([f"{folder}/{rel}" for rel in targets], [str(p) for p in targets.values()])
+    try:
+        fs.get([f"{folder}/{rel}" for rel in targets], [str(p) for p in targets.values()])
+    except (OSError, ValueError) as err:  # a listed file missing or unreadable in the store
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RemoteError(
+            f"{folder}: cannot download the files its {MARKER} lists ({type(err).__name__}: {err})"
+        ) from err
     wrong = [
         rel
         for rel, expected in files.items()
@@ -332,6 +340,8 @@ def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints:
 
 def download_url(url: str, checkpoints: Path, out_dir: Path) -> Path:
     """`--resume URL`: the complete checkpoint at `url` (…/step_NNNNNN), downloaded."""
+    if url.startswith("file://") and not url.startswith("file:///"):
+        raise RemoteError(f"{url}: a file:// URL needs an absolute path (file:///abs/path)")
     if url.startswith("hf://"):
         from huggingface_hub import HfFileSystem
 

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -100,10 +101,20 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise a one-line `ConfigError` naming its holder."""
-        if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise ConfigError(f"out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        out = self.path.parent
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out_dir {out} is a file, not a folder; choose another --out_dir")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a .lock planted as a link never makes us write another file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"out_dir {out} cannot hold a run ({err.strerror}: {err.filename}); choose another --out_dir"
+            ) from err
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"{self.path} is not a regular file; remove it or choose another --out_dir")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -117,7 +128,24 @@ class RunLock:
         os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go of the lock; with `remove`, also delete the lock file (a launch refused at once)."""
+        if remove and self.fd is not None:
+            self.path.unlink(missing_ok=True)
         if self.fd is not None:
             os.close(self.fd)  # closing releases the lock; the file stays, harmlessly
             self.fd = None
+
+
+def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
+    """Lock out_dir (first, so that two launches cannot both pass the checks), then check it may hold
+    this run; a refused launch removes what it made (the lock file, an out_dir it created)."""
+    made_dir, made_lock = not paths.out_dir.exists(), not paths.lock.exists()
+    lock.acquire()
+    try:
+        check_out_dir(paths, resume)
+    except ConfigError:
+        lock.release(remove=made_lock)
+        if made_dir:
+            paths.out_dir.rmdir()
+        raise
