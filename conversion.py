@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchConfig, GPT2ScratchForCausalLM
+from user_errors import UserError
 
 # The config fields that mean the same in GPT-2's config and ours, in both directions. Dropout is the
 # one field with different names: ours is one probability, GPT-2 has three (see `gpt2_config`).
@@ -175,7 +176,7 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
     return GPT2ScratchConfig(**{name: getattr(official, name) for name in SHARED_CONFIG_FIELDS})
 
 
-class NanoGPTCheckpointError(ValueError):
+class NanoGPTCheckpointError(UserError, ValueError):
     """A file is not a nanoGPT / build-nanogpt checkpoint that this model can load."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from user_errors import UserError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -34,7 +36,7 @@ TOKENIZER_NAME = "gpt2"
 SPLITS = ("val", "train")
 
 
-class DataPrepError(RuntimeError):
+class DataPrepError(UserError, RuntimeError):
     """A data source, shard or manifest is not what `data_prep` expects."""
 
 

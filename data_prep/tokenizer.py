@@ -21,6 +21,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from user_errors import UserError
+
 EOT_TOKEN = "<|endoftext|>"
 # The model file declares the same two numbers (GPT2_VOCAB_SIZE, EOT_TOKEN_ID) because it must load alone;
 # this module must not import torch (tokenizer workers stay light). tests/test_tokenizer.py checks they agree.
@@ -35,7 +37,7 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-class TokenizerFileError(RuntimeError):
+class TokenizerFileError(UserError, RuntimeError):
     """A GPT-2 BPE file is missing or is not the official one."""
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from user_errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded from the given folder or Hub id."""
 
 

@@ -32,6 +32,7 @@ from eval.common import (
     resolve_device,
     run_cli,
 )
+from user_errors import UserError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_CACHE = Path(os.environ.get("GPT2_SCRATCH_CACHE", Path.home() / ".cache" / "gpt2_scratch"))
@@ -40,7 +41,7 @@ PAD_ID = EOT_ID  # any id would do: padding sits after the last real token and i
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "hellaswag_completion"
 
 
-class HellaSwagDataError(ValueError):
+class HellaSwagDataError(UserError, ValueError):
     """The HellaSwag file is missing, malformed or empty."""
 
 

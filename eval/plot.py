@@ -16,11 +16,12 @@ from pathlib import Path
 
 from eval.common import run_cli
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM, Reference
+from user_errors import UserError
 
 LOG_NAME = "log.jsonl"
 
 
-class TrainingLogError(ValueError):
+class TrainingLogError(UserError, ValueError):
     """`log.jsonl` is missing, malformed, or holds nothing to plot."""
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_run import data_dir, launch, metric, nano_args, one_thread, train_in_process, wait_for_step  # noqa: F401
+from trainer_runs import launch, metric, nano_args, train_in_process, wait_for_step
 
 from training import remote as cr
 from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
 from training.config import ConfigError, TrainConfig
 from training.hub import HubError
 from training.run_dir import RunPaths
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = {"seed": 1, "total_batch_size": 256, "data": "abc"}  # what the stand-in checkpoints were saved with
 LOADER = {"epoch": 0, "chunks_done": 0, "batch_size": 4, "world_size": 1, "seq_len": 32, "seed": 1}
@@ -185,7 +187,7 @@ def test_preflight_rejects_an_unwritable_remote(tmp_path):
     assert list(Path(writable.checkpoints).iterdir()) == []  # the probe is gone
 
 
-def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_path):  # noqa: F811
+def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     argv = nano_args(data_dir, tmp_path / "out", checkpoint_remote=f"file://{tmp_path}/a_file/run")
     with pytest.raises(cr.RemoteError, match="checkpoint_remote: cannot write to"):
@@ -259,7 +261,7 @@ def test_a_failed_upload_is_raised_at_the_end(tmp_path):
     assert not (tmp_path / "staging").exists()
 
 
-def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_dir, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_dir, tmp_path):
     # Dropout on and samples drawn: the RNG states must travel with the checkpoint too.
     common = dict(dropout=0.1, max_steps=40, stop_at_step=16, save_interval=4, eval_interval=5, remote_keep_last=2)
     reference = tmp_path / "reference"

@@ -15,28 +15,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_run import (  # noqa: F401  (fixtures)
-    ONE_THREAD,
-    ROOT,
-    data_dir,
-    launch,
-    metric,
-    nano_args,
-    one_thread,
-    records,
-    train_in_process,
-)
+from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process
 
 from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
 from training.checkpoints import CheckpointError
 from training.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Dropout on and samples drawn: both use the RNG states a checkpoint must restore.
 COMMON = dict(dropout=0.1, max_steps=12, save_interval=4, eval_interval=4, keep_checkpoints=2)
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+def reference(data_dir, tmp_path_factory) -> Path:
     """An uninterrupted run to step 12."""
     out = tmp_path_factory.mktemp("faults") / "reference"
     train_in_process(nano_args(data_dir, out, **COMMON))
@@ -44,7 +36,7 @@ def reference(data_dir, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def stopped(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+def stopped(data_dir, tmp_path_factory) -> Path:
     """The same run stopped after step 8: checkpoints step_000004 and step_000008."""
     out = tmp_path_factory.mktemp("faults") / "stopped"
     train_in_process(nano_args(data_dir, out, stop_at_step=8, **COMMON))
@@ -135,7 +127,7 @@ def link_outside(checkpoint: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(damage, data_dir, stopped, reference, tmp_path):  # noqa: F811
+def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(damage, data_dir, stopped, reference, tmp_path):
     run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
     DAMAGES[damage](run / "checkpoints" / "step_000008", proof)
     train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
@@ -164,7 +156,7 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     return line
 
 
-def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_dir, stopped, tmp_path):  # noqa: F811
+def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_dir, stopped, tmp_path):
     run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
     checkpoint = run / "checkpoints" / "step_000008"
     plant_pickle(checkpoint, "random_states_0.pkl", proof)
@@ -177,7 +169,7 @@ def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_
     assert not proof.exists()
 
 
-def test_a_remote_checkpoint_with_a_planted_pickle_is_refused_and_runs_no_code(data_dir, stopped, tmp_path):  # noqa: F811
+def test_a_remote_checkpoint_with_a_planted_pickle_is_refused_and_runs_no_code(data_dir, stopped, tmp_path):
     from training import remote
 
     proof, remote_dir = tmp_path / "code_ran", tmp_path / "remote"
@@ -196,7 +188,7 @@ def test_a_remote_checkpoint_with_a_planted_pickle_is_refused_and_runs_no_code(d
     assert not proof.exists()
 
 
-def test_sigkill_during_the_final_export_then_relaunch_rebuilds_it(data_dir, stopped, reference, tmp_path):  # noqa: F811
+def test_sigkill_during_the_final_export_then_relaunch_rebuilds_it(data_dir, stopped, reference, tmp_path):
     run = copy_run(stopped, tmp_path)
     proc = launch(nano_args(data_dir, run, resume="auto", **COMMON))
     final = run / "checkpoints" / "step_000012"
@@ -225,7 +217,7 @@ def test_sigkill_during_the_final_export_then_relaunch_rebuilds_it(data_dir, sto
     )
 
 
-def test_two_trainers_on_one_run_folder(data_dir, tmp_path):  # noqa: F811
+def test_two_trainers_on_one_run_folder(data_dir, tmp_path):
     out = tmp_path / "shared"
     argv = nano_args(data_dir, out, max_steps=6, save_interval=3, eval_interval=6, num_samples=0)
     first, second = launch(argv), launch(argv)
@@ -237,7 +229,7 @@ def test_two_trainers_on_one_run_folder(data_dir, tmp_path):  # noqa: F811
     assert [r["step"] for r in records(out) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
 
 
-def test_a_lock_left_by_a_killed_trainer_does_not_block(data_dir, tmp_path):  # noqa: F811
+def test_a_lock_left_by_a_killed_trainer_does_not_block(data_dir, tmp_path):
     out = tmp_path / "killed"
     proc = launch(nano_args(data_dir, out, max_steps=200, save_interval=2, eval_interval=200, num_samples=0))
     while not (out / "checkpoints").is_dir():
@@ -283,7 +275,7 @@ def test_a_mistyped_data_folder_is_refused_and_left_untouched(tmp_path):
         ("max_lr", "0.001", "0.003"),
     ],
 )
-def test_a_changed_setting_is_refused_naming_old_and_new(field, value, old, data_dir, stopped, tmp_path):  # noqa: F811
+def test_a_changed_setting_is_refused_naming_old_and_new(field, value, old, data_dir, stopped, tmp_path):
     run = copy_run(stopped, tmp_path)
     with pytest.raises(CheckpointError) as error:
         train_in_process([*nano_args(data_dir, run, resume="auto", **COMMON), f"--{field}", value])
@@ -300,7 +292,7 @@ def test_other_training_data_is_refused_on_resume(stopped, tmp_path):
         train_in_process(nano_args(other, copy_run(stopped, tmp_path), resume="auto", **COMMON))
 
 
-def test_init_from_starts_a_new_run_from_the_checkpoints_weights(data_dir, stopped, tmp_path):  # noqa: F811
+def test_init_from_starts_a_new_run_from_the_checkpoints_weights(data_dir, stopped, tmp_path):
     checkpoint = stopped / "checkpoints" / "step_000008"
     out = tmp_path / "longer"
     common = {**COMMON, "max_steps": 2, "warmup_steps": 1, "save_interval": 2, "eval_interval": 2}
@@ -327,7 +319,7 @@ def damage_val_shard(data: Path, tmp_path: Path, token: int | None) -> Path:
     return copy
 
 
-def test_the_val_shard_is_checked_before_training(data_dir, tmp_path):  # noqa: F811
+def test_the_val_shard_is_checked_before_training(data_dir, tmp_path):
     flipped = damage_val_shard(data_dir, tmp_path / "a", None)
     with pytest.raises(ShardError, match="val_000000.bin: sha256 .* does not match"):
         train_in_process(nano_args(flipped, tmp_path / "out_a"))
@@ -337,7 +329,7 @@ def test_the_val_shard_is_checked_before_training(data_dir, tmp_path):  # noqa: 
     assert not (tmp_path / "out_a" / "log.jsonl").exists()
 
 
-def test_user_errors_are_one_line(data_dir, tmp_path):  # noqa: F811
+def test_user_errors_are_one_line(data_dir, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("max_steps: [1, 2\n")
     a_file = tmp_path / "a_file"
@@ -377,7 +369,7 @@ def test_the_checkpoint_holds_no_pickle_of_our_own_state(stopped):
         }
 
 
-def test_with_every_checkpoint_damaged_relaunches_keep_refusing(data_dir, stopped, tmp_path):  # noqa: F811
+def test_with_every_checkpoint_damaged_relaunches_keep_refusing(data_dir, stopped, tmp_path):
     """None intact is an error, and stays one on the next identical launch: never a silent restart."""
     run = copy_run(stopped, tmp_path)
     for step in ("step_000004", "step_000008"):
@@ -389,7 +381,7 @@ def test_with_every_checkpoint_damaged_relaunches_keep_refusing(data_dir, stoppe
     assert (run / "log.jsonl").read_text() == log
 
 
-def test_an_rng_file_that_is_not_an_rng_state_is_an_error(data_dir, stopped, tmp_path):  # noqa: F811
+def test_an_rng_file_that_is_not_an_rng_state_is_an_error(data_dir, stopped, tmp_path):
     """A harmless pickle in place of the RNG state, its hashes rewritten: Accelerate would go on with
     other random numbers; the trainer stops instead."""
     run = copy_run(stopped, tmp_path)
@@ -403,7 +395,7 @@ def test_an_rng_file_that_is_not_an_rng_state_is_an_error(data_dir, stopped, tmp
         train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
 
 
-def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp_path):  # noqa: F811
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("important")
     out = tmp_path / "run"

@@ -2,115 +2,21 @@
 export, the Hub push (without the network), exact resume after SIGKILL, SIGTERM, and 2 processes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState, GradientState
+from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process, wait_for_step
 
-import train_accelerate as ta
 from data_prep.sources import BUILTIN_NAME
 from training.checkpoints import latest_checkpoint
 from training.config import TrainConfig, parse_config
 from training.hub import HubError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# Tiny models run fastest on one thread, and far more steadily when other work shares the cores.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    from data_prep import prepare_builtin
-
-    return prepare_builtin(tmp_path_factory.mktemp("builtin"))
-
-
-def nano_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
-    fields = dict(
-        data_dir=data_dir,
-        out_dir=out_dir,
-        model="cpu-nano",
-        seq_len=32,
-        micro_batch_size=4,
-        total_batch_size=256,  # 2 accumulation steps in one process
-        max_steps=30,
-        warmup_steps=3,
-        max_lr=3e-3,
-        log_interval=1,
-        eval_interval=5,
-        val_batches=2,
-        save_interval=4,
-        num_samples=1,
-        sample_tokens=4,
-        report_to="none",
-        hellaswag_path="none",
-        peak_flops=1e11,
-    )
-    fields.update(overrides)
-    return [item for name, value in fields.items() for item in (f"--{name}", str(value))]
-
-
-def train_in_process(argv: list[str]) -> dict:
-    try:
-        return ta.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def launch(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def records(out_dir: Path) -> list[dict]:
-    """log.jsonl's records; a line still being written is left out."""
-    path = Path(out_dir) / "log.jsonl"
-    found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return found
-
-
-def metric(out_dir: Path, name: str) -> dict[int, float]:
-    return {r["step"]: r[name] for r in records(out_dir) if name in r}
-
-
-def wait_for_step(out_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while max(metric(out_dir, "train/loss"), default=0) < step:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no step {step} within {timeout}s")
-        time.sleep(0.02)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeHub:

@@ -3,7 +3,6 @@
 runs the loop; everything here takes the pieces it needs, so tests and benchmarks import it directly.
 """
 
+from user_errors import UserError
 
-class UserError(Exception):
-    """An error in what the user gave (a config value, a file, a URL, an account): the command line
-    prints it as one `error:` line and exits with status 2, never as a traceback."""
+__all__ = ["UserError"]

@@ -1,0 +1,90 @@
+"""Helpers for tests that run the trainer: the tiny run's flags, running it in this process or as a
+real launch, and reading what it logged. The `data_dir` and `one_thread` fixtures are in conftest.py."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+import train_accelerate as ta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models run fastest on one thread, and far more steadily when other work shares the cores.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def nano_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
+    fields = dict(
+        data_dir=data_dir,
+        out_dir=out_dir,
+        model="cpu-nano",
+        seq_len=32,
+        micro_batch_size=4,
+        total_batch_size=256,  # 2 accumulation steps in one process
+        max_steps=30,
+        warmup_steps=3,
+        max_lr=3e-3,
+        log_interval=1,
+        eval_interval=5,
+        val_batches=2,
+        save_interval=4,
+        num_samples=1,
+        sample_tokens=4,
+        report_to="none",
+        hellaswag_path="none",
+        peak_flops=1e11,
+    )
+    fields.update(overrides)
+    return [item for name, value in fields.items() for item in (f"--{name}", str(value))]
+
+
+def train_in_process(argv: list[str]) -> dict:
+    try:
+        return ta.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def launch(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
+        cwd=ROOT,
+        env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def records(out_dir: Path) -> list[dict]:
+    """log.jsonl's records; a line still being written is left out."""
+    path = Path(out_dir) / "log.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return found
+
+
+def metric(out_dir: Path, name: str) -> dict[int, float]:
+    return {r["step"]: r[name] for r in records(out_dir) if name in r}
+
+
+def wait_for_step(out_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while max(metric(out_dir, "train/loss"), default=0) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no step {step} within {timeout}s")
+        time.sleep(0.02)
