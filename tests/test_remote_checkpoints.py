@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from trainer_runs import launch, metric, nano_args, train_in_process, wait_for_step
 
 from training import remote as cr
@@ -24,11 +25,12 @@ LOADER = {"epoch": 0, "chunks_done": 0, "batch_size": 4, "world_size": 1, "seq_l
 
 
 def make_checkpoint(folder: Path, step: int) -> Path:
-    """A stand-in for a trainer's checkpoint: files of distinct contents (a torch file in a subfolder),
-    our train_state.json, and the checkpoint.json manifest written last."""
+    """A stand-in for a trainer's checkpoint: files of distinct contents in the right formats (a torch
+    file in a subfolder), our train_state.json, and the checkpoint.json manifest written last."""
     (folder / "sub").mkdir(parents=True, exist_ok=True)
-    (folder / "model.safetensors").write_bytes(bytes((step + i) % 256 for i in range(300)))
-    torch.save({"state": {}, "step": torch.full((100,), step)}, folder / "optimizer.bin")
+    save_file({"w": torch.full((75,), float(step))}, folder / "model.safetensors")
+    optimizer = {"state": {0: {"step": torch.full((100,), step)}}, "param_groups": [{"params": [0]}]}
+    torch.save(optimizer, folder / "optimizer.bin")
     torch.save({"torch_manual_seed": torch.arange(10) + step}, folder / "sub" / "random_states_0.pkl")
     state = {"step": step, "tokens": step * 256, "processes": 1, "loader": LOADER, "settings": SETTINGS}
     (folder / "train_state.json").write_text(json.dumps(state))

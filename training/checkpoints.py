@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from data_prep.shards import file_sha256
 from training import UserError, remote
 from training.config import ConfigError, TrainConfig
+from training.files import read_regular, remove_ours
 
 logger = logging.getLogger("train")
 
@@ -31,14 +32,20 @@ STATE_FILE = "train_state.json"
 MANIFEST_FORMAT = 1
 # What a checkpoint's pickled files may contain besides tensors and plain values: numpy arrays and
 # dtypes in the RNG states, exactly the globals Accelerate itself allows when it loads them.
+# Names are matched exactly: a prefix such as "numpy.dtypes." would also admit
+# `numpy.dtypes.__builtins__`, and through it `exec`.
 SAFE_PICKLE_GLOBALS = {
     "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct",
     "numpy.ndarray",
     "numpy.dtype",
     "_codecs.encode",
+    # the dtype classes (UInt32DType, ...): plain data
+    *(f"numpy.dtypes.{kind}{bits}DType" for kind in ("Int", "UInt", "Float") for bits in (8, 16, 32, 64)),
+    "numpy.dtypes.BoolDType",
 }
-SAFE_PICKLE_PREFIXES = ("numpy.dtypes.",)  # the dtype classes (UInt32DType, ...): plain data
+# JSON files we read (manifest, train state) are small; a bigger one is damaged, not read into memory.
+MAX_JSON_BYTES = 64_000_000
 # Settings whose change makes a resumed run differ from an uninterrupted one. The data is compared by
 # the fingerprint of its training shards, so a moved data folder still resumes.
 RESUME_FIELDS = (
@@ -63,6 +70,9 @@ RESUME_FIELDS = (
     "mixed_precision",
 )
 
+# Settings that checkpoints saved before they were recorded do not hold: not compared for those.
+ADDED_LATER = ("val_batches", "val_data")
+
 
 class CheckpointError(UserError):
     """A checkpoint is damaged, incomplete, tampered with, or from a run with other settings."""
@@ -85,11 +95,15 @@ class TrainState:
         self.loader.load_state_dict(state["loader"])
 
 
-def run_settings(config: TrainConfig, data_fingerprint: str, processes: int) -> dict[str, Any]:
+def run_settings(
+    config: TrainConfig, data_fingerprint: str, processes: int, val_fingerprint: str | None = None
+) -> dict[str, Any]:
     """The settings a checkpoint must be resumed with: `RESUME_FIELDS`, the training data and the number
-    of processes (each rank's RNG state and share of the batch)."""
+    of processes (each rank's RNG state and share of the batch), and what val/loss is measured on (the
+    validation shards and `val_batches`), so that the curve means the same before and after a resume."""
     fields = {name: getattr(config, name) for name in RESUME_FIELDS}
-    return {**fields, "data": data_fingerprint, "processes": processes}
+    validation = {"val_batches": config.val_batches, "val_data": val_fingerprint} if val_fingerprint else {}
+    return {**fields, "data": data_fingerprint, "processes": processes, **validation}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +126,8 @@ def save_checkpoint(
     tmp = checkpoints / f".tmp_{final.name}"
     if acc.is_main_process:
         for stale in checkpoints.glob(".tmp_step_*"):  # left by a run killed while saving
-            shutil.rmtree(stale)
+            remove_ours(stale)  # a link planted there is removed, never followed or written through
+        tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
@@ -158,9 +173,11 @@ def checkpoint_problems(folder: Path) -> list[str]:
     every file its manifest lists is there with its size and sha256, nothing else is, and no pickled
     file asks for anything but tensors, plain values and numpy arrays."""
     try:
-        listed = json.loads((folder / MANIFEST).read_text()).get("files")
+        listed = json.loads(read_regular(folder / MANIFEST, MAX_JSON_BYTES)).get("files")
     except FileNotFoundError:
         return [f"no {MANIFEST} (its save did not finish, or it predates checksums)"]
+    except OSError as err:  # a folder, a FIFO (never waited on), a link, or too large
+        return [f"{MANIFEST} is not a readable file ({err.strerror})"]
     except (ValueError, AttributeError):
         listed = None
     if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
@@ -168,6 +185,9 @@ def checkpoint_problems(folder: Path) -> list[str]:
     links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
     if links:
         return [f"{', '.join(links)} is a symbolic link, which a checkpoint never holds"]
+    special = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not (p.is_file() or p.is_dir()))
+    if special:
+        return [f"{', '.join(special)} is not a regular file (a FIFO, device or socket)"]
     problems = []
     present = dict(local_files(folder))
     for rel, expected in listed.items():
@@ -186,7 +206,54 @@ def checkpoint_problems(folder: Path) -> list[str]:
     for rel, path in present.items():
         if rel in listed and path.suffix in (".bin", ".pkl", ".pt") and not problems:
             problems += unsafe_pickle_problems(path, rel)
+            if not problems and path.name.startswith("optimizer"):
+                problems += optimizer_problems(path, rel)
+        if rel in listed and path.suffix == ".safetensors" and not problems:
+            problems += safetensors_problems(path, rel)
     return problems
+
+
+def safetensors_problems(path: Path, rel: str) -> list[str]:
+    """A problem when `path` is not a valid safetensors file (a garbled header, one that claims more
+    bytes than the file has, tensors past its end): safetensors checks the header without reading
+    the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except Exception as err:  # SafetensorError, or OSError from the mmap: all mean a damaged file here
+        return [f"{rel} is not a valid safetensors file ({str(err).strip() or type(err).__name__})"]
+    return []
+
+
+def optimizer_problems(path: Path, rel: str) -> list[str]:
+    """A problem when `path` (already scanned: tensors and plain values only) is not an optimizer state
+    that `load_state_dict` can take: `state` and `param_groups`, every parameter in one group once, each
+    state a dict of tensors and numbers for a parameter of a group."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # whatever fails to load is a damaged file, never a traceback
+        return [f"{rel} does not load ({type(err).__name__})"]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and groups and isinstance(state, dict)):
+        return [f"{rel} is not an optimizer state (no state and param_groups)"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return [f"{rel}: a parameter group has no list of params"]
+    params = [i for g in groups for i in g["params"]]
+    values = (v for s in state.values() if isinstance(s, dict) for v in s.values())
+    if (
+        not all(type(i) in (int, str) for i in params)  # indices; names in an FSDP full optimizer state
+        or len(set(params)) != len(params)
+        or not set(state) <= set(params)
+        or not all(isinstance(s, dict) for s in state.values())
+        or not all(isinstance(v, (torch.Tensor, int, float)) for v in values)
+    ):
+        return [f"{rel} does not have the structure of an optimizer state"]
+    return []
 
 
 def unsafe_pickle_problems(path: Path, rel: str) -> list[str]:
@@ -198,7 +265,7 @@ def unsafe_pickle_problems(path: Path, rel: str) -> list[str]:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as err:
         return [f"{rel} is not a torch file ({type(err).__name__})"]
-    unsafe = [name for name in needed if name not in SAFE_PICKLE_GLOBALS and not name.startswith(SAFE_PICKLE_PREFIXES)]
+    unsafe = [name for name in needed if name not in SAFE_PICKLE_GLOBALS]
     return [f"{rel} needs {', '.join(unsafe)} to load, which could run code; refused"] if unsafe else []
 
 
@@ -206,8 +273,8 @@ def state_problems(folder: Path) -> list[str]:
     """What is inconsistent in `train_state.json`: its step must be the folder's and the manifest's, its
     tokens those of that many steps, and the loader's position plain numbers of the expected form."""
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-        manifest_step = json.loads((folder / MANIFEST).read_text()).get("step")
+        state = read_train_state(folder)
+        manifest_step = json.loads(read_regular(folder / MANIFEST, MAX_JSON_BYTES)).get("step")
     except (OSError, ValueError, AttributeError):
         return [f"{STATE_FILE} is not readable JSON"]
     if not isinstance(state, dict):
@@ -229,15 +296,16 @@ def state_problems(folder: Path) -> list[str]:
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / STATE_FILE).read_text())
+    return json.loads(read_regular(folder / STATE_FILE, MAX_JSON_BYTES))
 
 
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
+    other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
     return [
-        f"{name}: {saved.get(name)!r} -> {value!r}" if name != "data" else "data: other training shards"
+        other.get(name, f"{name}: {saved.get(name)!r} -> {value!r}")
         for name, value in current.items()
-        if saved.get(name) != value
+        if saved.get(name) != value and (name in saved or name not in ADDED_LATER)
     ]
 
 
@@ -294,6 +362,7 @@ def find_resume_checkpoint(
     one of out_dir and `store`; a damaged one is reported, set aside and the next older one tried
     (a run that has none starts afresh). A path or URL: that one, or a one-line error.
     """
+    remove_ours(out_dir / remote.STAGED_LOGS)  # logs of an earlier launch's downloads: never adopted now
     local = complete_checkpoints(checkpoints)
     remote_steps = remote.complete_steps(store) if store is not None else []
     if config.resume == "":
@@ -310,18 +379,29 @@ def find_resume_checkpoint(
             )
         return None
     if config.resume == "auto":
-        return newest_intact(local, remote_steps, store, checkpoints, out_dir, settings)
-    own = "://" not in config.resume and Path(config.resume).resolve().parent == checkpoints.resolve()
+        folder = newest_intact(local, remote_steps, store, checkpoints, out_dir, settings)
+    else:
+        folder = named_checkpoint(config.resume, local, checkpoints, out_dir, settings)
+    if folder is not None:  # the resume is certain: the logs that came with a download replace out_dir's
+        remote.adopt_logs(out_dir, folder.name)
+    return folder
+
+
+def named_checkpoint(
+    resume: str, local: dict[int, Path], checkpoints: Path, out_dir: Path, settings: dict[str, Any]
+) -> Path:
+    """`--resume PATH` or `URL`: that checkpoint (downloaded when remote) if it may continue this run."""
+    own = "://" not in resume and Path(resume).resolve().parent == checkpoints.resolve()
     if local and not own:  # mixing another run's history into this one would lose track of both
         raise ConfigError(
             f"out_dir {out_dir} holds checkpoints of its own (newest {local[max(local)].name}); to continue it use "
-            f"--resume auto, to resume {config.resume} choose a new --out_dir"
+            f"--resume auto, to resume {resume} choose a new --out_dir"
         )
-    if "://" in config.resume:
-        logger.info("downloading %s", config.resume)
-        folder = remote.download_url(config.resume, checkpoints, out_dir)
+    if "://" in resume:
+        logger.info("downloading %s", resume)
+        folder = remote.download_url(resume, checkpoints, out_dir)
     else:
-        folder = Path(config.resume)
+        folder = Path(resume)
         if not (folder.is_dir() and remote.parse_step(folder.name) is not None):
             raise ConfigError(
                 f"resume: {folder} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''"
@@ -392,7 +472,10 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
             f"{accelerator.num_processes}); resume with as many processes, or start a new run from its weights: "
             f"--init_from {checkpoint} --out_dir NEW_DIR"
         )
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # vetted, yet it does not fit
+        raise CheckpointError(f"{checkpoint} does not load into this run ({type(err).__name__}: {err})") from err
     check_rng_restored(rng_file)
     try:
         state.load_state_dict(read_train_state(checkpoint))

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import socket
 import threading
@@ -36,6 +37,7 @@ import fsspec
 
 from data_prep.shards import file_sha256
 from training import UserError
+from training.files import remove_ours
 
 logger = logging.getLogger("train.remote")
 
@@ -43,6 +45,11 @@ MARKER = "COMPLETE"
 LOGS = "logs"  # the run's records travel with each checkpoint, so a resumed run continues its log
 LOG_FILES = ("log.jsonl", "samples.jsonl")
 STEP_PREFIX = "step_"
+# A downloaded checkpoint's logs wait here until the resume from it is certain (out_dir/.remote_logs/step_N)
+STAGED_LOGS = ".remote_logs"
+OWNER = "run.json"  # in the store's checkpoints folder: the identity of the one run the store belongs to
+MAX_MARKER_BYTES = 16_000_000  # a marker lists a few files; a bigger one is not ours and is not read
+MAX_NAME_BYTES = 255  # the longest file name that local filesystems take
 
 
 class RemoteError(UserError, RuntimeError):
@@ -54,9 +61,10 @@ def step_name(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
-    """The step of a folder named step_NNNNNN (6+ digits), else None."""
-    digits = name[len(STEP_PREFIX) :]
-    return int(digits) if name.startswith(STEP_PREFIX) and len(digits) >= 6 and digits.isdigit() else None
+    """The step of a folder named step_NNNNNN (6+ ASCII digits), else None: `str.isdigit` would also take
+    a superscript (which `int` refuses) and other scripts' digits (which `int` reads, aliasing a step)."""
+    match = re.fullmatch(rf"{STEP_PREFIX}([0-9]{{6,}})", name)
+    return int(match[1]) if match else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +234,7 @@ def newest_complete(store: RemoteStore) -> int | None:
 
 def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
     try:
-        return json.loads(fs.cat_file(f"{folder}/{MARKER}"))
+        return json.loads(read_small_file(fs, f"{folder}/{MARKER}", MAX_MARKER_BYTES))
     except FileNotFoundError as err:
         raise RemoteError(
             f"{folder} holds no {MARKER} marker: its upload did not finish, so it is not used; name a complete "
@@ -234,6 +242,81 @@ def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
         ) from err
     except (ValueError, UnicodeDecodeError) as err:
         raise RemoteError(f"{folder}/{MARKER} is not valid JSON ({err})") from err
+
+
+def read_small_file(fs: fsspec.AbstractFileSystem, path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes in the store. A FIFO (which would block the
+    reader for ever), a device or a folder where the file belongs is a RemoteError, found from its
+    listing without opening it; FileNotFoundError when absent."""
+    info = fs.info(path)
+    if info.get("type") != "file" or not 0 <= (info.get("size") or 0) <= limit:
+        raise RemoteError(f"{path} is not a regular file of at most {limit:,} bytes (found: {info.get('type')})")
+    return fs.cat_file(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# One store, one run
+
+
+def owner_path(store: RemoteStore) -> str:
+    return f"{store.checkpoints}/{OWNER}"
+
+
+def store_owner(store: RemoteStore) -> str | None:
+    """The id of the run the store belongs to, None for a store no run has claimed."""
+    store.fs.invalidate_cache()
+    try:
+        record = json.loads(read_small_file(store.fs, owner_path(store), 4096))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RemoteError(f"{owner_path(store)} is not a run record of this trainer ({err})") from err
+    run = record.get("run") if isinstance(record, dict) else None
+    if not isinstance(run, str) or not run:
+        raise RemoteError(f"{owner_path(store)} is not a run record of this trainer (no run id)")
+    return run
+
+
+def store_run(store: RemoteStore, local_run: str | None, resume: str) -> str | None:
+    """The run id this launch continues in `store`: its own (`local_run`, read from out_dir), or, for a
+    resume on a machine whose out_dir has none yet, the store's. Refused, before anything is read or
+    written, when the store belongs to another run: two runs in one store would mix their checkpoints
+    and exports. None when neither has one (`claim_store` then makes one)."""
+    owner = store_owner(store)
+    if owner is None or owner == local_run:
+        return local_run
+    if local_run is None and resume != "":
+        return owner
+    raise RemoteError(
+        f"checkpoint_remote {store.url} belongs to another run ({owner}; this run is {local_run or 'new'}): a store "
+        "holds one run's checkpoints. Choose another --checkpoint_remote, or continue that run with --resume auto "
+        "and its own out_dir"
+    )
+
+
+def claim_store(store: RemoteStore, run_id: str) -> None:
+    """Record `run_id` as the store's run, and read it back: of two runs claiming at once, one is refused."""
+    owner = store_owner(store)
+    if owner is None:
+        write(store, {owner_path(store): json.dumps({"run": run_id}).encode()}, f"checkpoint_remote: run {run_id}")
+        owner = store_owner(store)
+    if owner != run_id:
+        raise RemoteError(f"checkpoint_remote {store.url} belongs to another run ({owner}); choose another")
+
+
+def check_apart(url: str, out_dir: Path) -> None:
+    """A local store (file://) must lie outside out_dir, and out_dir outside the store's folders: a store in
+    the run folder would have each upload overwrite the very checkpoint it reads."""
+    if not url.startswith("file://"):
+        return
+    store = open_store(url)
+    out = Path(out_dir).resolve()
+    root = Path(posixpath.dirname(store.checkpoints)).resolve()
+    inside = [Path(store.checkpoints).resolve(), Path(store.export).resolve()]
+    if root == out or out in root.parents or any(p == out or p in out.parents for p in inside):
+        raise RemoteError(
+            f"checkpoint_remote {url} is the run folder {out_dir} or overlaps it; the store must be another folder"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,10 +339,19 @@ def upload_plan(store: RemoteStore, step: int, checkpoint: Path, export: Path, l
 
 
 def upload_checkpoint(
-    store: RemoteStore, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = (), keep_last: int = 0
+    store: RemoteStore,
+    step: int,
+    checkpoint: Path,
+    export: Path,
+    logs: Iterable[Path] = (),
+    keep_last: int = 0,
+    run_id: str | None = None,
 ) -> None:
     """Upload one local checkpoint and the export (the checkpoint's files only once: a step already
-    complete remotely gets the export alone), then prune old remote checkpoints."""
+    complete remotely gets the export alone), then prune old remote checkpoints. With `run_id`, only
+    while the store still belongs to that run (`claim_store`): another run never gets our files mixed in."""
+    if run_id is not None and (owner := store_owner(store)) != run_id:
+        raise RemoteError(f"{store.url} now belongs to run {owner}, not to this run ({run_id}); nothing uploaded")
     plan = upload_plan(store, step, checkpoint, export, logs)
     found = remote_checkpoints(store)
     if found.get(step):
@@ -295,9 +387,24 @@ def marker_files(marker: Any, folder: str) -> dict[str, dict[str, Any]]:
         parts = rel.split("/")
         if not rel or rel.startswith("/") or "\\" in rel or any(part in ("", ".", "..") for part in parts):
             raise RemoteError(f"{folder}/{MARKER} names {rel!r}, which is not a plain path inside the checkpoint")
+        if not plain_name(rel):
+            raise RemoteError(
+                f"{folder}/{MARKER} names {rel[:80]!r}, which is not a file name this trainer writes (a NUL or "
+                f"control character, not UTF-8, or longer than {MAX_NAME_BYTES} bytes)"
+            )
         if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
             raise RemoteError(f"{folder}/{MARKER} lists {rel!r} without its bytes and sha256")
     return files
+
+
+def plain_name(rel: str) -> bool:
+    """Whether every part of `rel` is a name any local filesystem takes: UTF-8, no NUL or control
+    character, at most MAX_NAME_BYTES bytes."""
+    try:
+        parts = [part.encode() for part in rel.split("/")]
+    except UnicodeEncodeError:  # a lone surrogate, which JSON allows
+        return False
+    return all(len(part) <= MAX_NAME_BYTES for part in parts) and not any(ord(c) < 32 for c in rel)
 
 
 def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints: Path, out_dir: Path) -> Path:
@@ -308,14 +415,14 @@ def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints:
         raise RemoteError(f"{folder} is not a checkpoint folder (…/step_NNNNNN)")
     files = marker_files(read_marker(fs, folder), folder)
     final, tmp = checkpoints / name, checkpoints / f".tmp_{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_ours(tmp)  # a link planted there is removed, never written through
     targets = {rel: tmp / rel for rel in files}
-    for path in targets.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        for path in targets.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
         fs.get([f"{folder}/{rel}" for rel in targets], [str(p) for p in targets.values()])
-    except (OSError, ValueError) as err:  # a listed file missing or unreadable in the store
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, ValueError) as err:  # a listed file missing, unreadable or not a regular file in the store
+        remove_ours(tmp)
         raise RemoteError(
             f"{folder}: cannot download the files its {MARKER} lists ({type(err).__name__}: {err})"
         ) from err
@@ -327,15 +434,28 @@ def download_checkpoint(fs: fsspec.AbstractFileSystem, folder: str, checkpoints:
     if wrong:
         shutil.rmtree(tmp)
         raise RemoteError(f"{folder}: {', '.join(wrong)} differ from the sizes or sha256 of its {MARKER} marker")
-    for log in LOG_FILES:  # only the run's own log names: a marker cannot place other files in out_dir
-        if (tmp / LOGS / log).is_file():
-            os.replace(tmp / LOGS / log, out_dir / log)
-    shutil.rmtree(tmp / LOGS, ignore_errors=True)
+    staged = out_dir / STAGED_LOGS / name  # taken into out_dir by `adopt_logs` once the resume is certain
+    remove_ours(staged)
+    if (tmp / LOGS).is_dir():
+        staged.parent.mkdir(exist_ok=True)
+        os.replace(tmp / LOGS, staged)
     if final.is_dir():  # the same step saved locally meanwhile: keep that one
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, final)
     return final
+
+
+def adopt_logs(out_dir: Path, name: str) -> None:
+    """The logs that came with downloaded checkpoint `name` replace out_dir's (each by a rename, so a kill
+    leaves the old log or the new one), now that the run resumes from it; the staged logs are then
+    removed. Only the run's own log names are taken: a marker cannot place other files in out_dir."""
+    staged = out_dir / STAGED_LOGS
+    for log in LOG_FILES:
+        source = staged / name / log
+        if source.is_file() and not source.is_symlink():
+            os.replace(source, out_dir / log)
+    remove_ours(staged)
 
 
 def download_url(url: str, checkpoints: Path, out_dir: Path) -> Path:
@@ -365,11 +485,11 @@ class CheckpointUploader:
     waits for it.
     """
 
-    def __init__(self, store: RemoteStore, staging: Path, keep_last: int):
-        self.store, self.staging, self.keep_last = store, Path(staging), keep_last
+    def __init__(self, store: RemoteStore, staging: Path, keep_last: int, run_id: str | None = None):
+        self.store, self.staging, self.keep_last, self.run_id = store, Path(staging), keep_last, run_id
         self.thread: threading.Thread | None = None
         self.errors: list[str] = []
-        shutil.rmtree(self.staging, ignore_errors=True)  # left by a run killed mid-upload
+        remove_ours(self.staging)  # left by a run killed mid-upload; a link there is removed, not followed
 
     def submit(self, step: int, checkpoint: Path, export: Path, logs: Iterable[Path] = ()) -> None:
         self.wait()
@@ -385,7 +505,9 @@ class CheckpointUploader:
 
     def upload(self, step: int, snapshot: Path, logs: list[Path]) -> None:
         try:
-            upload_checkpoint(self.store, step, snapshot / "checkpoint", snapshot / "export", logs, self.keep_last)
+            upload_checkpoint(
+                self.store, step, snapshot / "checkpoint", snapshot / "export", logs, self.keep_last, self.run_id
+            )
             logger.info("mirrored %s and the HF export to %s", step_name(step), self.store.url)
         except Exception as err:  # reported now and raised by close(): training goes on meanwhile
             self.errors.append(f"{step_name(step)}: {type(err).__name__}: {err}")
@@ -401,7 +523,7 @@ class CheckpointUploader:
     def close(self) -> None:
         """Wait for the upload under way; raise RemoteError if any upload of the run failed."""
         self.wait()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove_ours(self.staging)
         if self.errors:
             raise RemoteError(
                 f"checkpoint_remote: {len(self.errors)} upload(s) to {self.store.url} failed: "
