@@ -108,25 +108,54 @@ def step_of(checkpoint: Path) -> int | None:
 
 
 def export_run(run: Path) -> list[Path]:
-    """Both exports of a run folder, from `hf/` (or its newest checkpoint when `hf/` is missing), with cards."""
+    """Both exports of a run folder, with cards, of its newest step: the newest intact checkpoint when
+    `hf/` holds an older step (or none), else `hf/`. Done under the run's lock, so never while a
+    trainer writes the same folders."""
+    from training.config import ConfigError
+    from training.run_dir import RunLock
+
+    config = run_config(run)
+    lock = RunLock(run / ".lock")
+    try:
+        lock.acquire()
+    except ConfigError as err:
+        raise ValueError(
+            f"{run} is in use by a trainer ({err}); export it once the trainer has ended, or export one of its "
+            "checkpoints: python -m export_gpt2 RUN/checkpoints/step_N"
+        ) from None
+    try:
+        lock.name_holder()
+        return export_run_locked(run, config)
+    finally:
+        lock.release()
+
+
+def export_run_locked(run: Path, config) -> list[Path]:
     from training.checkpoints import latest_checkpoint
     from training.export import write_model_cards
 
-    config = run_config(run)
     hf = run / SCRATCH_EXPORT
-    checkpoint = latest_checkpoint(run / "checkpoints")
-    if (hf / "config.json").is_file():
-        model = load_export(hf)
-        record = read_record(hf, "scratch")
-        # An export from before export.json was written is that of the newest checkpoint.
-        step = record["step"] if record else step_of(checkpoint) if checkpoint else None
-    elif checkpoint is not None:
+    record = read_record(hf, "scratch")
+    checkpoint = newest_intact_checkpoint(run / "checkpoints")
+    if checkpoint is not None and (record is None or step_of(checkpoint) > record["step"]):
         model, step = load_checkpoint_weights(checkpoint, config), step_of(checkpoint)
+    elif (hf / "config.json").is_file():
+        # An export from before export.json was written is that of the newest checkpoint.
+        newest = latest_checkpoint(run / "checkpoints")
+        model, step = load_export(hf), record["step"] if record else step_of(newest) if newest else None
     else:
-        raise FileNotFoundError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor a checkpoint to export")
+        raise FileNotFoundError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor an intact checkpoint to export")
     written = write_exports(model, run, step)
     write_model_cards(run, config, model, run_manifest(config))
     return written
+
+
+def newest_intact_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint folder with no problem (a damaged newer one is passed over)."""
+    from training.checkpoints import checkpoint_problems, complete_checkpoints
+
+    found = complete_checkpoints(checkpoints)
+    return next((found[step] for step in sorted(found, reverse=True) if not checkpoint_problems(found[step])), None)
 
 
 def export_one(source: Source, out: Path) -> Path:
@@ -203,7 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for folder in export(args.path, args.out):
-        print(f"wrote {folder}")
+        record = read_record(folder, "gpt2") or read_record(folder, "scratch") or {}
+        step = record.get("step")
+        print(f"wrote {folder} ({f'step {step}' if step is not None else 'step unknown'})")
 
 
 if __name__ == "__main__":

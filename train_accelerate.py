@@ -50,14 +50,14 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import TrainConfig, parse_config, tracker_names
-from training.data import build_loader, prepare_data, train_fingerprint
+from training.config import ConfigError, TrainConfig, parse_config, tracker_names
+from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
 from training.export import export_model, exported_step, write_model_cards
 from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
-from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run
+from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
 from training.step import train_step
 
 logger = logging.getLogger("train")
@@ -66,6 +66,8 @@ logger = logging.getLogger("train")
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile."""
     cpu = not torch.cuda.is_available()
+    if cpu and config.mixed_precision == "fp16":  # Accelerate would train in fp32 and report fp16
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU; on CPU use 'no' (fp32) or 'bf16'")
     world_size = PartialState(cpu=cpu).num_processes  # needed before the accumulation steps are known
     trackers = [t for t in tracker_names(config.report_to) if t != "none"]
     accelerator = Accelerator(
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
     paths = RunPaths(config.out_dir)
+    if config.checkpoint_remote is not None:
+        remote.check_apart(config.checkpoint_remote, paths.out_dir)
     lock = RunLock(paths.lock)  # held by the main process for the whole run
     on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
@@ -345,10 +349,15 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     store = preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
-    settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes)
+    fingerprints = train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest)
+    settings = run_settings(config, *fingerprints)
+    if store is not None:  # a store belongs to one run: refused before anything is downloaded
+        run_id = on_main_process(accelerator, lambda: remote.store_run(store, read_run_id(paths), config.resume))
     checkpoint = on_main_process(
         accelerator, lambda: find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
     )
+    if store is not None:
+        run_id = on_main_process(accelerator, lambda: own_store(paths, store, run_id))
 
     set_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config)
@@ -362,7 +371,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
     run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest)
     if store is not None and accelerator.is_main_process:
-        run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last)
+        run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last, run_id)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)

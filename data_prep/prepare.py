@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,7 +159,7 @@ class ShardWriter:
         """Write the buffered tokens as the next shard and record it in the manifest."""
         index = len(self.manifest["shards"])
         split = "val" if index == 0 else "train"
-        name = f"{split}_{index:06d}.bin"
+        name = shard_name(index)
         sha256 = write_shard(self.out_dir / name, self.buffer[: self.filled])
         self.manifest["shards"].append(
             {
@@ -176,6 +177,24 @@ class ShardWriter:
         self.filled = 0
         if len(self.buffer) != self.capacity():
             self.buffer = np.empty(self.capacity(), dtype=TOKEN_DTYPE)
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index`: shard 0 is the validation split."""
+    return f"{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+# The temporary names `write_shard` and `write_manifest` give (NAME.tmp): a killed run leaves them.
+OUR_TEMPORARY = re.compile(r"(val|train)_[0-9]{6}\.bin\.tmp|" + re.escape(MANIFEST_NAME) + r"\.tmp")
+
+
+def remove_shards(out_dir: Path, entries: list[dict[str, Any]], first_index: int) -> None:
+    """Delete the shards of manifest `entries` (shard `first_index` onwards): each only under the name
+    this code gives that shard, so a name read from a manifest (`../x`, an absolute path, a user's
+    file) never chooses what is deleted."""
+    for index, entry in enumerate(entries, start=first_index):
+        if entry.get("file") == shard_name(index):
+            (out_dir / shard_name(index)).unlink(missing_ok=True)
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -214,8 +233,9 @@ def start_manifest(out_dir: Path, description: dict[str, Any], overwrite: bool) 
         "resume": {"doc": 0, "offset": 0},
     }
     path = out_dir / MANIFEST_NAME
-    for tmp in out_dir.glob("*.tmp"):  # left by a killed run
-        tmp.unlink()
+    for tmp in out_dir.glob("*.tmp"):  # left by a killed run: only our own names, never a user's notes.tmp
+        if OUR_TEMPORARY.fullmatch(tmp.name) and (tmp.is_symlink() or not tmp.is_dir()):
+            tmp.unlink()
     if not path.exists():
         return fresh
     old = read_manifest(out_dir)
@@ -225,12 +245,13 @@ def start_manifest(out_dir: Path, description: dict[str, Any], overwrite: bool) 
             raise DataPrepError(
                 f"{path} was made from a different source or layout ({diff}); use another --out_dir or --overwrite"
             )
-        for entry in old["shards"]:
-            (out_dir / entry["file"]).unlink(missing_ok=True)
+        remove_shards(out_dir, old["shards"], 0)
         path.unlink()
         return fresh
     valid = []
-    for entry in old["shards"]:
+    for index, entry in enumerate(old["shards"]):
+        if entry["file"] != shard_name(index):  # not a name we give: never read, nor deleted
+            break
         try:
             check_shard(out_dir, entry, verify_hash=True)
         except (FileNotFoundError, ShardError):
@@ -238,8 +259,7 @@ def start_manifest(out_dir: Path, description: dict[str, Any], overwrite: bool) 
         valid.append(entry)
     if len(valid) == len(old["shards"]) and old.get("complete"):
         return old
-    for entry in old["shards"][len(valid) :]:
-        (out_dir / entry["file"]).unlink(missing_ok=True)
+    remove_shards(out_dir, old["shards"][len(valid) :], len(valid))
     if len(valid) < len(old["shards"]):
         # Restart at the first token of the first bad shard, recorded in its entry.
         bad = old["shards"][len(valid)]

@@ -97,7 +97,7 @@ class TrainConfig:
     gradient_checkpointing: bool = arg(
         False, "recompute each block's activations in backward: less memory, ~1/3 more block compute (large models)"
     )
-    mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that supports it, else fp32), 'no', 'bf16', 'fp16'")
+    mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that has it, else fp32), 'no', 'bf16', 'fp16' (CUDA only)")
     peak_flops: float | None = arg(None, "peak FLOP/s per device for MFU (None: datasheet bf16 / measured fp32)")
     # Hugging Face Hub
     push_to_hub: bool = arg(False, "push the HF export with a model card to the Hub at the end")

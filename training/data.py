@@ -53,6 +53,11 @@ def train_fingerprint(manifest: dict) -> str:
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "train"])
 
 
+def val_fingerprint(manifest: dict) -> str:
+    """The fingerprint of the validation shards: val/loss is comparable across a resume only on the same ones."""
+    return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "val"])
+
+
 def build_loader(config: TrainConfig, accelerator: Accelerator):
     """The training loader; each shard's sha256 and token ids are checked the first time it is read."""
     from data_prep import ShardLoader

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from conversion import gpt2_layout, gpt2_model, gpt2_unsupported
+from training.files import copy_replacing
 
 logger = logging.getLogger("train")
 
@@ -49,6 +52,8 @@ def write_exports(model, out_dir: Path, step: int, state_dict: dict | None = Non
     a log line saying why. Returns the folders written."""
     reason = gpt2_unsupported(model.config)
     scratch, gpt2 = out_dir / SCRATCH_EXPORT, out_dir / GPT2_EXPORT
+    for folder in (scratch, gpt2):  # out_dir is a run folder, locked by the trainer or export_gpt2
+        remove_leftovers(folder)
     write_scratch_export(model, scratch, step, state_dict, gpt2_unsupported=reason)
     if reason is not None:
         logger.info("no %s/ (official GPT-2 layout): %s", GPT2_EXPORT, reason)
@@ -87,18 +92,32 @@ def write_gpt2_export(config, state_dict: dict, folder: Path, step: int | None) 
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
-    """Fill `.tmp_<name>` with `write`, then swap it in for `folder`: at any moment `folder` is the old
-    complete one, absent, or the new complete one."""
+    """Fill a new temporary folder `.tmp_<name>.XXXXXXXX` with `write`, then swap it in for `folder`: at
+    any moment `folder` is the old complete one, absent, or the new complete one. The temporary names
+    are unique and made here, so a folder of the user's (or another writer's) beside it is never
+    touched; leftovers of a killed write are removed by `remove_leftovers` where the folder is ours."""
     folder = Path(folder)
-    tmp, old = folder.with_name(f".tmp_{folder.name}"), folder.with_name(f".old_{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     write(tmp)
-    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".old_{folder.name}.", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove what a killed `write_folder` left beside `folder`: only names it makes (`.tmp_<name>.` or
+    `.old_<name>.` and mkdtemp's 8 characters), and only in a run folder this process holds the lock of."""
+    folder = Path(folder)
+    pattern = re.compile(rf"\.(tmp|old)_{re.escape(folder.name)}\.[a-z0-9_]{{8}}")
+    for path in folder.parent.glob(f".*_{folder.name}.*"):
+        if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -156,8 +175,8 @@ def write_model_cards(out_dir: Path, config, model, manifest: dict, license: str
         if not folder.is_dir():
             continue
         plots = [p for p in PLOTS if (out_dir / "plots" / p).is_file()]
-        for plot in plots:
-            shutil.copy(out_dir / "plots" / plot, folder / plot)
+        for plot in plots:  # through a temporary copy: a kill never leaves a cut plot in the export
+            copy_replacing(out_dir / "plots" / plot, folder / plot)
         write_text(folder / "README.md", card.render(layout, plots))
         written.append(folder / "README.md")
     return written

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from training.config import TrainConfig
+from training.files import replace_text
 from training.recipe import resolve_mixed_precision
 
 # Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
@@ -108,7 +109,7 @@ def keep_records_through(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    replace_text(path, "".join(kept))  # a kill mid-rewrite leaves the old log whole, never an empty one
 
 
 def format_value(name: str, value: float) -> str:

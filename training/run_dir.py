@@ -9,17 +9,21 @@ import fcntl
 import json
 import os
 import platform
+import re
 import socket
 import stat
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from training import remote
 from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
+from training.files import NotRegularFileError, check_regular_or_absent, read_regular, replace_text
 
 
 @dataclass
@@ -39,6 +43,11 @@ class RunPaths:
         self.hf = self.out_dir / "hf"
         self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
         self.lock = self.out_dir / ".lock"
+        self.run_id = self.out_dir / "run_id"  # the run's identity, which its checkpoint_remote store records
+
+    def records(self) -> tuple[Path, ...]:
+        """The files a resumed run reads or appends to: each must be a regular file (or absent)."""
+        return (self.config, self.run_info, self.log, self.samples, self.run_id)
 
 
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
@@ -89,6 +98,33 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
         what = "already holds a run" if ours else "is not empty and is not a run folder of this trainer"
         hint = "pass --resume auto to continue it, or choose" if ours else "choose"
         raise ConfigError(f"out_dir {out} {what}; {hint} another --out_dir")
+    for record in paths.records():
+        try:
+            check_regular_or_absent(record)
+        except NotRegularFileError as err:
+            raise ConfigError(
+                f"{record} is not a regular file (a folder, link, FIFO or device); move it away to resume this run"
+            ) from err
+
+
+def read_run_id(paths: RunPaths) -> str | None:
+    """The run's identity, None before it has one."""
+    try:
+        run_id = read_regular(paths.run_id, 200).decode().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{paths.run_id} is not this trainer's run id file ({err}); move it away") from err
+    return run_id or None
+
+
+def own_store(paths: RunPaths, store: remote.RemoteStore, run_id: str | None) -> str:
+    """Give the run an identity (`run_id`, else a new one), record it in out_dir and claim `store` with it."""
+    run_id = run_id or uuid.uuid4().hex
+    if read_run_id(paths) != run_id:
+        replace_text(paths.run_id, run_id + "\n")
+    remote.claim_store(store, run_id)
+    return run_id
 
 
 class RunLock:
@@ -124,9 +160,18 @@ class RunLock:
                 f"out_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to end or "
                 "choose another --out_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
         self.fd = fd
+
+    def written_by_us(self) -> bool:
+        """Whether the lock file is empty or names a holder as this trainer does (never another tool's)."""
+        text = os.pread(self.fd, 201, 0).decode(errors="replace")
+        return text == "" or re.fullmatch(r"host [^\n]*, pid [0-9]+\n", text) is not None
+
+    def name_holder(self) -> None:
+        """Write who holds the lock into the lock file: only once out_dir is known to be ours, so that
+        a `.lock` of another tool in a mistyped out_dir is never overwritten."""
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
 
     def release(self, remove: bool = False) -> None:
         """Let go of the lock; with `remove`, also delete the lock file (a launch refused at once)."""
@@ -143,9 +188,14 @@ def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
     made_dir, made_lock = not paths.out_dir.exists(), not paths.lock.exists()
     lock.acquire()
     try:
+        if not lock.written_by_us():
+            raise ConfigError(
+                f"out_dir {paths.out_dir} holds a {paths.lock.name} that another tool wrote; choose another --out_dir"
+            )
         check_out_dir(paths, resume)
     except ConfigError:
         lock.release(remove=made_lock)
         if made_dir:
             paths.out_dir.rmdir()
         raise
+    lock.name_holder()
