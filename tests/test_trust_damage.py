@@ -29,6 +29,7 @@ from training.checkpoints import (
     write_manifest,
 )
 from training.config import TrainConfig
+from training.export import exported_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,6 +208,13 @@ def test_a_special_file_where_a_file_belongs_falls_back_within_seconds(stopped, 
     make(newest / file)
     assert within(10, lambda: checkpoint_problems(newest))
     assert resume_auto(run, caplog).name == "step_000004"
+
+
+def test_an_export_record_that_is_a_fifo_is_no_export_within_seconds(stopped, tmp_path):
+    run = copy_run(stopped, tmp_path)
+    assert exported_step(run) == 8
+    fifo(run / "hf" / "export.json")
+    assert within(10, lambda: exported_step(run)) is None  # the next save rebuilds the export
 
 
 @pytest.mark.parametrize("name", ["step_00001²", "step_٠٠٠٠٠٩", "step_0000１2", "step_000004\n"])

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from conversion import gpt2_layout, gpt2_model, gpt2_unsupported
-from training.files import copy_replacing
+from training.files import copy_replacing, read_regular
 
 logger = logging.getLogger("train")
 
@@ -138,7 +138,7 @@ def read_record(folder: Path, layout: str) -> dict | None:
     if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
         return None
     try:
-        record = json.loads((folder / RECORD).read_text())
+        record = json.loads(read_regular(folder / RECORD, 1_000_000))  # a FIFO there is refused, not waited on
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(record, dict) or record.get("layout") != layout or type(record.get("step")) is not int:
