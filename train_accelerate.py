@@ -349,8 +349,8 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     store = preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
-    fingerprints = train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest)
-    settings = run_settings(config, *fingerprints)
+    settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest))
+    run_id = None
     if store is not None:  # a store belongs to one run: refused before anything is downloaded
         run_id = on_main_process(accelerator, lambda: remote.store_run(store, read_run_id(paths), config.resume))
     checkpoint = on_main_process(
