@@ -271,3 +271,14 @@ def test_a_remote_marker_naming_an_impossible_file_or_a_fifo_falls_back(stopped,
     named = TrainConfig(resume=f"file://{store.checkpoint(8)}")
     with pytest.raises(remote.RemoteError):
         within(30, lambda: find_resume_checkpoint(named, tmp_path / "x" / "checkpoints", tmp_path / "x", settings))
+
+
+def test_a_link_planted_where_a_download_goes_is_never_followed(stopped, store, tmp_path):
+    out, outside = tmp_path / "fresh", tmp_path / "outside"
+    (out / "checkpoints").mkdir(parents=True)
+    outside.mkdir()
+    (out / "checkpoints" / ".tmp_step_000008").symlink_to(outside)
+    settings = read_train_state(stopped / "checkpoints" / "step_000004")["settings"]
+    found = find_resume_checkpoint(TrainConfig(resume="auto"), out / "checkpoints", out, settings, store)
+    assert found == out / "checkpoints" / STEP8
+    assert list(outside.iterdir()) == []
