@@ -120,7 +120,7 @@ def export_run(run: Path) -> list[Path]:
         lock.acquire()
     except ConfigError as err:
         raise ValueError(
-            f"{run} is in use by a trainer ({err}); export it once the trainer has ended, or export one of its "
+            f"cannot lock the run folder {run}: {err}. Export it once the trainer has ended, or export one of its "
             "checkpoints: python -m export_gpt2 RUN/checkpoints/step_N"
         ) from None
     try:

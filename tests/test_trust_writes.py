@@ -220,7 +220,7 @@ def test_export_gpt2_of_a_training_run_is_refused_and_the_trainer_goes_on(data_d
     proc = launch(nano_args(data_dir, run, max_steps=10_000, save_interval=2, eval_interval=1000))
     try:
         wait_for_step(run, proc, 3)  # a save at step 2 wrote hf/
-        with pytest.raises(ValueError, match="in use by a trainer"):
+        with pytest.raises(ValueError, match="in use by another trainer"):
             export_gpt2.export(run)
         step = max(json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()[:-1])
         wait_for_step(run, proc, step + 4)  # two more saves
