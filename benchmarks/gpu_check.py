@@ -471,15 +471,16 @@ def check_compile(ctx: Context) -> str:
     compile_seconds = times[0] - statistics.median(times[1:])
     grad_diff = (grad - eager_grad).norm().item() / eager_grad.norm().item()
     peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.cuda else None
-    ctx.report["compile_seconds"] = {"compile_check": round(compile_seconds, 2)}
-    ctx.report["peak_memory_bytes"] = {"compile_check": peak}
-    tolerance = 2e-2 if autocast else 1e-5
+    ctx.report["compile_seconds"]["compile_check"] = round(compile_seconds, 2)
+    ctx.report["peak_memory_bytes"]["compile_check"] = peak
+    # bf16 autocast: inductor fuses and orders the bf16 work differently from eager, a rounding apart.
+    loss_tolerance, grad_tolerance = (5e-3, 5e-2) if autocast else (1e-5, 1e-5)
     detail = (
         f"{backend}, {rows}x{ctx.shape.seq_len}: compile {compile_seconds:.1f} s, step {times[-1] * 1e3:.0f} ms; "
         f"loss {loss:.5f} vs eager {eager_loss:.5f}, gradient rel. diff {grad_diff:.1e}"
         + (f"; peak memory {peak / 1e9:.2f} GB" if peak else "")
     )
-    if not (abs(loss - eager_loss) <= tolerance * max(1.0, abs(eager_loss)) and grad_diff <= 10 * tolerance):
+    if not (abs(loss - eager_loss) <= loss_tolerance * abs(eager_loss) and grad_diff <= grad_tolerance):
         raise AssertionError(detail)
     return detail
 
@@ -544,25 +545,43 @@ def metric(out_dir: Path, name: str) -> dict[int, float]:
     return {r["step"]: r[name] for r in records(out_dir) if name in r}
 
 
-def launch_and_kill(ctx: Context, command: list[str], out_dir: Path, log: Path, timeout: float) -> int:
-    """Start a launch in its own process group, SIGKILL the whole group once step `kill_after` is logged;
-    the newest step logged at the kill."""
+def start_launch(command: list[str], log: Path) -> subprocess.Popen:
+    """A launch in its own process group (the launcher and the trainer it starts), output to `log`."""
     with log.open("w") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             command, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finish_launch(proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait for a launch; an error quoting its log if it fails or outlasts `timeout`."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"the launch outlasted {timeout:.0f} s: {tail(log)}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"the launch exited {proc.returncode}: {tail(log)}")
+
+
+def kill_at_step(proc: subprocess.Popen, step: int, out_dir: Path, log: Path, timeout: float) -> int:
+    """SIGKILL the launch's whole process group once `step` is logged; the newest step logged at the kill."""
     deadline = time.monotonic() + timeout
     try:
-        while max(metric(out_dir, "train/loss"), default=0) < ctx.shape.kill_after:
+        while max(metric(out_dir, "train/loss"), default=0) < step:
             if proc.poll() is not None:
                 raise AssertionError(f"the launch to be killed exited early ({proc.returncode}): {tail(log)}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no step {ctx.shape.kill_after} within {timeout:.0f} s: {tail(log)}")
+                raise AssertionError(f"no step {step} within {timeout:.0f} s: {tail(log)}")
             time.sleep(0.01)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     return max(metric(out_dir, "train/loss"))
 
 
@@ -576,13 +595,20 @@ def check_trainer(ctx: Context) -> str:
     reference, killed = runs / "uninterrupted", runs / "killed"
     timeout = 420 if ctx.cuda else 240
     tick = time.perf_counter()
-    run_logged(train_command(ctx, reference), runs / "uninterrupted.log", timeout, cwd=ROOT, env=subprocess_env())
-    reference_seconds = time.perf_counter() - tick
+    proc = start_launch(train_command(ctx, reference), runs / "uninterrupted.log")
+    if ctx.cuda:  # alone on the device: its tokens/s are the measurement
+        finish_launch(proc, runs / "uninterrupted.log", timeout)
+    victim = start_launch(train_command(ctx, killed), runs / "killed.log")  # on a CPU, alongside: less waiting
+    try:
+        killed_at = kill_at_step(victim, ctx.shape.kill_after, killed, runs / "killed.log", timeout)
+    except BaseException:
+        kill_group(proc)
+        raise
+    finish_launch(proc, runs / "uninterrupted.log", timeout)  # on CUDA, done already
+    reference_seconds = time.perf_counter() - tick if ctx.cuda else None
     ctx.run_dir = reference
-    killed_at = launch_and_kill(ctx, train_command(ctx, killed), killed, runs / "killed.log", timeout)
-    run_logged(
-        train_command(ctx, killed, "--resume", "auto"), runs / "resumed.log", timeout, cwd=ROOT, env=subprocess_env()
-    )
+    resumed = start_launch(train_command(ctx, killed, "--resume", "auto"), runs / "resumed.log")
+    finish_launch(resumed, runs / "resumed.log", timeout)
     info = json.loads((killed / "run_info.json").read_text())
 
     a, b = metric(reference, "train/loss"), metric(killed, "train/loss")
@@ -604,7 +630,7 @@ def check_trainer(ctx: Context) -> str:
     run_info = json.loads((reference / "run_info.json").read_text())
     ctx.report["trainer"] = {
         "out_dir": str(reference),
-        "uninterrupted_seconds": round(reference_seconds, 1),
+        "uninterrupted_seconds": reference_seconds and round(reference_seconds, 1),  # CUDA: run alone
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,
         "step_time": step_time,
@@ -619,8 +645,8 @@ def check_trainer(ctx: Context) -> str:
         "final_train_loss": a[steps[-1]],
         "final_val_loss": val_a.get(steps[-1]),
     }
-    if first is not None:
-        ctx.report.setdefault("compile_seconds", {})["trainer_first_step"] = round(first - step_time, 2)
+    if first is not None and ctx.shape.train["compile"] == "true":
+        ctx.report["compile_seconds"]["trainer_first_step"] = round(first - step_time, 2)
     if ctx.cuda:
         ctx.report["goal"] = {"mfu": mfu, "target": GOAL_MFU, "met": mfu >= GOAL_MFU}
     if resumed_from is None or resumed_from >= killed_at:
@@ -941,8 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         "tested_versions": TESTED_VERSIONS,
         "version_differences": version_differences(found),
         "goal": None,
-        "compile_seconds": None,
-        "peak_memory_bytes": None,
+        "compile_seconds": {},  # the compile check's first step, the trainer's first step: each minus a steady one
+        "peak_memory_bytes": {},  # the compile check's training step (the ladder's rungs have their own)
         "running": None,
         "finished": False,
         "checks": [],
