@@ -772,15 +772,12 @@ def check_exports_on_cpu(ctx: Context) -> str:
     run = run_for_eval(ctx)
     with exact_fp32():
         device_logits = export_logits(run / "hf", str(ctx.device), remote_code=True)
-    saved = ctx.work / "device_logits.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    save_file({"logits": device_logits.contiguous()}, saved)
     out = ctx.work / "cpu_logits.safetensors"
     command = [sys.executable, str(Path(__file__).resolve()), "--cpu-logits", str(run), str(out)]
     run_logged(command, ctx.work / "exports_on_cpu.log", 300, cwd=ROOT, env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
     cpu = load_file(out)
-    device_logits = load_file(saved)["logits"]
     ours_vs_gpt2 = max_abs_diff(cpu["hf"], cpu["hf-gpt2"])
     vs_device = max(rel_diff(cpu[name], device_logits) for name in ("hf", "hf-gpt2"))
     detail = f"CPU: hf/ vs hf-gpt2/ max diff {ours_vs_gpt2:.1e}; CPU vs {ctx.device.type}: rel. diff {vs_device:.1e}"
@@ -810,18 +807,21 @@ def check_ladder(ctx: Context) -> str:
     flops = bench_ladder.flops_per_token(args)
     ctx.report["ladder"] = {"shape": s, "device_peak_flops": peak, "device_peak_source": source}
     rungs = ctx.report["rungs"] = []
-    estimate = 0.0
+    last_wall = 0.0
     for rung in bench_ladder.ladder():
         reason = bench_ladder.skip_reason(rung, args.device)
         if not reason and ctx.args.smoke and rung.name != "fp32":
             reason = "--smoke measures the first rung only, which proves the worker (compiled rungs: 30 to 55 s each)"
+        # A rung takes about as long as the one before, and a compiled one a minute at least (cold cache).
+        compiles = bench_ladder.effective_settings(rung.name, args.device).compile
+        estimate = max(last_wall, 60.0 if compiles else 0.0)
         if not reason and ctx.elapsed() + estimate > ctx.args.budget:
             reason = f"time budget: {ctx.elapsed():.0f} s of --budget {ctx.args.budget:.0f} s spent"
         if reason:
             rungs.append({"name": rung.name, "change": rung.change, "tokens_per_s": None, "reason": reason})
         else:
             rungs.append(bench_ladder.measure_rung(rung, args, peak, flops))
-            estimate = rungs[-1].get("wall_seconds") or 0.0
+            last_wall = rungs[-1].get("wall_seconds") or 0.0
         ctx.write()
     measured = [r for r in rungs if r["tokens_per_s"] is not None]
     failed = [r["name"] for r in rungs if r["tokens_per_s"] is None and r["reason"].startswith("failed")]
