@@ -940,6 +940,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch here")
+    if not (args.smoke or args.cpu_logits or args.device.startswith("cuda")):
+        raise UserError("the full check trains GPT-2 124M and needs a CUDA device; on a CPU run it with --smoke")
     if args.budget is None:
         args.budget = 450.0 if args.device.startswith("cuda") and not args.smoke else math.inf
     return args

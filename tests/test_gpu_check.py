@@ -159,11 +159,14 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
         gpu_check.compare_generations(parted, other, scores, scores + 1e-6 * torch.randn_like(scores))
 
 
-def test_an_unknown_check_is_a_user_error():
+def test_an_unknown_check_or_the_full_check_without_cuda_is_a_user_error():
     from user_errors import UserError
 
     with pytest.raises(UserError, match="unknown check.*bogus"):
-        gpu_check.parse_args(["--only", "bogus"])
+        gpu_check.parse_args(["--smoke", "--only", "bogus"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a CUDA device.*--smoke"):  # 124M training on a CPU: refused
+            gpu_check.parse_args([])
 
 
 @pytest.mark.parametrize(("skip", "take", "batch"), [(0, None, 3), (2, None, 4), (1, 5, 2), (4, 10, 8), (7, 1, 1)])
