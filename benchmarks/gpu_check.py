@@ -111,17 +111,17 @@ GPU_SHAPE = Shape(
         seq_len=1024,
         micro_batch_size=32,  # the built-in val shard (65,536 tokens) holds 63 rows of 1,025: one batch of 32
         total_batch_size=65536,  # 2 micro-steps: the accumulation path too
-        max_steps=40,
+        max_steps=30,
         warmup_steps=5,
-        save_interval=10,
-        eval_interval=20,
+        save_interval=12,  # 3 saves (12, 24, 30): each hashes and exports about 2 GB
+        eval_interval=15,
         val_batches=1,
         log_interval=1,
         num_samples=1,
         sample_tokens=16,
         compile="true",
     ),
-    kill_after=13,
+    kill_after=15,
     hellaswag_examples=256,
     ladder=dict(preset="gpt2", seq_len=1024, batch_size=16, steps=5, warmup=2),
 )
