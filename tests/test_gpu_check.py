@@ -70,7 +70,8 @@ try:
     raise SystemExit("datasets still importable")
 except ImportError:
     pass
-assert not any("__editable__" in type(f).__module__ + getattr(f, "__module__", "") for f in sys.meta_path)
+finders = [getattr(f, "inner", f) for f in sys.meta_path]  # unwrapped
+assert not any("__editable__" in getattr(f, "__module__", "") for f in finders), finders
 import user_errors
 print(user_errors.__file__)
 """
@@ -104,14 +105,15 @@ def test_smoke_runs_every_check_without_datasets_evaluate_or_the_editable_instal
         assert set(c) >= {"name", "ok", "detail", "seconds"} and c["seconds"] >= 0
         if c["ok"] is None:  # skipped: never counted as passed, and says why
             assert c["detail"].startswith("skipped: ") and len(c["detail"]) > len("skipped: ") + 10
-    assert {c["name"] for c in checks if c["ok"] is None} == {"tf32"}  # the only one a CPU cannot run
+    cpu = not torch.cuda.is_available()
+    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32"} if cpu else set())  # TF32 needs CUDA
     assert report["finished"] and report["running"] is None and report["smoke"]
     assert report["versions"]["datasets"] is None and report["versions"]["evaluate"] is None  # seen inside
     assert "absent: datasets, evaluate" in checks[0]["detail"]
 
     trainer = report["trainer"]
     assert trainer["resumed_from_step"] < trainer["killed_at_step"]
-    assert trainer["bitwise_equal"]  # CPU kernels are deterministic: the resume is exact
+    assert trainer["bitwise_equal"] or not cpu  # CPU kernels are deterministic: the resume is exact
     assert trainer["tokens_per_s"] > 0 and 0 < trainer["mfu"]
     assert report["eval"]["val_loss"] == pytest.approx(report["eval"]["trainer_val_loss"], abs=1e-5)
 
