@@ -2,6 +2,7 @@
 PYTHONPATH, without `datasets`, `evaluate` or this project's editable install), its report, and its
 exit status when a check fails."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -183,3 +184,26 @@ def test_the_builtin_corpus_stream_skips_and_batches_as_datasets_does(skip, take
     if take is not None:
         ours, theirs = ours.take(take), theirs.take(take)
     assert list(ours.iter(batch_size=batch)) == list(theirs.iter(batch_size=batch))
+
+
+def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds(data_dir, tmp_path):
+    # The CUDA path cannot run here; its trainer command can be parsed, and its batches drawn from the corpus.
+    from data_prep import ShardLoader, iter_val_batches
+    from training.config import parse_config
+    from training.recipe import grad_accum_steps
+
+    args = argparse.Namespace(smoke=False)
+    ctx = gpu_check.Context(args, torch.device("cuda"), gpu_check.GPU_SHAPE, tmp_path, {})
+    command = gpu_check.train_command(ctx, tmp_path / "run")
+    assert command[command.index("--config_file") + 1].endswith("accelerate_configs/gpu_1.yaml")
+    config = parse_config(command[command.index(str(ROOT / "train_accelerate.py")) + 1 :])
+    assert (config.model, config.seq_len, config.compile, config.mixed_precision) == ("gpt2", 1024, True, "auto")
+    assert grad_accum_steps(config, world_size=1) == 2  # the accumulation path runs too
+    assert config.warmup_steps < ctx.shape.kill_after < config.max_steps
+    assert config.save_interval < ctx.shape.kill_after  # a checkpoint lies before the kill
+    assert config.peak_flops is None  # MFU against the datasheet peak
+
+    x, y = ShardLoader(data_dir, batch_size=config.micro_batch_size, seq_len=config.seq_len).next_batch()
+    assert x.shape == y.shape == (32, 1024)
+    val = list(iter_val_batches(data_dir, config.micro_batch_size, config.seq_len, max_batches=config.val_batches))
+    assert len(val) == config.val_batches  # the built-in val shard holds the trainer's evaluation batches
