@@ -917,7 +917,19 @@ def markdown(report: dict[str, Any]) -> str:
     found = report["versions"]
     head += "; " + ", ".join(f"{k} {found[k]}" for k in ("python", "torch", "transformers", "accelerate"))
     head += f"; {report['date']}" + (" (--smoke)" if report["smoke"] else "")
-    lines = [head, "", "| check | result | detail | seconds |", "|---|---|---|---|"]
+    lines = [head, ""]
+    differ = report["version_differences"]
+    if differ:
+        lines += [
+            "Versions other than tested: "
+            + ", ".join(f"{d['package']} {d['found']} (tested {d['tested']})" for d in differ),
+            "",
+        ]
+    if report.get("goal"):
+        goal = report["goal"]
+        verdict = "met" if goal["met"] else "not met"
+        lines += [f"Trainer MFU {goal['mfu']:.1%} against the goal of {goal['target']:.0%}: {verdict}.", ""]
+    lines += ["| check | result | detail | seconds |", "|---|---|---|---|"]
     for c in report["checks"]:
         result = "ok" if c["ok"] else ("skipped" if c["ok"] is None else "FAILED")
         detail = str(c["detail"]).replace("|", "/").replace("\n", " ")
