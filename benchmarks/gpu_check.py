@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import importlib
 import importlib.util
 import json
@@ -1015,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # a failed check is recorded and the others still run
                 entry.update(ok=False, detail=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         entry["seconds"] = round(time.perf_counter() - tick, 2)
+        if device.type == "cuda":  # give the check's cached blocks back: the trainer's processes need them
+            gc.collect()
+            torch.cuda.empty_cache()
         report["checks"].append(entry)
         report["running"] = None
         result = {True: "ok", False: "FAILED", None: "skipped"}[entry["ok"]]
