@@ -289,6 +289,36 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The shape flags, passed on explicitly, so a worker never re-resolves them differently."""
+    shape = ["--device", args.device, "--preset", args.preset, "--seq-len", str(args.seq_len)]
+    shape += ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return shape + ["--seed", str(args.seed)]
+
+
+def flops_per_token(args: argparse.Namespace) -> int:
+    """The model's FLOPs per token at vocabulary 50,257, for every rung: the padded rung's extra columns
+    are not useful work."""
+    return GPT2ScratchConfig.from_preset(args.preset, pad_vocab_multiple=1).flops_per_token(args.seq_len)
+
+
+def measure_rung(rung: Rung, args: argparse.Namespace, peak: float, flops: int) -> dict[str, Any]:
+    """One rung's entry: measured in its own process, or `tokens_per_s: None` and why not."""
+    entry = {"name": rung.name, "change": rung.change, "settings": asdict(effective_settings(rung.name, args.device))}
+    reason = skip_reason(rung, args.device)
+    if reason:
+        entry.update(tokens_per_s=None, reason=reason)
+    else:
+        tick = time.perf_counter()
+        entry.update(spawn(rung, args, worker_argv(args)))
+        entry["wall_seconds"] = time.perf_counter() - tick
+        if entry["tokens_per_s"] is not None:
+            entry["mfu"] = entry["tokens_per_s"] * flops / peak
+    shown = "n/a" if entry["tokens_per_s"] is None else f"{entry['tokens_per_s']:,.0f} tokens/s"
+    print(f"  {rung.name:>15}: {shown}", file=sys.stderr)
+    return entry
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -303,34 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"{args.preset} T={args.seq_len} B={args.batch_size} on {args.device}", file=sys.stderr)
     peak, peak_source = device_peak(args)
-    # The shape flags are passed on explicitly, so a worker never re-resolves them differently.
-    shape = ["--device", args.device, "--preset", args.preset, "--seq-len", str(args.seq_len)]
-    shape += ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    shape += ["--seed", str(args.seed)]
-    # MFU counts the model's FLOPs (vocabulary 50,257) for every rung: the padded rung's extra columns are
-    # not useful work.
-    flops_per_token = GPT2ScratchConfig.from_preset(args.preset, pad_vocab_multiple=1).flops_per_token(args.seq_len)
-    results = []
-    for name in wanted:
-        rung = rungs[name]
-        entry = {"name": name, "change": rung.change, "settings": asdict(effective_settings(name, args.device))}
-        reason = skip_reason(rung, args.device)
-        if reason:
-            entry.update(tokens_per_s=None, reason=reason)
-        else:
-            tick = time.perf_counter()
-            entry.update(spawn(rung, args, shape))
-            entry["wall_seconds"] = time.perf_counter() - tick
-            if entry["tokens_per_s"] is not None:
-                entry["mfu"] = entry["tokens_per_s"] * flops_per_token / peak
-        shown = "n/a" if entry["tokens_per_s"] is None else f"{entry['tokens_per_s']:,.0f} tokens/s"
-        print(f"  {name:>15}: {shown}", file=sys.stderr)
-        results.append(entry)
+    flops = flops_per_token(args)
+    results = [measure_rung(rungs[name], args, peak, flops) for name in wanted]
     if peak_source.startswith("measured"):  # measured again after the rungs: the larger counts
         peak = max(peak, device_peak(args)[0])
         for entry in results:
             if entry.get("mfu") is not None:
-                entry["mfu"] = entry["tokens_per_s"] * flops_per_token / peak
+                entry["mfu"] = entry["tokens_per_s"] * flops / peak
     report = {
         "command": " ".join(["python", "benchmarks/bench_ladder.py", *argv]),
         "date": started.isoformat(timespec="seconds"),
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "load_average": os.getloadavg(),
         "shape": {"preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size},
         "steps": {"warmup": args.warmup, "timed": args.steps},
-        "flops_per_token": flops_per_token,
+        "flops_per_token": flops,
         "device_peak_flops": peak,
         "device_peak_source": peak_source,
         "rungs": results,
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     md = Path(args.md) if args.md else out.with_suffix(".md")
     md.write_text(table + "\n")
     print(table)
-    print(f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source}); {flops_per_token / 1e6:.1f} MFLOP per token")
+    print(f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source}); {flops / 1e6:.1f} MFLOP per token")
     print(f"wrote {out} and {md}")
     return report
 

@@ -1,6 +1,7 @@
 """Where documents come from: a Hub dataset, local files, or the built-in corpus.
 
-Every source becomes a streamed `datasets.IterableDataset`, so the disk holds only the shards and a
+Every source becomes a stream (a `datasets.IterableDataset`; for the built-in corpus a `DocumentStream`
+with the same methods, so that it needs no `datasets`), so the disk holds only the shards and a
 restarted run can skip the documents it has already written with `.skip(n)`.
 """
 
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import ast
 import glob
+import itertools
 import os
 import platform
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ MIN_DOCSTRING_CHARS = 200
 class Source:
     """A stream of documents plus the description that goes into the manifest."""
 
-    dataset: Any  # datasets.IterableDataset
+    dataset: Any  # datasets.IterableDataset, or a DocumentStream
     description: dict[str, Any]
     text_column: str
     num_docs: int | None  # known for the Hub (from its metadata) and the built-in corpus
@@ -161,15 +164,30 @@ def builtin_documents() -> list[str]:
     return docs
 
 
+class DocumentStream:
+    """Documents read lazily from `documents()`, with the three methods of `datasets.IterableDataset`
+    that `prepare` uses (`skip`, `take`, `iter`), so that the built-in corpus needs no `datasets`
+    (machines without it, such as the GPU image, prepare it too)."""
+
+    def __init__(self, documents: Callable[[], Iterable[str]], start: int = 0, stop: int | None = None) -> None:
+        self.documents, self.start, self.stop = documents, start, stop
+
+    def skip(self, n: int) -> DocumentStream:
+        start = self.start + n
+        return DocumentStream(self.documents, start if self.stop is None else min(start, self.stop), self.stop)
+
+    def take(self, n: int) -> DocumentStream:
+        stop = self.start + n
+        return DocumentStream(self.documents, self.start, stop if self.stop is None else min(stop, self.stop))
+
+    def iter(self, batch_size: int) -> Iterator[dict[str, list[str]]]:
+        docs = itertools.islice(self.documents(), self.start, self.stop)
+        while batch := list(itertools.islice(docs, batch_size)):
+            yield {"text": batch}
+
+
 def builtin_source() -> Source:
     """The built-in corpus as a lazy stream (see `builtin_documents`): nothing is parsed until read,
     so a re-run over complete shards returns at once."""
-    import datasets
-
-    def generate():
-        for doc in builtin_documents():
-            yield {"text": doc}
-
-    dataset = datasets.IterableDataset.from_generator(generate)
     description = {"kind": "builtin", "name": BUILTIN_NAME, "python": platform.python_version()}
-    return Source(dataset, description, "text", None)
+    return Source(DocumentStream(builtin_documents), description, "text", None)
