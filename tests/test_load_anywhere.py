@@ -40,19 +40,23 @@ for i, (folder, remote) in enumerate(json.loads(sys.argv[1])):
     with torch.no_grad():
         outputs[f"logits{i}"] = model(torch.tensor(json.loads(sys.argv[2]))).logits.contiguous()
         outputs[f"truncated{i}"] = model(truncated).logits.contiguous()
-    report[folder] = {"class": type(model).__module__ + "." + type(model).__name__, "length": truncated.shape[1]}
+    report[folder] = {"cls": type(model).__module__ + "." + type(model).__name__, "length": truncated.shape[1]}
 save_file(outputs, "logits.safetensors")
 print(json.dumps(report))
 """
 
 
-def load_clean(folders: list[tuple[Path, bool]], cwd: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Load each (folder, trust_remote_code) in a clean interpreter: what it loaded, and its logits of
-    `TOKENS` and of `LONG_TEXT` truncated by the folder's own tokenizer."""
+def load_clean(folders: list[tuple[Path, bool]], cwd: Path) -> dict[Path, SimpleNamespace]:
+    """Load each (folder, trust_remote_code) in one clean interpreter: per folder, the class it loaded, and
+    its logits of `TOKENS` and of `LONG_TEXT` truncated by the folder's own tokenizer (and that length)."""
     spec = json.dumps([[str(folder), remote] for folder, remote in folders])
     done = run_clean(LOAD, spec, json.dumps(TOKENS), LONG_TEXT, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), load_file(cwd / "logits.safetensors")
+    report, tensors = json.loads(done.stdout.strip().splitlines()[-1]), load_file(cwd / "logits.safetensors")
+    return {
+        folder: SimpleNamespace(**report[str(folder)], logits=tensors[f"logits{i}"], truncated=tensors[f"truncated{i}"])
+        for i, (folder, _) in enumerate(folders)
+    }
 
 
 def logits(model: GPT2ScratchForCausalLM, tokens) -> torch.Tensor:
@@ -95,31 +99,6 @@ def test_the_clean_interpreter_cannot_import_the_project(tmp_path):
     assert with_project.returncode != 0 and "this project is importable here" in with_project.stderr
 
 
-def test_both_exports_load_without_the_project(run, tmp_path):
-    hf, gpt2 = run.out_dir / "hf", run.out_dir / "hf-gpt2"
-    n_positions = run.model.config.n_positions
-    assert json.loads((gpt2 / "config.json").read_text())["n_ctx"] == n_positions == 64
-    for folder in (hf, gpt2):
-        assert {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json"} <= {
-            p.name for p in folder.iterdir()
-        }
-        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == n_positions
-
-    report, found = load_clean([(hf, True), (gpt2, False)], tmp_path)
-    assert report[str(hf)]["class"].startswith("transformers_modules.")  # the folder's own code
-    assert report[str(hf)]["class"].endswith(".GPT2ScratchForCausalLM")
-    assert report[str(gpt2)]["class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
-    from data_prep.tokenizer import get_encoding
-
-    long_tokens = get_encoding().encode(LONG_TEXT, allowed_special="all")
-    assert len(long_tokens) > n_positions
-    for i, folder in enumerate((hf, gpt2)):
-        assert report[str(folder)]["length"] == n_positions
-        torch.testing.assert_close(found[f"logits{i}"], logits(run.model, TOKENS), rtol=0, atol=1e-5)
-        expected = logits(run.model, [long_tokens[:n_positions]])
-        torch.testing.assert_close(found[f"truncated{i}"], expected, rtol=0, atol=1e-5)
-
-
 class CopyingHub:
     """Stands in for `huggingface_hub.HfApi`: keeps a copy of each uploaded folder, per branch."""
 
@@ -136,18 +115,58 @@ class CopyingHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.uploads)}")
 
 
-def test_what_each_hub_format_uploads_loads_without_the_project(run, tmp_path):
-    uploaded = []
+@pytest.fixture(scope="module")
+def loaded(run, tmp_path_factory):
+    """`hf/`, `hf-gpt2/` and the folders each `--hub_format` uploads, loaded in one clean interpreter."""
+    base = tmp_path_factory.mktemp("clean")
+    uploads = []
     for hub_format in ("gpt2", "scratch", "both"):
-        hub = CopyingHub(tmp_path / hub_format)
+        hub = CopyingHub(base / hub_format)
         push_export(run.out_dir, "me/tiny-gpt2", hub_format, "step 3", api=hub)
-        uploaded += hub.uploads
-    remote = [(folder, (folder / "modeling_gpt2_scratch.py").is_file()) for folder in uploaded]
-    assert [r for _, r in remote] == [False, True, False, True]  # gpt2; scratch; both: main, then scratch
-    report, found = load_clean(remote, tmp_path)
-    for i, (folder, code) in enumerate(remote):
-        assert report[str(folder)]["class"].endswith("GPT2ScratchForCausalLM" if code else "GPT2LMHeadModel")
-        torch.testing.assert_close(found[f"logits{i}"], logits(run.model, TOKENS), rtol=0, atol=1e-5)
+        uploads += hub.uploads
+    exports = [(run.out_dir / "hf", True), (run.out_dir / "hf-gpt2", False)]
+    uploads = [(folder, (folder / "modeling_gpt2_scratch.py").is_file()) for folder in uploads]
+    return SimpleNamespace(exports=exports, uploads=uploads, found=load_clean(exports + uploads, base))
+
+
+def test_both_exports_load_without_the_project(run, loaded):
+    hf, gpt2 = run.out_dir / "hf", run.out_dir / "hf-gpt2"
+    n_positions = run.model.config.n_positions
+    assert json.loads((gpt2 / "config.json").read_text())["n_ctx"] == n_positions == 64
+    for folder in (hf, gpt2):
+        assert {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == n_positions
+
+    found = loaded.found
+    assert found[hf].cls.startswith("transformers_modules.")  # the folder's own code
+    assert found[hf].cls.endswith(".GPT2ScratchForCausalLM")
+    assert found[gpt2].cls == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+    from data_prep.tokenizer import get_encoding
+
+    long_tokens = get_encoding().encode(LONG_TEXT, allowed_special="all")
+    assert len(long_tokens) > n_positions
+    for folder in (hf, gpt2):
+        assert found[folder].length == n_positions
+        torch.testing.assert_close(found[folder].logits, logits(run.model, TOKENS), rtol=0, atol=1e-5)
+        expected = logits(run.model, [long_tokens[:n_positions]])
+        torch.testing.assert_close(found[folder].truncated, expected, rtol=0, atol=1e-5)
+
+
+def test_what_each_hub_format_uploads_loads_without_the_project(run, loaded):
+    # gpt2: hf-gpt2/ on main; scratch: hf/ on main; both: hf-gpt2/ on main, then hf/ on the branch scratch
+    assert [(folder.name, code) for folder, code in loaded.uploads] == [
+        ("0-main", False),
+        ("0-main", True),
+        ("0-main", False),
+        ("1-scratch", True),
+    ]
+    for folder, code in loaded.uploads:
+        found = loaded.found[folder]
+        assert found.cls.endswith("GPT2ScratchForCausalLM" if code else "GPT2LMHeadModel")
+        assert found.length == run.model.config.n_positions
+        torch.testing.assert_close(found.logits, logits(run.model, TOKENS), rtol=0, atol=1e-5)
 
 
 def make_stale(out_dir: Path) -> None:
@@ -181,7 +200,7 @@ def test_export_gpt2_refreshes_both_exports_of_an_older_run(run, tmp_path):
     export_gpt2.main([str(out)])
     assert json.loads((out / "hf-gpt2" / "config.json").read_text())["n_ctx"] == 64
     assert (out / "hf" / "modeling_gpt2_scratch.py").read_bytes() == (ROOT / "modeling_gpt2_scratch.py").read_bytes()
-    report, found = load_clean([(out / "hf", True), (out / "hf-gpt2", False)], tmp_path)
-    for i, folder in enumerate((out / "hf", out / "hf-gpt2")):
-        assert report[str(folder)]["length"] == 64 and (folder / "vocab.json").is_file()
-        torch.testing.assert_close(found[f"logits{i}"], logits(run.model, TOKENS), rtol=0, atol=1e-5)
+    found = load_clean([(out / "hf", True), (out / "hf-gpt2", False)], tmp_path)
+    for folder in (out / "hf", out / "hf-gpt2"):
+        assert found[folder].length == 64 and (folder / "vocab.json").is_file()
+        torch.testing.assert_close(found[folder].logits, logits(run.model, TOKENS), rtol=0, atol=1e-5)

@@ -305,9 +305,11 @@ def test_auto_model_loads_in_fresh_process(tmp_path, setup, kwargs, module):
     model.save_pretrained(tmp_path / "model")
     script = FRESH_PROCESS_LOAD.format(setup=setup, kwargs=kwargs)
     argv = [str(tmp_path / "model"), str(tmp_path / "logits.pt")]
-    if setup:  # the project on the path, and nothing else of it
+    if setup:  # run from the repository, which puts the project on the path
         cwd = Path(__file__).resolve().parents[1]
-        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=cwd)
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=cwd, timeout=300
+        )
     else:
         result = run_clean(script, *argv, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
