@@ -7,7 +7,9 @@ directory, PYTHONPATH or user site on `sys.path`. The venv's site-packages folde
 plain path entries, and so is every directory a `.pth` file there lists, unless it lies in this
 repository (a dependency installed from a folder stays reachable; `import` lines, the editable finders,
 are not run). Before and after the script, the process asserts that `importlib.util.find_spec` finds
-none of the project's modules, after transformers has put its remote-code cache on the path too.
+none of the project's modules, after transformers has put its remote-code cache on the path too. A
+non-editable install (a copy of the project in site-packages) would be found, and the check says so:
+the README installs with `pip install -e`.
 """
 
 from __future__ import annotations
