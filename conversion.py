@@ -2,9 +2,14 @@
 official checkpoints), raw state dicts of our own model (compiled or DDP-wrapped), and nanoGPT /
 build-nanogpt checkpoints.
 
-`modeling_gpt2_scratch.py` keeps only what loading and running the model needs (it is shipped alone
-as remote code); `GPT2ScratchForCausalLM.from_gpt2` / `to_gpt2` / `from_nanogpt` / `from_state_dict`
-call the functions here.
+Dependencies point one way: this module imports the model, never the reverse. `modeling_gpt2_scratch.py`
+keeps only what loading and running the model needs (it is shipped alone as remote code, and transformers
+refuses a remote file that imports anything its machine lacks), so the conversions are functions here:
+
+    from conversion import from_gpt2, from_nanogpt, from_state_dict, to_gpt2
+
+    model = from_gpt2("openai-community/gpt2")   # a Hub id or a GPT2LMHeadModel folder
+    official = to_gpt2(model)                    # back to a transformers.GPT2LMHeadModel
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ def from_state_dict(config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -
     return model
 
 
+def from_gpt2(name_or_path: str | Path, **kwargs) -> GPT2ScratchForCausalLM:
+    """Load an official-format GPT-2 checkpoint into our class: a Hub id (`openai-community/gpt2`,
+    `gpt2-xl`) or a folder written by `transformers.GPT2LMHeadModel.save_pretrained`; `kwargs` go to
+    its `from_pretrained`."""
+    from transformers import GPT2LMHeadModel
+
+    return from_gpt2_model(GPT2LMHeadModel.from_pretrained(name_or_path, **kwargs))
+
+
 def from_gpt2_model(official: nn.Module) -> GPT2ScratchForCausalLM:
     """Copy the weights of a `transformers.GPT2LMHeadModel` into a new model of our class."""
     state = {}
@@ -105,7 +119,9 @@ def gpt2_unsupported(config: GPT2ScratchConfig) -> str | None:
 
 
 def gpt2_config(config: GPT2ScratchConfig):
-    """The `transformers.GPT2Config` of the same architecture."""
+    """The `transformers.GPT2Config` of the same architecture. It carries `n_ctx` (= `n_positions`) as the
+    official GPT-2 configs do: transformers ignores it, but tools that read config.json (llama.cpp's
+    `convert_hf_to_gguf.py`) require it."""
     from transformers import GPT2Config
 
     reason = gpt2_unsupported(config)
@@ -113,7 +129,7 @@ def gpt2_config(config: GPT2ScratchConfig):
         raise ValueError(f"this model has no official GPT-2 layout: {reason}")
     shared = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     dropout = {name: config.dropout for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    return GPT2Config(**shared, **dropout, tie_word_embeddings=config.tie_word_embeddings)
+    return GPT2Config(**shared, **dropout, n_ctx=config.n_positions, tie_word_embeddings=config.tie_word_embeddings)
 
 
 def gpt2_layout(state: dict[str, torch.Tensor], config: GPT2ScratchConfig) -> dict[str, torch.Tensor]:

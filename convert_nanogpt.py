@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from conversion import NanoGPTCheckpointError
+from conversion import NanoGPTCheckpointError, from_nanogpt
 from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchForCausalLM
 
 
@@ -26,14 +26,14 @@ def convert(
     vocab_size: int | None = None,
     activation_function: str | None = None,
 ) -> GPT2ScratchForCausalLM:
-    """Load `checkpoint` with `GPT2ScratchForCausalLM.from_nanogpt`, save it (and the GPT-2 tokenizer
+    """Load `checkpoint` with `conversion.from_nanogpt`, save it (and the GPT-2 tokenizer
     when the vocabulary is GPT-2's) into `out_dir`, and return the model."""
     from data_prep.tokenizer import save_hf_tokenizer
 
-    model = GPT2ScratchForCausalLM.from_nanogpt(checkpoint, vocab_size, activation_function)
+    model = from_nanogpt(checkpoint, vocab_size, activation_function)
     model.save_pretrained(out_dir)
     if model.config.vocab_size == GPT2_VOCAB_SIZE:
-        save_hf_tokenizer(out_dir)
+        save_hf_tokenizer(out_dir, model_max_length=model.config.n_positions)
     return model
 
 

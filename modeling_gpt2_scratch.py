@@ -4,14 +4,16 @@ The model is plain PyTorch in the shape of nanoGPT (parameter names follow GPT-2
 weights load key by key), wrapped in transformers' base classes so that `save_pretrained`,
 `AutoModelForCausalLM`, `generate()`, the Hub and lm-evaluation-harness treat it as native.
 
-This file imports only torch and transformers: `save_pretrained` copies it next to the weights,
-so a saved or pushed folder loads with `trust_remote_code=True` on a machine without this project.
+This file imports only torch, transformers, huggingface_hub and the standard library, in every function
+too: `save_pretrained` copies it next to the weights, and transformers reads all of its import statements
+before it loads it, so a saved or pushed folder loads with `trust_remote_code=True` on a machine without
+this project. Conversions from and to other layouts (official GPT-2, nanoGPT, raw state dicts) are
+functions of `conversion.py`, which imports this file and never the reverse.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -422,47 +424,6 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
-
-    # Conversions from and to other layouts live in `conversion.py`, which this file does not need to
-    # load or run the model (it is shipped alone as remote code); these methods are their documented entry.
-
-    @classmethod
-    def from_gpt2(cls, name_or_path: str, **kwargs) -> GPT2ScratchForCausalLM:
-        """Load an official-format GPT-2 checkpoint: a Hub id (`openai-community/gpt2`, `gpt2-xl`)
-        or a folder written by `transformers.GPT2LMHeadModel.save_pretrained`."""
-        from transformers import GPT2LMHeadModel
-
-        return cls.from_gpt2_model(GPT2LMHeadModel.from_pretrained(name_or_path, **kwargs))
-
-    @classmethod
-    def from_gpt2_model(cls, official: nn.Module) -> GPT2ScratchForCausalLM:
-        """Copy the weights of a `transformers.GPT2LMHeadModel` into a new model of this class."""
-        from conversion import from_gpt2_model
-
-        return from_gpt2_model(official)
-
-    @classmethod
-    def from_state_dict(cls, config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> GPT2ScratchForCausalLM:
-        """A model with exactly the weights of `state` (this layout; see `conversion.from_state_dict`)."""
-        from conversion import from_state_dict
-
-        return from_state_dict(config, state)
-
-    @classmethod
-    def from_nanogpt(
-        cls, path: str | Path, vocab_size: int | None = None, activation_function: str | None = None
-    ) -> GPT2ScratchForCausalLM:
-        """Load a nanoGPT `ckpt.pt` or build-nanogpt `model_XXXXX.pt` checkpoint, in eval mode, without
-        running any code stored in it (see `conversion.from_nanogpt`)."""
-        from conversion import from_nanogpt
-
-        return from_nanogpt(path, vocab_size, activation_function)
-
-    def to_gpt2(self) -> nn.Module:
-        """An equivalent `transformers.GPT2LMHeadModel` (the padding rows of the vocabulary dropped)."""
-        from conversion import to_gpt2
-
-        return to_gpt2(self)
 
 
 def positions_from_mask(

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conversion import to_gpt2  # noqa: E402
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.metrics import device_peak_flops  # noqa: E402  (the trainer's own)
@@ -85,7 +86,7 @@ def build_model(name: str, config: GPT2ScratchConfig) -> torch.nn.Module:
     ours = GPT2ScratchForCausalLM(config)
     if name == "ours":
         return ours
-    official = ours.to_gpt2()
+    official = to_gpt2(ours)
     official.set_attn_implementation("sdpa")
     assert official.config._attn_implementation == "sdpa"
     return official

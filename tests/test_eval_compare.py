@@ -7,6 +7,7 @@ import json
 import pytest
 from test_eval_common import random_tokens, tiny_gpt2, write_hellaswag, write_shards
 
+from conversion import from_gpt2_model
 from eval import compare
 from eval.common import ModelLoadError
 from eval.hellaswag import evaluate_hellaswag, load_examples
@@ -18,8 +19,8 @@ from training.export import write_exports
 def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):
     official = tiny_gpt2(seed=0)
     official.save_pretrained(tmp_path / "gpt2")
-    GPT2ScratchForCausalLM.from_gpt2_model(official).save_pretrained(tmp_path / "ours_same")
-    GPT2ScratchForCausalLM.from_gpt2_model(tiny_gpt2(seed=1)).save_pretrained(tmp_path / "ours_other")
+    from_gpt2_model(official).save_pretrained(tmp_path / "ours_same")
+    from_gpt2_model(tiny_gpt2(seed=1)).save_pretrained(tmp_path / "ours_other")
     data_dir = write_shards(tmp_path / "data", random_tokens(300))
     hellaswag_file = write_hellaswag(tmp_path / "hellaswag_val.jsonl")
     out = tmp_path / "cmp"

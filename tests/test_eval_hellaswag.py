@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_eval_common import hellaswag_records, tiny_gpt2, tiny_gpt2_folder, write_hellaswag
 
+from conversion import from_gpt2_model
 from data_prep.tokenizer import load_hf_tokenizer
 from eval import hellaswag
 from eval.hellaswag import HellaSwagDataError, evaluate_hellaswag, load_examples, render_example
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
 
 def reference_scores(model, examples) -> list[dict]:
@@ -69,7 +69,7 @@ def test_scores_match_straightforward_computation(examples):
 
 def test_batch_size_padding_and_model_class_do_not_change_results(examples):
     official = tiny_gpt2()
-    ours = GPT2ScratchForCausalLM.from_gpt2_model(official)
+    ours = from_gpt2_model(official)
     # batch size 1 pads only within an example; 7 pads every row to the longest of all 28
     runs = [
         evaluate_hellaswag(m, examples, batch_size=b, return_predictions=True) for m in (official, ours) for b in (1, 7)

@@ -1,30 +1,28 @@
 """Our HF export in lm-evaluation-harness's `hf` model type gives the log-likelihoods we compute.
 
-lm-eval runs in a fresh process outside the repository, so the model class comes from the remote
-code saved in the folder (`trust_remote_code=True`), as it would on a user's machine.
+lm-eval runs in a process that cannot import this project (tests/clean_interpreter.py), so the model
+class comes from the remote code saved in the folder (`trust_remote_code=True`), as on a user's machine.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from clean_interpreter import run_clean
 from test_eval_common import hellaswag_records, tiny_gpt2
 
+from conversion import from_gpt2_model
 from data_prep.tokenizer import save_hf_tokenizer
 from eval.common import load_model
 from eval.hellaswag import evaluate_hellaswag
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
 
 # What `lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True` builds, asked for the
 # log-likelihood of each ending given its context (the requests of a multiple-choice task).
 SCRIPT = """
-import json, sys
+import json
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
@@ -40,20 +38,13 @@ print(json.dumps({"module": type(lm.model).__module__, "loglikelihoods": loglike
 
 def test_lm_eval_hf_model_matches_our_scoring(tmp_path):
     folder = tmp_path / "export"
-    GPT2ScratchForCausalLM.from_gpt2_model(tiny_gpt2()).save_pretrained(folder)
-    save_hf_tokenizer(folder)
+    model = from_gpt2_model(tiny_gpt2())
+    model.save_pretrained(folder)
+    save_hf_tokenizer(folder, model_max_length=model.config.n_positions)
     examples = hellaswag_records()[:3]
     requests = [(ex["ctx"], " " + ending) for ex in examples for ending in ex["endings"]]
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(folder), json.dumps(requests)],
-        cwd=tmp_path,  # not the repository: the model code must come from the folder
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_clean(SCRIPT, str(folder), json.dumps(requests), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     harness = json.loads(proc.stdout.strip().splitlines()[-1])
     assert harness["module"].startswith("transformers_modules.")  # the folder's remote code

@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_eval_common import random_tokens, tiny_gpt2, tiny_gpt2_folder, write_shards
 
+from conversion import from_gpt2_model
 from data_prep import DataPrepError
 from eval import val_loss
 from eval.val_loss import evaluate_val_loss
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
 SEQ_LEN, BATCH = 16, 4
 
@@ -35,7 +35,7 @@ def test_val_loss_equals_direct_computation(tmp_path):
     assert got == pytest.approx(expected, rel=1e-5)
     capped = evaluate_val_loss(model, data_dir, batch_size=BATCH, seq_len=SEQ_LEN, max_batches=2)
     assert capped == pytest.approx(direct_val_loss(model, tokens, n_sequences=2 * BATCH), rel=1e-5)
-    ours = GPT2ScratchForCausalLM.from_gpt2_model(model).train()
+    ours = from_gpt2_model(model).train()
     assert evaluate_val_loss(ours, data_dir, batch_size=BATCH, seq_len=SEQ_LEN) == pytest.approx(expected, rel=1e-5)
     assert ours.training
 

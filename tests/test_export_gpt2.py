@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from clean_interpreter import run_clean
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -96,18 +96,15 @@ def our_logits(folder: Path) -> torch.Tensor:
 
 
 FRESH_PROCESS = """
-import importlib.util, json, sys
-sys.path.append(sys.argv[1])  # site-packages only: this project is neither installed nor on the path here
-for name in ("modeling_gpt2_scratch", "conversion", "training", "eval", "data_prep", "export_gpt2"):
-    assert importlib.util.find_spec(name) is None, name
+import json
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2]).eval()
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 with torch.no_grad():
-    logits = model(torch.tensor(json.loads(sys.argv[3]))).logits
-save_file({"logits": logits.contiguous()}, sys.argv[4])
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
+save_file({"logits": logits.contiguous()}, sys.argv[3])
 print(type(model).__name__, tokenizer("Hello world")["input_ids"])
 """
 
@@ -122,11 +119,8 @@ def test_official_layout_loads_in_a_fresh_process_with_our_logits(run, tmp_path)
     with safe_open(gpt2 / "model.safetensors", "pt") as weights:
         assert weights.get_slice("transformer.wte.weight").get_shape() == [50257, 32]  # padding rows dropped
 
-    purelib = sysconfig.get_paths()["purelib"]
     out = tmp_path / "logits.safetensors"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-I", "-S", "-c", FRESH_PROCESS, purelib, str(gpt2), json.dumps(TOKENS), str(out)]
-    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = run_clean(FRESH_PROCESS, str(gpt2), json.dumps(TOKENS), str(out), cwd=tmp_path)  # without this project
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[0] == "GPT2LMHeadModel" and "[15496, 995]" in done.stdout
 

@@ -3,12 +3,14 @@
 import math
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from clean_interpreter import run_clean
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conversion import from_gpt2, from_gpt2_model, to_gpt2
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
@@ -27,7 +29,7 @@ def official_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(official_folder):
     official = GPT2LMHeadModel.from_pretrained(official_folder).eval()
-    ours = GPT2ScratchForCausalLM.from_gpt2(str(official_folder)).eval()
+    ours = from_gpt2(str(official_folder)).eval()
     return official, ours
 
 
@@ -209,7 +211,7 @@ def test_padded_vocab_never_leaks():
 
 def test_round_trip_is_bit_exact(official_folder):
     official = GPT2LMHeadModel.from_pretrained(official_folder)
-    back = GPT2ScratchForCausalLM.from_gpt2_model(official).to_gpt2()
+    back = to_gpt2(from_gpt2_model(official))
     expected, found = official.state_dict(), back.state_dict()
     assert set(found) == set(expected)
     for key, tensor in expected.items():
@@ -219,7 +221,7 @@ def test_round_trip_is_bit_exact(official_folder):
 def test_from_gpt2_refuses_unsupported_variants(tmp_path):
     GPT2LMHeadModel(GPT2Config(**TINY, activation_function="relu")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function='relu'"):
-        GPT2ScratchForCausalLM.from_gpt2(str(tmp_path))
+        from_gpt2(str(tmp_path))
 
 
 def test_gradient_checkpointing_gives_same_gradients():
@@ -278,7 +280,8 @@ def test_save_and_load_pretrained_in_safetensors(tmp_path):
 
 
 FRESH_PROCESS_LOAD = """
-import sys, torch
+import sys
+import torch
 from transformers import AutoModelForCausalLM
 {setup}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], {kwargs})
@@ -292,7 +295,7 @@ print(type(model).__module__, type(model).__name__)
 @pytest.mark.parametrize(
     "setup, kwargs, module",
     [
-        ("", "trust_remote_code=True", "transformers_modules"),  # a process that never saw this project
+        ("", "trust_remote_code=True", "transformers_modules"),  # a process that cannot import this project
         ("import modeling_gpt2_scratch", "", "modeling_gpt2_scratch"),  # registered on import
     ],
 )
@@ -301,15 +304,14 @@ def test_auto_model_loads_in_fresh_process(tmp_path, setup, kwargs, module):
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).eval()
     model.save_pretrained(tmp_path / "model")
     script = FRESH_PROCESS_LOAD.format(setup=setup, kwargs=kwargs)
-    env_path = "" if not setup else str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "model"), str(tmp_path / "logits.pt")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # not the repo: the project is importable only through the saved folder (or PYTHONPATH)
-        env={**__import__("os").environ, "PYTHONPATH": env_path, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-        timeout=300,
-    )
+    argv = [str(tmp_path / "model"), str(tmp_path / "logits.pt")]
+    if setup:  # run from the repository, which puts the project on the path
+        cwd = Path(__file__).resolve().parents[1]
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=cwd, timeout=300
+        )
+    else:
+        result = run_clean(script, *argv, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0].startswith(module) and result.stdout.split()[1] == "GPT2ScratchForCausalLM"
     with torch.no_grad():
@@ -322,8 +324,8 @@ def test_round_trip_at_full_gpt2_size(tmp_path):
     """The 124M model: official layout -> ours -> official, bit for bit, and the same logits."""
     torch.manual_seed(0)
     official = GPT2LMHeadModel(GPT2Config()).eval()
-    ours = GPT2ScratchForCausalLM.from_gpt2_model(official).eval()
-    back = ours.to_gpt2()
+    ours = from_gpt2_model(official).eval()
+    back = to_gpt2(ours)
     for key, tensor in official.state_dict().items():
         assert torch.equal(back.state_dict()[key], tensor), key
     ids = random_ids(1, 64)

@@ -1,6 +1,7 @@
 """The offline GPT-2 tokenizer: verified files, and tiktoken and transformers agreeing."""
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -68,9 +69,71 @@ def test_tiktoken_and_transformers_agree(text):
 
 
 def test_saved_tokenizer_loads_with_auto_tokenizer(tmp_path):
-    tokenizer.save_hf_tokenizer(tmp_path)
+    tokenizer.save_hf_tokenizer(tmp_path, model_max_length=1024)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     enc = tokenizer.get_encoding()
     text = " ".join(TEXTS)
     assert hf(text)["input_ids"] == enc.encode(text, allowed_special="all")
     assert hf.eos_token_id == tokenizer.EOT_ID
+
+
+# OpenAI's GPT-2 `encoder.py`, the algorithm of transformers' slow `GPT2Tokenizer`: the regex split,
+# bytes mapped to printable characters, then the lowest-ranked merge of `merges.txt` first.
+SLOW_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_to_unicode() -> dict[int, str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def slow_encode(folder: Path, text: str) -> list[int]:
+    """`text` encoded from `vocab.json` and `merges.txt` alone, `<|endoftext|>` as its special token."""
+    import regex
+
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
+    ranks = {tuple(line.split()): i for i, line in enumerate(merges) if line}
+    to_unicode = byte_to_unicode()
+
+    def bpe(word: tuple[str, ...]) -> tuple[str, ...]:
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:], strict=False)}
+            best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+            if best not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        return word
+
+    ids = []
+    for n, part in enumerate(text.split(tokenizer.EOT_TOKEN)):
+        if n:
+            ids.append(vocab[tokenizer.EOT_TOKEN])
+        for piece in regex.findall(SLOW_SPLIT, part):
+            ids += [vocab[token] for token in bpe(tuple(to_unicode[b] for b in piece.encode("utf-8")))]
+    return ids
+
+
+def test_saved_bpe_files_encode_like_the_fast_tokenizer(tmp_path):
+    """The files the slow tokenizer and converters read: `vocab.json` and `merges.txt` beside
+    `tokenizer.json`, with the special tokens and the model's length limit."""
+    tokenizer.save_hf_tokenizer(tmp_path, model_max_length=64)
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    assert fast.model_max_length == 64
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer.json").unlink()  # now transformers too builds it from the two BPE files
+    from_bpe = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        expected = fast(text)["input_ids"]
+        assert slow_encode(tmp_path, text) == from_bpe(text)["input_ids"] == expected, text
+    assert slow_encode(tmp_path, "a<|endoftext|>b")[1] == tokenizer.EOT_ID

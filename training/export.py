@@ -71,7 +71,7 @@ def write_scratch_export(
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
-        save_hf_tokenizer(tmp)
+        save_hf_tokenizer(tmp, model_max_length=model.config.n_positions)
         write_record(tmp, step, "scratch", gpt2_unsupported=gpt2_unsupported)
 
     write_folder(folder, write)
@@ -79,13 +79,13 @@ def write_scratch_export(
 
 def write_gpt2_export(config, state_dict: dict, folder: Path, step: int | None) -> None:
     """The official layout of our weights (`state_dict`, our layout, of a model with `config`) into
-    `folder`: `GPT2LMHeadModel.save_pretrained` (config with `model_type: gpt2`, safetensors without the
-    vocabulary's padding rows) and the tokenizer."""
+    `folder`: `GPT2LMHeadModel.save_pretrained` (config with `model_type: gpt2` and `n_ctx`, safetensors
+    without the vocabulary's padding rows) and the tokenizer, limited to the model's `n_positions`."""
     from data_prep.tokenizer import save_hf_tokenizer
 
     def write(tmp: Path) -> None:
         gpt2_model(config, gpt2_layout(state_dict, config)).save_pretrained(tmp)
-        save_hf_tokenizer(tmp)
+        save_hf_tokenizer(tmp, model_max_length=config.n_positions)
         write_record(tmp, step, "gpt2")
 
     write_folder(folder, write)
