@@ -176,7 +176,7 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
     return GPT2ScratchConfig(**{name: getattr(official, name) for name in SHARED_CONFIG_FIELDS})
 
 
-class NanoGPTCheckpointError(UserError, ValueError):
+class NanoGPTCheckpointError(UserError):
     """A file is not a nanoGPT / build-nanogpt checkpoint that this model can load."""
 
 
@@ -239,6 +239,19 @@ def nanogpt_model_args(checkpoint: dict, path: str | Path) -> dict:
         raise NanoGPTCheckpointError(
             f"{path} has no model config with {', '.join(NANOGPT_CONFIG_FIELDS)} (found {found}); {NANOGPT_EXPECTED}"
         )
+    wrong = {key: args[key] for key in NANOGPT_CONFIG_FIELDS if type(args[key]) is not int or args[key] < 1}
+    dropout = args.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        wrong["dropout"] = dropout
+    if type(args.get("bias", True)) is not bool:
+        wrong["bias"] = args["bias"]
+    if wrong:
+        raise NanoGPTCheckpointError(
+            f"{path}: model config {wrong} out of range; the sizes must be integers >= 1, dropout a number in "
+            "[0, 1) and bias true or false"
+        )
+    if args["n_embd"] % args["n_head"]:
+        raise NanoGPTCheckpointError(f"{path}: n_embd ({args['n_embd']}) is not divisible by n_head ({args['n_head']})")
     return args
 
 

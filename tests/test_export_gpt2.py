@@ -25,8 +25,10 @@ from conversion import gpt2_unsupported
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training import export
 from training.config import TrainConfig, config_to_yaml
-from training.export import export_model, exported_step, write_exports, write_folder, write_model_cards
-from training.hub import HubError, data_source, push_export, run_results
+from training.export import export_model, exported_step, write_exports, write_folder
+from training.hub import HubError, push_export
+from training.model_card import data_source, run_results, write_model_cards
+from user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MANIFEST = {
@@ -343,11 +345,11 @@ def test_cli_exports_a_checkpoint_and_a_bare_export(run, tmp_path):
 
 
 def test_cli_errors_are_one_line(run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no folder at"):
+    with pytest.raises(UserError, match="no folder at"):
         export_gpt2.export(tmp_path / "nope")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(config_to_yaml(run.config))
-    with pytest.raises(ValueError, match="--out is for an export or a checkpoint"):
+    with pytest.raises(UserError, match="--out is for an export or a checkpoint"):
         export_gpt2.export(tmp_path / "run", out=tmp_path / "elsewhere")
     done = subprocess.run(
         [sys.executable, "-m", "export_gpt2", str(run.out_dir / "hf-gpt2")],
@@ -365,7 +367,7 @@ def test_out_never_replaces_a_folder_that_is_not_an_official_export(run, tmp_pat
     precious.mkdir()
     (precious / "thesis.txt").write_text("keep")
     for out in (precious, run.out_dir):  # a user's folder, and the run folder that holds the source
-        with pytest.raises(ValueError, match="exists and is not an hf-gpt2 export"):
+        with pytest.raises(UserError, match="exists and is not an hf-gpt2 export"):
             export_gpt2.export(run.out_dir / "hf", out=out)
     assert (precious / "thesis.txt").read_text() == "keep" and (run.out_dir / "hf" / "config.json").is_file()
     export_gpt2.export(run.out_dir / "hf", out=tmp_path / "mine")  # a new folder, then replaced on a rerun
@@ -377,5 +379,5 @@ def test_a_truncated_export_is_one_line(run, tmp_path):
     broken = Path(shutil.copytree(run.out_dir / "hf", tmp_path / "broken"))
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
-    with pytest.raises(ValueError, match="cannot load the model"):
+    with pytest.raises(UserError, match="not a readable safetensors file"):
         export_gpt2.export(broken)

@@ -138,26 +138,3 @@ def exported_step(out_dir: Path) -> int | None:
         return scratch["step"]
     gpt2 = read_record(out_dir / GPT2_EXPORT, "gpt2")
     return scratch["step"] if gpt2 is not None and gpt2["step"] == scratch["step"] else None
-
-
-def write_model_cards(out_dir: Path, config, model, manifest: dict, license: str | None = None) -> list[Path]:
-    """README.md model cards for the exports in `out_dir` (main process only), with the plots of
-    `out_dir/plots` copied beside them. The results come from `out_dir/log.jsonl`, up to the step the
-    export holds, so a relaunched finished run writes the same card. Returns the cards written."""
-    from training.hub import DEFAULT_LICENSE, ModelCard, run_results
-
-    out_dir = Path(out_dir)
-    scratch = read_record(out_dir / SCRATCH_EXPORT, "scratch")
-    results = run_results(out_dir / "log.jsonl", through_step=scratch["step"] if scratch else None)
-    card = ModelCard(config, model, manifest, results, out_dir, license=license or DEFAULT_LICENSE)
-    written = []
-    for name, layout in ((SCRATCH_EXPORT, "scratch"), (GPT2_EXPORT, "gpt2")):
-        folder = out_dir / name
-        if not folder.is_dir():
-            continue
-        plots = [p for p in PLOTS if (out_dir / "plots" / p).is_file()]
-        for plot in plots:
-            shutil.copy(out_dir / "plots" / plot, folder / plot)
-        write_text(folder / "README.md", card.render(layout, plots))
-        written.append(folder / "README.md")
-    return written

@@ -14,31 +14,12 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
-
-
-@dataclass
-class RunPaths:
-    """Where a run keeps each of its records."""
-
-    out_dir: Path
-
-    def __post_init__(self) -> None:
-        self.out_dir = Path(self.out_dir)
-        self.config = self.out_dir / "config.yaml"
-        self.run_info = self.out_dir / "run_info.json"
-        self.log = self.out_dir / "log.jsonl"
-        self.samples = self.out_dir / "samples.jsonl"
-        self.plots = self.out_dir / "plots"
-        self.checkpoints = self.out_dir / "checkpoints"
-        self.hf = self.out_dir / "hf"
-        self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
-        self.lock = self.out_dir / ".lock"
+from training.paths import RunPaths
 
 
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
