@@ -89,28 +89,11 @@ def from_gpt2_model(official: nn.Module) -> GPT2ScratchForCausalLM:
     return from_state_dict(scratch_config_from_gpt2(official.config), state)
 
 
-def gpt2_unsupported(config: GPT2ScratchConfig) -> str | None:
-    """Why `GPT2LMHeadModel` cannot compute what a model of `config` computes, or None when it can.
-
-    Every preset and every trainer option gives a model GPT-2 expresses: the same blocks, either
-    GELU (transformers' `gelu_new` and `gelu` are ours), tied or untied embeddings. This guards
-    configs edited by hand, whose export must not silently change the model's outputs.
-    """
-    if config.activation_function not in GELU_APPROXIMATION:
-        return (
-            f"activation_function={config.activation_function!r} has no GPT-2 equivalent "
-            f"(GPT-2 takes {sorted(GELU_APPROXIMATION)})"
-        )
-    return None
-
-
 def gpt2_config(config: GPT2ScratchConfig):
-    """The `transformers.GPT2Config` of the same architecture."""
+    """The `transformers.GPT2Config` of the same architecture. Every config ours accepts has one: the
+    same blocks, either GELU (transformers' `gelu_new` and `gelu` are ours), tied or untied embeddings."""
     from transformers import GPT2Config
 
-    reason = gpt2_unsupported(config)
-    if reason is not None:
-        raise ValueError(f"this model has no official GPT-2 layout: {reason}")
     shared = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     dropout = {name: config.dropout for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     return GPT2Config(**shared, **dropout, tie_word_embeddings=config.tie_word_embeddings)

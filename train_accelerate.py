@@ -9,15 +9,19 @@ reproduction of build-nanogpt (10B FineWeb-Edu tokens, 524,288 tokens per step).
 `training.config.TrainConfig` can be set in a YAML preset and overridden on the command line; `--help`
 lists them.
 
-This file builds the pieces and runs the loop, top to bottom: `main` -> build the accelerator, data,
-model and optimizer -> `train` (`train_step`, `evaluate`, checkpoints) -> `finish`. The pieces live in
-the `training/` package: config, recipe (LR schedule, optimizer, precision), metrics, checkpoints,
-remote (checkpoint_remote), run_dir and hub.
+This file builds the pieces and runs the loop, top to bottom: `main` (the config, the accelerator, the
+run folder's lock) -> `run_training` (the remote and Hub checks, the data, the checkpoint to resume, the
+memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`, `save`) -> `finish`
+(the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
+package: config, recipe (batch arithmetic, LR schedule, optimizer, precision), step, data, memory,
+metrics, checkpoints, export and model_card, remote (checkpoint_remote), paths and run_dir, hub,
+processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
-`samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the export `hf/`.
-With `--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`training/remote.py`).
+`samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the two Hugging Face
+exports, `hf/` (our class) and `hf-gpt2/` (the official GPT-2 layout), each with its model card. With
+`--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`training/remote.py`).
 """
 
 from __future__ import annotations

@@ -21,9 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import export_gpt2
-from conversion import gpt2_unsupported
-from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training import export
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.config import TrainConfig, config_to_yaml
 from training.export import export_model, exported_step, write_exports, write_folder
 from training.hub import HubError, push_export
@@ -171,23 +169,6 @@ def test_an_export_killed_midway_leaves_the_previous_one(run, tmp_path):
     assert exported_step(out) == 3 and (out / ".tmp_hf-gpt2").is_dir()
     write_exports(run.model, out, 5)
     assert exported_step(out) == 5 and not (out / ".tmp_hf-gpt2").exists()
-
-
-def test_a_model_gpt2_cannot_express_gets_no_official_export(run, tmp_path, monkeypatch, caplog):
-    assert all(gpt2_unsupported(GPT2ScratchConfig.from_preset(name)) is None for name in PRESETS)
-    odd = GPT2ScratchConfig.from_preset("cpu-nano")
-    odd.activation_function = "relu"
-    assert "activation_function='relu'" in gpt2_unsupported(odd)
-
-    out = tmp_path / "run"
-    shutil.copytree(run.out_dir, out)  # holds an hf-gpt2/ that would now be stale
-    monkeypatch.setattr(export, "gpt2_unsupported", lambda config: "a reason GPT-2 cannot express")
-    with caplog.at_level("INFO", logger="train"):
-        assert write_exports(run.model, out, 7) == [out / "hf"]
-    assert not (out / "hf-gpt2").exists() and "a reason GPT-2 cannot express" in caplog.text
-    assert exported_step(out) == 7
-    with pytest.raises(HubError, match="a reason GPT-2 cannot express.*--hub_format scratch"):
-        push_export(out, "me/tiny-gpt2", "gpt2", "msg", api=RecordingHub())
 
 
 def front_matter(card: str) -> dict:

@@ -92,9 +92,8 @@ def push_export(out_dir: Path, repo_id: str, hub_format: str, message: str, api=
     if read_record(scratch, "scratch") is None:
         raise HubError(f"push_to_hub: {scratch} is not a complete export; rebuild it with python -m export_gpt2")
     if hub_format != "scratch" and read_record(gpt2, "gpt2") is None:
-        reason = (read_record(scratch, "scratch") or {}).get("gpt2_unsupported") or "it is missing or incomplete"
         raise HubError(
-            f"push_to_hub: no official-layout export at {gpt2} ({reason}); rebuild it with "
+            f"push_to_hub: no complete official-layout export at {gpt2}; rebuild it with "
             f"`python -m export_gpt2 {out_dir.name}`, or push ours alone with --hub_format scratch"
         )
     api = api or HfApi()
