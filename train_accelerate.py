@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> dict[str, Any]:
+    check_training_fits(config.model_config(), accelerator)  # a model too large: one line now, not an OOM later
     store = remote.preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
@@ -354,7 +355,6 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
         accelerator, lambda: find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
     )
 
-    check_training_fits(config.model_config(), accelerator)  # before allocating: one line, not an OOM
     set_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config)
     if config.init_from:

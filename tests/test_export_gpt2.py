@@ -24,7 +24,7 @@ import export_gpt2
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.config import TrainConfig, config_to_yaml
 from training.export import export_model, exported_step, write_exports, write_folder
-from training.hub import HubError, push_export
+from training.hub import push_export
 from training.model_card import data_source, run_results, write_model_cards
 from user_errors import UserError
 
@@ -273,7 +273,7 @@ def test_push_uploads_what_hub_format_says(run, hub_format, expected):
             files = set(call[4])
             assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss.png"} <= files
             assert ("modeling_gpt2_scratch.py" in files) == (call[2] == "hf")
-    with pytest.raises(HubError, match="hub_format must be one of"):
+    with pytest.raises(UserError, match="hub_format must be one of"):
         push_export(run.out_dir, "me/tiny-gpt2", "onnx", "msg", api=hub)
 
 

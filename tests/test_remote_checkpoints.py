@@ -14,8 +14,8 @@ from trainer_runs import launch, metric, nano_args, train_in_process, wait_for_s
 from training import remote as cr
 from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
 from training.config import ConfigError, TrainConfig
-from training.hub import HubError
 from training.paths import RunPaths, local_files
+from user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,7 +194,7 @@ def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_pa
         train_in_process(argv)
     assert not (tmp_path / "out" / "log.jsonl").exists()
     # hf:// checks login and write access first, with the push_to_hub check; offline it stops at once.
-    with pytest.raises(HubError, match="checkpoint_remote needs the Hub, but offline mode is on"):
+    with pytest.raises(UserError, match="checkpoint_remote needs the Hub, but offline mode is on"):
         train_in_process(nano_args(data_dir, tmp_path / "out", checkpoint_remote="hf://me/tiny-gpt2"))
 
 

@@ -4,12 +4,13 @@ import time
 
 import pytest
 
-from training.hub import HubError, check_hub_access
+from training.hub import check_hub_access
+from user_errors import UserError
 
 
 def test_push_preflight_fails_fast_offline():
     start = time.perf_counter()
-    with pytest.raises(HubError, match="offline mode is on"):
+    with pytest.raises(UserError, match="offline mode is on"):
         check_hub_access("someone/tiny-gpt2")
     assert time.perf_counter() - start < 5
 
@@ -23,5 +24,5 @@ def test_push_preflight_without_login_says_how_to_log_in(monkeypatch):
             raise LocalTokenNotFoundError("no token")
 
     monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
-    with pytest.raises(HubError, match="hf auth login"):
+    with pytest.raises(UserError, match="hf auth login"):
         check_hub_access("someone/tiny-gpt2", api=NoToken())

@@ -24,10 +24,6 @@ HUB_FORMATS = ("gpt2", "scratch", "both")
 SCRATCH_BRANCH = "scratch"
 
 
-class HubError(UserError):
-    """The Hub cannot be reached, the user is not logged in, or the token cannot write the repository."""
-
-
 def check_hub_access(repo_id: str, private: bool = False, api=None, purpose: str = "push_to_hub") -> str:
     """Fail fast, before training: the Hub is reachable, a token is set, and it can write `repo_id`
     (created if missing). Returns the user name. `purpose` (the field that needs the Hub) starts messages."""
@@ -35,23 +31,23 @@ def check_hub_access(repo_id: str, private: bool = False, api=None, purpose: str
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     if constants.is_offline_mode():
-        raise HubError(
+        raise UserError(
             f"{purpose} needs the Hub, but offline mode is on (HF_HUB_OFFLINE); unset it or drop --{purpose}"
         )
     api = api or HfApi()
     try:
         user = api.whoami()["name"]
     except LocalTokenNotFoundError as err:
-        raise HubError(f"{purpose}: not logged in; run `hf auth login` or set HF_TOKEN to a write token") from err
+        raise UserError(f"{purpose}: not logged in; run `hf auth login` or set HF_TOKEN to a write token") from err
     except HfHubHTTPError as err:
-        raise HubError(f"{purpose}: the Hub rejected the token ({err}); set HF_TOKEN to a valid write token") from err
+        raise UserError(f"{purpose}: the Hub rejected the token ({err}); set HF_TOKEN to a valid write token") from err
     except Exception as err:  # network errors differ by HTTP backend; all mean the same here
-        raise HubError(f"{purpose}: cannot reach the Hub ({type(err).__name__}: {err}); check the network") from err
+        raise UserError(f"{purpose}: cannot reach the Hub ({type(err).__name__}: {err}); check the network") from err
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.auth_check(repo_id, write=True)
     except HfHubHTTPError as err:
-        raise HubError(
+        raise UserError(
             f"{purpose}: user {user!r} cannot write to {repo_id!r} ({err}); check the repository name and that the "
             "token has write access"
         ) from err
@@ -86,13 +82,13 @@ def push_export(out_dir: Path, repo_id: str, hub_format: str, message: str, api=
     from huggingface_hub import HfApi
 
     if hub_format not in HUB_FORMATS:
-        raise HubError(f"hub_format must be one of {HUB_FORMATS}, got {hub_format!r}")
+        raise UserError(f"hub_format must be one of {HUB_FORMATS}, got {hub_format!r}")
     out_dir = Path(out_dir)
     gpt2, scratch = out_dir / GPT2_EXPORT, out_dir / SCRATCH_EXPORT
     if read_record(scratch, "scratch") is None:
-        raise HubError(f"push_to_hub: {scratch} is not a complete export; rebuild it with python -m export_gpt2")
+        raise UserError(f"push_to_hub: {scratch} is not a complete export; rebuild it with python -m export_gpt2")
     if hub_format != "scratch" and read_record(gpt2, "gpt2") is None:
-        raise HubError(
+        raise UserError(
             f"push_to_hub: no complete official-layout export at {gpt2}; rebuild it with "
             f"`python -m export_gpt2 {out_dir.name}`, or push ours alone with --hub_format scratch"
         )
