@@ -17,9 +17,7 @@ class UserError(Exception):
 
 def check_at_least(values: dict[str, int | float], minimums: dict[str, int]) -> None:
     """Refuse, as one `UserError` naming each, the command-line flags (`--name`: value) below their minimum."""
-    low = [
-        f"{flag} must be >= {minimums[flag]}, got {values[flag]}" for flag in minimums if values[flag] < minimums[flag]
-    ]
+    low = [f"{flag} must be >= {least}, got {values[flag]}" for flag, least in minimums.items() if values[flag] < least]
     if low:
         raise UserError("; ".join(low))
 
