@@ -103,30 +103,13 @@ def from_gpt2_model(official: nn.Module) -> GPT2ScratchForCausalLM:
     return from_state_dict(scratch_config_from_gpt2(official.config), state)
 
 
-def gpt2_unsupported(config: GPT2ScratchConfig) -> str | None:
-    """Why `GPT2LMHeadModel` cannot compute what a model of `config` computes, or None when it can.
-
-    Every preset and every trainer option gives a model GPT-2 expresses: the same blocks, either
-    GELU (transformers' `gelu_new` and `gelu` are ours), tied or untied embeddings. This guards
-    configs edited by hand, whose export must not silently change the model's outputs.
-    """
-    if config.activation_function not in GELU_APPROXIMATION:
-        return (
-            f"activation_function={config.activation_function!r} has no GPT-2 equivalent "
-            f"(GPT-2 takes {sorted(GELU_APPROXIMATION)})"
-        )
-    return None
-
-
 def gpt2_config(config: GPT2ScratchConfig):
-    """The `transformers.GPT2Config` of the same architecture. It carries `n_ctx` (= `n_positions`) as the
-    official GPT-2 configs do: transformers ignores it, but tools that read config.json (llama.cpp's
-    `convert_hf_to_gguf.py`) require it."""
+    """The `transformers.GPT2Config` of the same architecture. Every config ours accepts has one: the
+    same blocks, either GELU (transformers' `gelu_new` and `gelu` are ours), tied or untied embeddings.
+    It carries `n_ctx` (= `n_positions`) as the official GPT-2 configs do: transformers ignores it, but
+    tools that read config.json (llama.cpp's `convert_hf_to_gguf.py`) require it."""
     from transformers import GPT2Config
 
-    reason = gpt2_unsupported(config)
-    if reason is not None:
-        raise ValueError(f"this model has no official GPT-2 layout: {reason}")
     shared = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     dropout = {name: config.dropout for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     return GPT2Config(**shared, **dropout, n_ctx=config.n_positions, tie_word_embeddings=config.tie_word_embeddings)
@@ -192,7 +175,7 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
     return GPT2ScratchConfig(**{name: getattr(official, name) for name in SHARED_CONFIG_FIELDS})
 
 
-class NanoGPTCheckpointError(UserError, ValueError):
+class NanoGPTCheckpointError(UserError):
     """A file is not a nanoGPT / build-nanogpt checkpoint that this model can load."""
 
 
@@ -255,6 +238,19 @@ def nanogpt_model_args(checkpoint: dict, path: str | Path) -> dict:
         raise NanoGPTCheckpointError(
             f"{path} has no model config with {', '.join(NANOGPT_CONFIG_FIELDS)} (found {found}); {NANOGPT_EXPECTED}"
         )
+    wrong = {key: args[key] for key in NANOGPT_CONFIG_FIELDS if type(args[key]) is not int or args[key] < 1}
+    dropout = args.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        wrong["dropout"] = dropout
+    if type(args.get("bias", True)) is not bool:
+        wrong["bias"] = args["bias"]
+    if wrong:
+        raise NanoGPTCheckpointError(
+            f"{path}: model config {wrong} out of range; the sizes must be integers >= 1, dropout a number in "
+            "[0, 1) and bias true or false"
+        )
+    if args["n_embd"] % args["n_head"]:
+        raise NanoGPTCheckpointError(f"{path}: n_embd ({args['n_embd']}) is not divisible by n_head ({args['n_head']})")
     return args
 
 

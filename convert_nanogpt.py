@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from conversion import NanoGPTCheckpointError, from_nanogpt
+from conversion import from_nanogpt
 from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchForCausalLM
+from user_errors import UserError, run_command
 
 
 def convert(
@@ -30,6 +30,8 @@ def convert(
     when the vocabulary is GPT-2's) into `out_dir`, and return the model."""
     from data_prep.tokenizer import save_hf_tokenizer
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"{out_dir} is a file; give a folder to write the Hugging Face model into")
     model = from_nanogpt(checkpoint, vocab_size, activation_function)
     model.save_pretrained(out_dir)
     if model.config.vocab_size == GPT2_VOCAB_SIZE:
@@ -63,10 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        model = convert(args.checkpoint, args.out_dir, args.vocab_size, args.activation_function)
-    except NanoGPTCheckpointError as err:
-        sys.exit(f"error: {err}")
+    model = convert(args.checkpoint, args.out_dir, args.vocab_size, args.activation_function)
     c = model.config
     tokenizer = "with the GPT-2 tokenizer" if c.vocab_size == GPT2_VOCAB_SIZE else "without a tokenizer"
     print(
@@ -77,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,12 +13,12 @@ only; no code from the source folder runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record, write_exports, write_gpt2_export, write_text
+from user_errors import UserError, run_command
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerator.save_state writes for the model
 
@@ -33,32 +33,76 @@ class Source:
 
 
 def load_export(folder: Path):
-    """Our model from a `save_pretrained` folder (safetensors; its remote code is never run)."""
+    """Our model from a `save_pretrained` folder (safetensors; its remote code is never run). Its
+    config.json and the shapes in its weight files are judged first, so that bad input is one line."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+    try:
+        fields = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder / 'config.json'} is not a readable model config ({err})") from err
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if model_type == "gpt2":
+        raise UserError(f"{folder} is already in the official GPT-2 layout (config.json model_type 'gpt2')")
+    if model_type != "gpt2_scratch":
+        raise UserError(f"{folder / 'config.json'} has model_type {model_type!r}; expected 'gpt2_scratch'")
+    try:
+        config = GPT2ScratchConfig.from_dict(fields)
+    except (TypeError, ValueError, StrictDataclassError) as err:  # the config's own checks of each field
+        raise UserError(f"{folder / 'config.json'}: {' '.join(str(err).split())}") from err
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{index} is not a readable safetensors index ({err})") from err
+    else:
+        files = [folder / CHECKPOINT_WEIGHTS]
+    check_weights(weight_shapes(files), config, folder)
+    return GPT2ScratchForCausalLM.from_pretrained(folder, config=config, use_safetensors=True).eval()
+
+
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the safetensors headers (nothing else is read); a missing, truncated or
+    foreign file is the user's input at fault."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(path, "pt") as weights:
+                shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+        except (OSError, SafetensorError) as err:
+            raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from err
+    return shapes
+
+
+def check_weights(shapes: dict[str, tuple[int, ...]], config, where: Path) -> None:
+    """The weights fit a model of `config`: each parameter present with its shape (the tied `lm_head` may be
+    left out, the embedding may lack the vocabulary's padding rows), and no other tensor."""
+    import torch
+
+    from conversion import strip_wrapper_prefixes
     from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT2ScratchForCausalLM(config).state_dict().items()}
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{folder / 'config.json'} is not a readable model config ({err})") from err
-    if model_type == "gpt2":
-        raise ValueError(f"{folder} is already in the official GPT-2 layout (config.json model_type 'gpt2')")
-    if model_type != "gpt2_scratch":
-        raise ValueError(f"{folder / 'config.json'} has model_type {model_type!r}; expected 'gpt2_scratch'")
-    with unreadable_as_value_error(folder):
-        return GPT2ScratchForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
-
-
-@contextlib.contextmanager
-def unreadable_as_value_error(folder: Path):
-    """A folder whose config or weights do not load (missing or truncated safetensors, wrong shapes or
-    types in config.json) is the user's input at fault: one line naming it, not a traceback."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, RuntimeError, TypeError, KeyError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{folder}: cannot load the model ({reason})") from err
+        shapes = strip_wrapper_prefixes(shapes)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from err
+    problems = [f"no {key}" for key in expected if key not in shapes and key != "lm_head.weight"]
+    problems += [f"an unexpected tensor {key}" for key in shapes if key not in expected]
+    for key in [key for key in expected if key in shapes]:
+        found, want = shapes[key], expected[key]
+        embedding = key == "transformer.wte.weight" and found[1:] == want[1:] and config.vocab_size <= found[0]
+        if found != want and not (embedding and found[0] <= want[0]):
+            problems.append(f"{key} has shape {list(found)}, the config's model needs {list(want)}")
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UserError(f"{where}: the weights do not fit its config: {'; '.join(problems[:3])}{more}")
 
 
 def load_checkpoint_weights(checkpoint: Path, config):
@@ -69,16 +113,17 @@ def load_checkpoint_weights(checkpoint: Path, config):
 
     weights = checkpoint / CHECKPOINT_WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{checkpoint} has no {CHECKPOINT_WEIGHTS}; only unsharded checkpoints can be read (an FSDP checkpoint "
             "holds sharded weights: use the run's hf/ export instead)"
         )
     from training.checkpoints import checkpoint_problems
 
     if (checkpoint / "checkpoint.json").is_file() and (problems := checkpoint_problems(checkpoint)):
-        raise ValueError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}")
-    with unreadable_as_value_error(checkpoint):
-        return from_state_dict(config.model_config(), load_file(weights)).eval()
+        raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}")
+    model_config = config.model_config()
+    check_weights(weight_shapes([weights]), model_config, checkpoint)
+    return from_state_dict(model_config, load_file(weights)).eval()
 
 
 def run_config(run: Path):
@@ -86,7 +131,7 @@ def run_config(run: Path):
 
     path = run / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a run folder holds the config.yaml the trainer wrote")
+        raise UserError(f"{path} not found: a run folder holds the config.yaml the trainer wrote")
     return parse_config(["--config", str(path)])
 
 
@@ -97,12 +142,12 @@ def run_manifest(config) -> dict:
 
     try:
         return read_manifest(config.data_dir)
-    except (FileNotFoundError, DataPrepError):
+    except DataPrepError:
         return {"source": {"name": Path(config.data_dir).name}}
 
 
 def step_of(checkpoint: Path) -> int | None:
-    from training.remote import parse_step
+    from training.paths import parse_step
 
     return parse_step(checkpoint.name)
 
@@ -132,7 +177,7 @@ def export_run(run: Path) -> list[Path]:
 
 def export_run_locked(run: Path, config) -> list[Path]:
     from training.checkpoints import latest_checkpoint
-    from training.export import write_model_cards
+    from training.model_card import write_model_cards
 
     hf = run / SCRATCH_EXPORT
     record = read_record(hf, "scratch")
@@ -144,7 +189,7 @@ def export_run_locked(run: Path, config) -> list[Path]:
         newest = latest_checkpoint(run / "checkpoints")
         model, step = load_export(hf), record["step"] if record else step_of(newest) if newest else None
     else:
-        raise FileNotFoundError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor an intact checkpoint to export")
+        raise UserError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor an intact checkpoint to export")
     written = write_exports(model, run, step)
     write_model_cards(run, config, model, run_manifest(config))
     return written
@@ -160,7 +205,7 @@ def newest_intact_checkpoint(checkpoints: Path) -> Path | None:
 
 def export_one(source: Source, out: Path) -> Path:
     """The official layout of one model into `out`, with a model card (the run's results up to its step)."""
-    from training.hub import ModelCard, run_results
+    from training.model_card import ModelCard, run_results
 
     write_gpt2_export(source.model.config, source.model.state_dict(), out, source.step)
     if source.run is not None:
@@ -180,13 +225,13 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
     folder `X` gets `X-gpt2`. `out` overrides the destination of the last two."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no folder at {path}: pass a run folder, an export folder or a checkpoint folder")
+        raise UserError(f"no folder at {path}: pass a run folder, an export folder or a checkpoint folder")
     is_run = (path / "config.yaml").is_file() and not (path / "config.json").is_file()
     if path.name == SCRATCH_EXPORT and (path.parent / "config.yaml").is_file() and out is None:  # a run's hf/
         path, is_run = path.parent, True
     if is_run:
         if out is not None:
-            raise ValueError(
+            raise UserError(
                 f"--out is for an export or a checkpoint; a run folder's export goes to {path / GPT2_EXPORT}"
             )
         return export_run(path)
@@ -199,16 +244,16 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
         source = Source(load_checkpoint_weights(path, run_config(run)), step_of(path), run)
         default = run / f"{GPT2_EXPORT}-{path.name}"
     else:
-        raise FileNotFoundError(
+        raise UserError(
             f"{path} is not a run folder (config.yaml), an export (config.json) or a checkpoint ({CHECKPOINT_WEIGHTS})"
         )
     out = Path(out) if out is not None else default
     if out.resolve() == path.resolve():
-        raise ValueError(f"--out {out} is the source folder itself; choose another folder")
+        raise UserError(f"--out {out} is the source folder itself; choose another folder")
     # Only a folder that is absent, empty, or an official-layout export of ours is replaced: never a
     # user's folder, a run folder, or one that holds the source.
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and read_record(out, "gpt2") is None:
-        raise ValueError(f"--out {out} exists and is not an hf-gpt2 export; choose a new or empty folder")
+        raise UserError(f"--out {out} exists and is not an hf-gpt2 export; choose a new or empty folder")
     return [export_one(source, out)]
 
 
@@ -238,6 +283,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from eval.common import run_cli
-
-    run_cli(main)
+    run_command(main)

@@ -284,7 +284,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     vocab_size: int,
-    num_chunks: int = 4,
+    num_chunks: int = LOSS_CHUNKS,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`causal_lm_loss(F.linear(hidden, weight)[:, :vocab_size], targets, num_items_in_batch)` without

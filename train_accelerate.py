@@ -9,15 +9,19 @@ reproduction of build-nanogpt (10B FineWeb-Edu tokens, 524,288 tokens per step).
 `training.config.TrainConfig` can be set in a YAML preset and overridden on the command line; `--help`
 lists them.
 
-This file builds the pieces and runs the loop, top to bottom: `main` -> build the accelerator, data,
-model and optimizer -> `train` (`train_step`, `evaluate`, checkpoints) -> `finish`. The pieces live in
-the `training/` package: config, recipe (LR schedule, optimizer, precision), metrics, checkpoints,
-remote (checkpoint_remote), run_dir and hub.
+This file builds the pieces and runs the loop, top to bottom: `main` (the config, the accelerator, the
+run folder's lock) -> `run_training` (the remote and Hub checks, the data, the checkpoint to resume, the
+memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`, `save`) -> `finish`
+(the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
+package: config, recipe (batch arithmetic, LR schedule, optimizer, precision), step, data, memory,
+metrics, checkpoints, export and model_card, remote (checkpoint_remote), paths and run_dir, hub,
+processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
-`samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the export `hf/`.
-With `--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`training/remote.py`).
+`samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the two Hugging Face
+exports, `hf/` (our class) and `hf-gpt2/` (the official GPT-2 layout), each with its model card. With
+`--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`training/remote.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import dataclasses
 import json
 import logging
 import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data_prep.shards import DataPrepError, ShardError
-from data_prep.tokenizer import TokenizerFileError
-from eval.hellaswag import HellaSwagDataError
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training import UserError, remote
+from training import remote
 from training.checkpoints import (
     TrainState,
     find_resume_checkpoint,
@@ -52,13 +52,16 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, TrainConfig, parse_config, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
-from training.export import export_model, exported_step, write_model_cards
-from training.hub import preflight_hub, preflight_remote, push_export
+from training.export import export_model, exported_step
+from training.hub import preflight_hub, push_export
+from training.memory import check_training_fits
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
+from training.model_card import write_model_cards
 from training.processes import StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
 from training.step import train_step
+from user_errors import run_command
 
 logger = logging.getLogger("train")
 
@@ -145,7 +148,7 @@ def log_train(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) 
     loss_value = loss.item()
     run.first_loss = loss_value if run.first_loss is None else run.first_loss
     run.last_loss = loss_value
-    log_metrics(run, {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), **run.meter.read()})
+    log_metrics(run, {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), **run.meter.lap()})
 
 
 def load_hellaswag(config: TrainConfig, accelerator: Accelerator) -> list[dict] | None:
@@ -181,7 +184,8 @@ def generate_samples(run: Run) -> list[str]:
     from eval.common import inference
 
     c, device, encoding = run.config, run.accelerator.device, get_encoding()
-    prompt = torch.tensor([encoding.encode(c.sample_prompt)] * c.num_samples, device=device)
+    ids = encoding.encode(c.sample_prompt, allowed_special={"<|endoftext|>"})  # the separator may start a prompt
+    prompt = torch.tensor([ids] * c.num_samples, device=device)
     devices = [device] if device.type == "cuda" else []
     model = run.unwrapped
     with torch.random.fork_rng(devices=devices), inference(model):
@@ -346,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> dict[str, Any]:
-    store = preflight_remote(config, accelerator)
+    check_training_fits(config.model_config(), accelerator)  # a model too large: one line now, not an OOM later
+    store = remote.preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
     settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest))
@@ -400,12 +405,5 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
     }
 
 
-# Errors in what the user gave: one `error:` line and exit status 2, never a traceback.
-USER_ERRORS = (UserError, DataPrepError, ShardError, TokenizerFileError, HellaSwagDataError)
-
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -36,6 +36,7 @@ from data_prep.sources import (
     shared_corpus,  # noqa: E402
 )
 from data_prep.tokenizer import EOT_ID, get_encoding  # noqa: E402
+from user_errors import check_at_least, run_command  # noqa: E402
 
 SHAKESPEARE = shared_corpus("tinyshakespeare.txt")
 
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="loader batches timed per shape")
     parser.add_argument("--out", default="runs/bench_data.json", help="JSON file for the results")
     args = parser.parse_args(argv)
+    flags = {f"--{name}": value for name, value in vars(args).items()}
+    check_at_least(flags, dict.fromkeys(("--tokens", "--num_proc", "--batch_docs", "--repeats", "--steps"), 1))
 
     corpus, docs = load_documents(args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -34,10 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_train import check_shape  # noqa: E402  (this folder is on the path, as for any script)
+
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.metrics import device_peak_flops  # noqa: E402
 from training.recipe import build_optimizer, lr_at, param_groups  # noqa: E402
+from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 CPU_SHAPE = dict(preset="cpu-mini", seq_len=256, batch_size=8)  # bench_train.py's CPU shape
 GPU_SHAPE = dict(preset="gpt2", seq_len=1024, batch_size=16)  # the reproduction's single-GPU ladder
@@ -115,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.steps = args.steps or (10 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    check_shape(args.preset, args.seq_len)
+    flags = {"--seq-len": args.seq_len, "--batch-size": args.batch_size, "--steps": args.steps, "--warmup": args.warmup}
+    check_at_least(flags, {"--seq-len": 1, "--batch-size": 1, "--steps": 1, "--warmup": 0})
     return args
 
 
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     wanted = list(rungs) if args.rungs == "all" else args.rungs.split(",")
     unknown = [name for name in wanted if name not in rungs]
     if unknown:
-        raise SystemExit(f"error: unknown rung(s) {unknown}; choose from {list(rungs)}")
+        raise UserError(f"unknown rung(s) {unknown}; choose from {list(rungs)}")
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"{args.preset} T={args.seq_len} B={args.batch_size} on {args.device}", file=sys.stderr)
     peak, peak_source = device_peak(args)
@@ -366,4 +372,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

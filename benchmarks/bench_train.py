@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conversion import to_gpt2  # noqa: E402
-from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
+from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.metrics import device_peak_flops  # noqa: E402  (the trainer's own)
 from training.recipe import build_optimizer  # noqa: E402
+from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 MODELS = ("ours", "transformers")
 
@@ -72,8 +73,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.compile == "auto":
         args.compile = "yes" if cuda else "no"
     if args.dtype not in ("fp32", "bf16") or args.compile not in ("yes", "no"):
-        raise SystemExit(f"--dtype must be fp32 or bf16 and --compile yes or no; got {args.dtype}, {args.compile}")
+        raise UserError(f"--dtype must be fp32 or bf16 and --compile yes or no; got {args.dtype}, {args.compile}")
+    check_shape(args.preset, args.seq_len)
+    flags = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items()}
+    ones = ("--seq-len", "--batch-size", "--steps", "--gen-batch", "--gen-prompt", "--gen-tokens", "--gen-repeats")
+    check_at_least(flags, {**dict.fromkeys(ones, 1), "--warmup": 0, "--loader-batches": 0})
     return args
+
+
+def check_shape(preset: str, seq_len: int) -> None:
+    """The preset exists and holds `seq_len` positions (shared with bench_ladder.py)."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    positions = GPT2ScratchConfig.from_preset(preset).n_positions
+    if seq_len > positions:
+        raise UserError(f"--seq-len {seq_len} is longer than the {positions} positions of preset {preset!r}")
 
 
 def model_config(args: argparse.Namespace) -> GPT2ScratchConfig:
@@ -360,4 +374,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

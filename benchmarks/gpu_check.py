@@ -59,7 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from user_errors import UserError  # noqa: E402
+from user_errors import UserError, run_command  # noqa: E402
 
 # The versions the project is tested with (README's install); the GPU image has its own.
 TESTED_VERSIONS = {"torch": "2.13", "transformers": "5.24", "accelerate": "1.15"}
@@ -302,8 +302,10 @@ def check_tf32(ctx: Context) -> str:
 def check_model_vs_gpt2(ctx: Context) -> str:
     """fp32 logits within 1e-4 of transformers' GPT-2 with the same weights; under bf16 autocast, our error
     against the fp32 logits no more than twice transformers' own (the same kernels make the same rounding)."""
+    from conversion import to_gpt2
+
     ours = tiny_model(ctx).eval()
-    theirs = ours.to_gpt2().to(ctx.device).eval()
+    theirs = to_gpt2(ours).to(ctx.device).eval()
     x = random_tokens(ctx, ctx.shape.batch, ctx.shape.seq_len)
     with torch.no_grad(), exact_fp32():
         a, b = ours(x).logits, theirs(x).logits
@@ -1032,8 +1034,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

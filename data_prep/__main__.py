@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from data_prep.prepare import BUILTIN_SHARD_TOKENS, DEFAULT_BATCH_DOCS, DEFAULT_SHARD_TOKENS, prepare
-from data_prep.shards import DataPrepError, read_manifest, verify_shards
+from data_prep.shards import read_manifest, verify_shards
 from data_prep.sources import DEFAULT_CONFIG, DEFAULT_DATASET, TXT_SAMPLE_BY
+from user_errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,32 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir or ("data/builtin" if args.builtin and not args.files else "data/fineweb-edu-10BT")
-    try:
-        if args.verify:
-            totals = verify_shards(out_dir)
-            print(f"{out_dir}: all shards match manifest.json; tokens {totals}")
-            return 0
-        default_shard = BUILTIN_SHARD_TOKENS if args.builtin and not args.files else DEFAULT_SHARD_TOKENS
-        prepare(
-            out_dir,
-            dataset=args.dataset,
-            config=args.config,
-            split=args.split,
-            files=args.files,
-            builtin=args.builtin,
-            text_column=args.text_column,
-            txt_sample_by=args.txt_sample_by,
-            shard_tokens=args.shard_tokens or default_shard,
-            val_tokens=args.val_tokens,
-            max_docs=args.max_docs,
-            num_proc=args.num_proc,
-            batch_docs=args.batch_docs,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (DataPrepError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.verify:
+        totals = verify_shards(out_dir)
+        print(f"{out_dir}: all shards match manifest.json; tokens {totals}")
+        return 0
+    default_shard = BUILTIN_SHARD_TOKENS if args.builtin and not args.files else DEFAULT_SHARD_TOKENS
+    prepare(
+        out_dir,
+        dataset=args.dataset,
+        config=args.config,
+        split=args.split,
+        files=args.files,
+        builtin=args.builtin,
+        text_column=args.text_column,
+        txt_sample_by=args.txt_sample_by,
+        shard_tokens=args.shard_tokens or default_shard,
+        val_tokens=args.val_tokens,
+        max_docs=args.max_docs,
+        num_proc=args.num_proc,
+        batch_docs=args.batch_docs,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     manifest = read_manifest(out_dir)
     splits = {"val": 0, "train": 0}
     for entry in manifest["shards"]:
@@ -102,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -295,13 +295,13 @@ def prepare(
     files; a complete output is left untouched.
     """
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
-        raise ValueError(f"shard_tokens must be 1 to {MAX_SHARD_TOKENS}, got {shard_tokens}")
+        raise DataPrepError(f"shard_tokens must be 1 to {MAX_SHARD_TOKENS}, got {shard_tokens}")
     if val_tokens is not None and not 1 <= val_tokens <= MAX_SHARD_TOKENS:
-        raise ValueError(f"val_tokens must be 1 to {MAX_SHARD_TOKENS}, got {val_tokens}")
+        raise DataPrepError(f"val_tokens must be 1 to {MAX_SHARD_TOKENS}, got {val_tokens}")
     if max_docs is not None and max_docs < 1:
-        raise ValueError(f"max_docs must be at least 1, got {max_docs}")
+        raise DataPrepError(f"max_docs must be at least 1, got {max_docs}")
     if batch_docs < 1:
-        raise ValueError(f"batch_docs must be at least 1, got {batch_docs}")
+        raise DataPrepError(f"batch_docs must be at least 1, got {batch_docs}")
     out_dir = Path(out_dir)
     if files:
         source = local_source(files, text_column=text_column, txt_sample_by=txt_sample_by)

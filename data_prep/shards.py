@@ -36,7 +36,7 @@ TOKENIZER_NAME = "gpt2"
 SPLITS = ("val", "train")
 
 
-class DataPrepError(UserError, RuntimeError):
+class DataPrepError(UserError):
     """A data source, shard or manifest is not what `data_prep` expects."""
 
 
@@ -78,12 +78,12 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
 def read_header(path: str | os.PathLike) -> int:
     """Check a shard's header and size; return its token count.
 
-    Raises `FileNotFoundError` for a missing file and `ShardError` for a bad magic number or
-    version, or a file size that disagrees with the header's token count.
+    Raises `ShardError` for a missing file, a bad magic number or version, or a file size that
+    disagrees with the header's token count.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"shard not found: {path}")
+        raise ShardError(f"shard not found: {path}")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated header ({size} bytes, a shard header is {HEADER_BYTES} bytes)")
@@ -168,13 +168,17 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check `data_dir/manifest.json`: format version, tokenizer and the shard entries."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataPrepError(
             f"no {MANIFEST_NAME} in {Path(data_dir)}; make the shards with `python -m data_prep --out_dir {data_dir}`"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataPrepError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise DataPrepError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise DataPrepError(f"{path} holds a JSON {type(manifest).__name__}, not an object with the shard list")
     for key in ("format_version", "tokenizer", "source", "shards"):
         if key not in manifest:
             raise DataPrepError(f"{path}: missing key {key!r}")
@@ -184,10 +188,16 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         )
     if manifest["tokenizer"] != TOKENIZER_NAME:
         raise DataPrepError(f"{path}: tokenizer {manifest['tokenizer']!r}, expected {TOKENIZER_NAME!r}")
+    if not isinstance(manifest["shards"], list):
+        raise DataPrepError(f"{path}: shards is a {type(manifest['shards']).__name__}, expected a list of entries")
     for i, entry in enumerate(manifest["shards"]):
-        for key in ("file", "split", "tokens", "sha256"):
+        if not isinstance(entry, dict):
+            raise DataPrepError(f"{path}: shards[{i}] is a {type(entry).__name__}, expected an object")
+        for key, kind in (("file", str), ("split", str), ("tokens", int), ("sha256", str)):
             if key not in entry:
                 raise DataPrepError(f"{path}: shards[{i}] has no key {key!r}")
+            if not isinstance(entry[key], kind) or isinstance(entry[key], bool):
+                raise DataPrepError(f"{path}: shards[{i}].{key} is {entry[key]!r}, expected a {kind.__name__}")
         if entry["split"] not in SPLITS:
             raise DataPrepError(f"{path}: shards[{i}] split {entry['split']!r}, expected one of {SPLITS}")
     return manifest

@@ -57,7 +57,7 @@ def resolve_files(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise FileNotFoundError(f"--files: no file matches {pattern!r}")
+            raise DataPrepError(f"--files: no file matches {pattern!r}")
         for match in matches:
             path = Path(match).resolve()
             if path.is_dir():
@@ -87,7 +87,7 @@ def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: 
     kwargs: dict[str, Any] = {}
     if builder == "text":
         if txt_sample_by not in TXT_SAMPLE_BY:
-            raise ValueError(f"txt_sample_by must be one of {TXT_SAMPLE_BY}, got {txt_sample_by!r}")
+            raise DataPrepError(f"txt_sample_by must be one of {TXT_SAMPLE_BY}, got {txt_sample_by!r}")
         kwargs["sample_by"] = txt_sample_by
         text_column = "text"
     for path in files:

@@ -38,7 +38,7 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-class TokenizerFileError(UserError, RuntimeError):
+class TokenizerFileError(UserError):
     """A GPT-2 BPE file is missing or is not the official one."""
 
 

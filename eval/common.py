@@ -5,31 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from user_errors import UserError
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A model could not be loaded from the given folder or Hub id."""
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a command-line `main`: a user error (bad path, bad file, offline) ends with one `error:`
-    line and exit status 2 instead of a traceback; anything else is a bug and keeps its traceback."""
-    from data_prep.shards import DataPrepError
-    from data_prep.tokenizer import TokenizerFileError
-
-    try:
-        main()
-    except (ModelLoadError, DataPrepError, TokenizerFileError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def resolve_device(
@@ -39,10 +21,29 @@ def resolve_device(
     if accelerator is not None:
         return accelerator.device
     if device is not None:
-        return torch.device(device)
+        return parse_device(device)
     if model is not None:
         return next(model.parameters()).device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """`--device` as a torch device that this machine has; anything else is the user's input at fault."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:  # torch's own judgement of the string
+        raise UserError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: only cpu and cuda are supported")
+    return parsed
+
+
+def check_out_file(path: str | None) -> None:
+    """`--out`, checked before any evaluation: a file path (its folder is made), never a folder."""
+    if path is not None and Path(path).is_dir():
+        raise UserError(f"--out {path} is a folder; give the path of the JSON file to write")
 
 
 def launched_accelerator():
@@ -127,21 +128,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def locate_model(name_or_path: str) -> tuple[str, bool, bool]:
     """Where `from_pretrained` should look for `name_or_path`, whether it is a local folder, and whether
-    only local files may be used; a path that is not a saved model folder raises `ModelLoadError`."""
+    only local files may be used; a path that is not a saved model folder raises `UserError`."""
     path = Path(name_or_path).expanduser()
     # A Hub id is `name` or `owner/name`; anything else that is not an existing folder is a wrong path.
     looks_like_path = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path and not path.is_dir():
-        raise ModelLoadError(f"no model folder at {path}: pass a folder written by save_pretrained, or a Hub id")
+        raise UserError(f"no model folder at {path}: pass a folder written by save_pretrained, or a Hub id")
     if looks_like_path and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+        raise UserError(f"{path} has no config.json: it is not a saved model folder (save_pretrained writes one)")
     if looks_like_path:
         return str(path), True, True
     # Without network the Hub client retries for ~30 s before using its cache; ask the cache at once instead.
     return name_or_path, False, hub_offline() or not hub_reachable()
 
 
-def load_error(name_or_path: str, folder: bool, local_only: bool, err: Exception) -> ModelLoadError:
+def load_error(name_or_path: str, folder: bool, local_only: bool, err: Exception) -> UserError:
     """The one-line error for a model or config that `from_pretrained` could not load."""
     if folder:
         hint = "the folder is not a complete save_pretrained folder (weights missing?)"
@@ -152,7 +153,7 @@ def load_error(name_or_path: str, folder: bool, local_only: bool, err: Exception
         )
     else:
         hint = "check the Hub id, or pass a local folder"
-    return ModelLoadError(f"could not load model {name_or_path!r}: {hint}. ({err})")
+    return UserError(f"could not load model {name_or_path!r}: {hint}. ({err})")
 
 
 def load_model_config(name_or_path: str):
@@ -172,7 +173,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = None) -> n
     """Load a causal LM in fp32, in eval mode: a local folder (ours or official GPT-2 format) or a Hub id.
 
     Offline (`HF_HUB_OFFLINE=1`) a Hub id works only if it is already in the Hub cache; otherwise this
-    raises `ModelLoadError` at once, saying what to do.
+    raises `UserError` at once, saying what to do.
     """
     from transformers import AutoModelForCausalLM
 

@@ -26,12 +26,13 @@ from eval.common import (
     load_model,
     load_model_config,
     max_positions,
+    parse_device,
     resolve_device,
-    run_cli,
 )
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM
 from eval.val_loss import evaluate_val_loss
+from user_errors import UserError, run_command
 
 DEFAULT_PROMPTS = ["Hello, I'm a language model,", "The meaning of life is", "In 1905, Albert Einstein"]
 
@@ -55,7 +56,7 @@ def generate_samples(
         ids = encoding.encode_ordinary(prompt)
         new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))
         if not ids or new_tokens < 1:
-            raise ValueError(f"prompt {prompt!r} is empty or leaves no room in the model's {limit} positions")
+            raise UserError(f"prompt {prompt!r} is empty or leaves no room in the model's {limit} positions")
         input_ids = torch.tensor([ids], device=device)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -136,12 +137,12 @@ def val_window(models: list[str], seq_len: int | None) -> tuple[int, str]:
     known = {name: n for name, n in positions.items() if n is not None}
     if seq_len is None:
         if not known:
-            raise ValueError("no model's config gives its context length (n_positions); pass --seq_len")
+            raise UserError("no model's config gives its context length (n_positions); pass --seq_len")
         return min(known.values()), "shortest context"
     too_short = {name: n for name, n in known.items() if n < seq_len}
     if too_short:
         name, n = min(too_short.items(), key=lambda item: item[1])
-        raise ValueError(
+        raise UserError(
             f"--seq_len {seq_len} is longer than the {n} positions of {name}; lower it, or leave it out to use "
             f"the shortest context of the models compared ({min(known.values())})"
         )
@@ -263,6 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.device is not None:
+        parse_device(args.device)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"--out_dir {args.out_dir} is a file; give a folder for compare.md, .json and .png")
     examples = None
     if args.hellaswag is not None:
         examples = load_examples(None if args.hellaswag == "auto" else args.hellaswag, limit=args.limit)
@@ -291,4 +296,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command(main)

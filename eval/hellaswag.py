@@ -24,15 +24,15 @@ from torch import nn
 from data_prep.tokenizer import EOT_ID
 from eval.common import (
     autocast,
+    check_out_file,
     hub_offline,
     inference,
     launched_accelerator,
     load_model,
     max_positions,
     resolve_device,
-    run_cli,
 )
-from user_errors import UserError
+from user_errors import UserError, run_command
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_CACHE = Path(os.environ.get("GPT2_SCRATCH_CACHE", Path.home() / ".cache" / "gpt2_scratch"))
@@ -41,7 +41,7 @@ PAD_ID = EOT_ID  # any id would do: padding sits after the last real token and i
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "hellaswag_completion"
 
 
-class HellaSwagDataError(UserError, ValueError):
+class HellaSwagDataError(UserError):
     """The HellaSwag file is missing, malformed or empty."""
 
 
@@ -57,12 +57,15 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
         raise HellaSwagDataError(f"HellaSwag file not found: {path}")
     examples = []
     with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            examples.append(parse_example(line, f"{path}:{line_no}"))
+        try:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if limit is not None and len(examples) >= limit:
+                    break
+                examples.append(parse_example(line, f"{path}:{line_no}"))
+        except UnicodeDecodeError as err:
+            raise HellaSwagDataError(f"{path} is not UTF-8 text (a JSON-lines file); {err.reason}") from err
     if not examples:
         raise HellaSwagDataError(f"{path} holds no examples (expected one JSON object per line)")
     return examples
@@ -85,9 +88,9 @@ def parse_example(line: str, where: str) -> dict:
     if not (isinstance(endings, list) and len(endings) == N_ENDINGS and all(isinstance(e, str) for e in endings)):
         raise HellaSwagDataError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings, found {endings!r}")
     # The original file stores the label as an int; the Hub's datasets copy stores it as a string.
-    if isinstance(label, str) and label.isdigit():
+    if isinstance(label, str) and label in {str(i) for i in range(N_ENDINGS)}:
         label = int(label)
-    if not (isinstance(label, int) and 0 <= label < N_ENDINGS):
+    if not (type(label) is int and 0 <= label < N_ENDINGS):
         raise HellaSwagDataError(f"{where}: 'label' must be an int in 0..{N_ENDINGS - 1}, found {label!r}")
     return {**example, "label": label}
 
@@ -268,9 +271,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    examples = load_examples(args.data, limit=args.limit)
+    check_out_file(args.out)
     accelerator = launched_accelerator()
-    device = accelerator.device if accelerator else args.device
+    device = accelerator.device if accelerator else resolve_device(device=args.device)
+    examples = load_examples(args.data, limit=args.limit)
     model = load_model(args.model, device=device)
     result = evaluate_hellaswag(
         model, examples, batch_size=args.batch_size, accelerator=accelerator, device=device, return_predictions=True
@@ -293,4 +297,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command(main)

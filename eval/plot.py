@@ -14,22 +14,17 @@ import json
 import os
 from pathlib import Path
 
-from eval.common import run_cli
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM, Reference
-from user_errors import UserError
+from user_errors import UserError, run_command
 
 LOG_NAME = "log.jsonl"
-
-
-class TrainingLogError(UserError, ValueError):
-    """`log.jsonl` is missing, malformed, or holds nothing to plot."""
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The records of a `log.jsonl`, each checked to have integer `step` and `tokens`."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingLogError(f"{path} not found: the trainer writes {LOG_NAME} into its --out_dir")
+        raise UserError(f"{path} not found: the trainer writes {LOG_NAME} into its --out_dir")
     records = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -37,11 +32,9 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TrainingLogError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("step", "tokens")):
-            raise TrainingLogError(
-                f"{path}:{line_no}: expected an object with integer 'step' and 'tokens', got {line!r}"
-            )
+            raise UserError(f"{path}:{line_no}: expected an object with integer 'step' and 'tokens', got {line!r}")
         records.append(record)
     return records
 
@@ -84,7 +77,7 @@ def plot_training(out_dir: str | os.PathLike, plots_dir: str | os.PathLike | Non
     ]
     loss_curves = [c for c in loss_curves if c[2]]
     if not loss_curves:
-        raise TrainingLogError(f"{log} has no 'train/loss' or 'val/loss' values to plot")
+        raise UserError(f"{log} has no 'train/loss' or 'val/loss' values to plot")
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = [("loss.png", "loss", loss_curves, [GPT2_124M_VAL_LOSS], "cross-entropy loss")]
     hellaswag = series(records, "hellaswag/acc_norm")
@@ -121,4 +114,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command(main)

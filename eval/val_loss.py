@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,14 @@ from torch import nn
 
 from eval.common import (
     autocast,
+    check_out_file,
     inference,
     launched_accelerator,
     load_model,
     max_positions,
     resolve_device,
-    run_cli,
 )
+from user_errors import UserError, run_command
 
 
 def evaluate_val_loss(
@@ -46,7 +48,7 @@ def evaluate_val_loss(
 
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} is longer than the model's {limit} positions")
+        raise UserError(f"seq_len {seq_len} is longer than the model's {limit} positions")
     device = resolve_device(accelerator, device, model)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batches = data_prep.iter_val_batches(
@@ -90,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_out_file(args.out)
     accelerator = launched_accelerator()
-    device = accelerator.device if accelerator else args.device
+    device = accelerator.device if accelerator else resolve_device(device=args.device)
     model = load_model(args.model, device=device)
     loss = evaluate_val_loss(
         model,
@@ -106,10 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = {"model": args.model, "val/loss": loss, "data_dir": str(args.data_dir), "seq_len": args.seq_len}
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(report, indent=2) + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command(main)

@@ -28,6 +28,7 @@ from conversion import (
     to_gpt2,
 )
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from user_errors import run_command
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE = 2, 2, 32, 16
 GPT2_VOCAB = 50257
@@ -253,7 +254,7 @@ def not_a_checkpoint(kind: str, tmp_path) -> tuple[object, str]:
 @pytest.mark.parametrize(
     "kind", ["random-bytes", "empty", "tensor", "no-model", "no-config", "runs-code", "wrong-width"]
 )
-def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, kind):
+def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, kind, capsys):
     content, message = not_a_checkpoint(kind, tmp_path)
     path = tmp_path / "ckpt.pt"
     if isinstance(content, bytes):
@@ -264,8 +265,9 @@ def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, kind):
         from_nanogpt(path)
     assert str(path) in str(error.value)
     assert not (tmp_path / "pwned").exists()  # nothing in the file ran
-    with pytest.raises(SystemExit, match=f"error: {path}"):
-        convert_nanogpt.main([str(path), str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exited:
+        run_command(convert_nanogpt.main, [str(path), str(tmp_path / "hf")])
+    assert exited.value.code == 2 and capsys.readouterr().err.startswith(f"error: {path}")
 
 
 def test_missing_file_and_untied_head_are_refused(tmp_path):

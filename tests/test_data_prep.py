@@ -156,7 +156,7 @@ def test_killed_write_leaves_no_complete_looking_shard(jsonl: Path, tmp_path: Pa
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope-\\*.jsonl"):
+    with pytest.raises(DataPrepError, match="nope-\\*.jsonl"):
         prepare(tmp_path / "out", files=[str(tmp_path / "nope-*.jsonl")])
 
 

@@ -14,7 +14,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conversion import from_gpt2_model
-from eval.common import ModelLoadError, count_parameters, load_model
+from eval.common import count_parameters, load_model
+from user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,13 +168,13 @@ def test_load_model_reads_official_and_our_folders(tmp_path):
 
 
 def test_load_model_errors_are_clear(tmp_path):
-    with pytest.raises(ModelLoadError, match="no model folder at"):
+    with pytest.raises(UserError, match="no model folder at"):
         load_model(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="has no config.json"):
+    with pytest.raises(UserError, match="has no config.json"):
         load_model(str(tmp_path / "empty"))
     # tests run with HF_HUB_OFFLINE=1: a Hub id that is not cached fails at once, saying what to do
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
         load_model("openai-community/no-such-model-in-cache")
 
 

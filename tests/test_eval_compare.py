@@ -9,11 +9,11 @@ from test_eval_common import random_tokens, tiny_gpt2, write_hellaswag, write_sh
 
 from conversion import from_gpt2_model
 from eval import compare
-from eval.common import ModelLoadError
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.val_loss import evaluate_val_loss
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.export import write_exports
+from user_errors import UserError
 
 
 def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):
 
 
 def test_compare_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="no model folder at"):
+    with pytest.raises(UserError, match="no model folder at"):
         compare.main(["--model", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         compare.parse_args(["--out_dir", str(tmp_path)])  # no model at all
@@ -83,5 +83,5 @@ def test_compare_takes_either_export_layout_and_fits_the_window_to_the_shortest_
     assert scratch_row["samples"] == gpt2_row["samples"] and scratch_row["parameters"] == gpt2_row["parameters"]
     assert "val loss (16-token windows, the shortest context compared)" in (tmp_path / "cmp" / "compare.md").read_text()
 
-    with pytest.raises(ValueError, match=f"--seq_len 64 is longer than the 16 positions of {hf}"):
+    with pytest.raises(UserError, match=f"--seq_len 64 is longer than the 16 positions of {hf}"):
         compare.main([*argv, "--seq_len", "64", "--out_dir", str(tmp_path / "cmp2")])

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from eval import plot
-from eval.plot import TrainingLogError, plot_training, read_log, series
+from eval.plot import plot_training, read_log, series
+from user_errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,14 +54,14 @@ def test_a_resumed_step_keeps_its_last_value():
 
 
 def test_bad_logs_are_clear_errors(tmp_path):
-    with pytest.raises(TrainingLogError, match="log.jsonl not found"):
+    with pytest.raises(UserError, match="log.jsonl not found"):
         plot_training(tmp_path)
     (tmp_path / "log.jsonl").write_text('{"step": 0, "tokens": 0, "train/loss": 9.0}\n{oops\n')
-    with pytest.raises(TrainingLogError, match=r"log.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"log.jsonl:2: not valid JSON"):
         read_log(tmp_path / "log.jsonl")
     (tmp_path / "log.jsonl").write_text('{"step": 0, "train/loss": 9.0}\n')
-    with pytest.raises(TrainingLogError, match="integer 'step' and 'tokens'"):
+    with pytest.raises(UserError, match="integer 'step' and 'tokens'"):
         read_log(tmp_path / "log.jsonl")
     write_log(tmp_path / "log.jsonl", [{"step": 0, "tokens": 0, "lr": 1e-4}])
-    with pytest.raises(TrainingLogError, match="no 'train/loss' or 'val/loss'"):
+    with pytest.raises(UserError, match="no 'train/loss' or 'val/loss'"):
         plot_training(tmp_path)

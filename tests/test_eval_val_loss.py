@@ -12,6 +12,7 @@ from conversion import from_gpt2_model
 from data_prep import DataPrepError
 from eval import val_loss
 from eval.val_loss import evaluate_val_loss
+from user_errors import UserError
 
 SEQ_LEN, BATCH = 16, 4
 
@@ -60,5 +61,5 @@ def test_errors_for_empty_split_and_too_long_sequences(tmp_path):
     no_val = write_shards(tmp_path / "train_only", None, train_tokens=random_tokens(500))
     with pytest.raises(DataPrepError, match="lists no 'val' shards"):
         evaluate_val_loss(model, no_val, batch_size=BATCH, seq_len=SEQ_LEN)
-    with pytest.raises(ValueError, match="seq_len 256 is longer than the model's 128 positions"):
+    with pytest.raises(UserError, match="seq_len 256 is longer than the model's 128 positions"):
         evaluate_val_loss(model, short, batch_size=1, seq_len=256)

@@ -21,12 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import export_gpt2
-from conversion import gpt2_unsupported
-from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training import export
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.config import TrainConfig, config_to_yaml
-from training.export import export_model, exported_step, write_exports, write_folder, write_model_cards
-from training.hub import HubError, data_source, push_export, run_results
+from training.export import export_model, exported_step, write_exports, write_folder
+from training.hub import push_export
+from training.model_card import data_source, run_results, write_model_cards
+from user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MANIFEST = {
@@ -165,23 +165,6 @@ def test_an_export_killed_midway_leaves_the_previous_one(run, tmp_path):
     assert exported_step(out) == 5 and not list(out.glob(".tmp_hf-gpt2*"))
 
 
-def test_a_model_gpt2_cannot_express_gets_no_official_export(run, tmp_path, monkeypatch, caplog):
-    assert all(gpt2_unsupported(GPT2ScratchConfig.from_preset(name)) is None for name in PRESETS)
-    odd = GPT2ScratchConfig.from_preset("cpu-nano")
-    odd.activation_function = "relu"
-    assert "activation_function='relu'" in gpt2_unsupported(odd)
-
-    out = tmp_path / "run"
-    shutil.copytree(run.out_dir, out)  # holds an hf-gpt2/ that would now be stale
-    monkeypatch.setattr(export, "gpt2_unsupported", lambda config: "a reason GPT-2 cannot express")
-    with caplog.at_level("INFO", logger="train"):
-        assert write_exports(run.model, out, 7) == [out / "hf"]
-    assert not (out / "hf-gpt2").exists() and "a reason GPT-2 cannot express" in caplog.text
-    assert exported_step(out) == 7
-    with pytest.raises(HubError, match="a reason GPT-2 cannot express.*--hub_format scratch"):
-        push_export(out, "me/tiny-gpt2", "gpt2", "msg", api=RecordingHub())
-
-
 def front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
@@ -284,7 +267,7 @@ def test_push_uploads_what_hub_format_says(run, hub_format, expected):
             files = set(call[4])
             assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss.png"} <= files
             assert ("modeling_gpt2_scratch.py" in files) == (call[2] == "hf")
-    with pytest.raises(HubError, match="hub_format must be one of"):
+    with pytest.raises(UserError, match="hub_format must be one of"):
         push_export(run.out_dir, "me/tiny-gpt2", "onnx", "msg", api=hub)
 
 
@@ -337,11 +320,11 @@ def test_cli_exports_a_checkpoint_and_a_bare_export(run, tmp_path):
 
 
 def test_cli_errors_are_one_line(run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no folder at"):
+    with pytest.raises(UserError, match="no folder at"):
         export_gpt2.export(tmp_path / "nope")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(config_to_yaml(run.config))
-    with pytest.raises(ValueError, match="--out is for an export or a checkpoint"):
+    with pytest.raises(UserError, match="--out is for an export or a checkpoint"):
         export_gpt2.export(tmp_path / "run", out=tmp_path / "elsewhere")
     done = subprocess.run(
         [sys.executable, "-m", "export_gpt2", str(run.out_dir / "hf-gpt2")],
@@ -359,7 +342,7 @@ def test_out_never_replaces_a_folder_that_is_not_an_official_export(run, tmp_pat
     precious.mkdir()
     (precious / "thesis.txt").write_text("keep")
     for out in (precious, run.out_dir):  # a user's folder, and the run folder that holds the source
-        with pytest.raises(ValueError, match="exists and is not an hf-gpt2 export"):
+        with pytest.raises(UserError, match="exists and is not an hf-gpt2 export"):
             export_gpt2.export(run.out_dir / "hf", out=out)
     assert (precious / "thesis.txt").read_text() == "keep" and (run.out_dir / "hf" / "config.json").is_file()
     export_gpt2.export(run.out_dir / "hf", out=tmp_path / "mine")  # a new folder, then replaced on a rerun
@@ -371,5 +354,5 @@ def test_a_truncated_export_is_one_line(run, tmp_path):
     broken = Path(shutil.copytree(run.out_dir / "hf", tmp_path / "broken"))
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
-    with pytest.raises(ValueError, match="cannot load the model"):
+    with pytest.raises(UserError, match="not a readable safetensors file"):
         export_gpt2.export(broken)

@@ -224,20 +224,28 @@ def test_from_gpt2_refuses_unsupported_variants(tmp_path):
         from_gpt2(str(tmp_path))
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_recomputes_each_block_and_gives_same_gradients():
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).train()
     ids = random_ids(2, 16)
+    # The block's body (checkpointing wraps it, not the block's own call): its attention runs once per pass.
+    blocks, forwards = list(model.transformer.h), []
+    for block in blocks:
+        block.attn.register_forward_hook(lambda module, args, output, block=block: forwards.append(block))
 
     def grads():
+        forwards.clear()
         model.zero_grad()
         model(ids, labels=ids).loss.backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    assert forwards == blocks  # each block once: nothing recomputed
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # the trainer's
     assert model.is_gradient_checkpointing
     checkpointed = grads()
+    # each block forward again during the backward pass, the last block's first: its activations were dropped
+    assert forwards == blocks + blocks[::-1]
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 

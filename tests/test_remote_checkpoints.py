@@ -15,8 +15,8 @@ from trainer_runs import launch, metric, nano_args, train_in_process, wait_for_s
 from training import remote as cr
 from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
 from training.config import ConfigError, TrainConfig
-from training.hub import HubError
-from training.run_dir import RunPaths
+from training.paths import RunPaths, local_files
+from user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,7 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
     remote = remote_files(store, store.checkpoint(4))
     marker = json.loads(remote.pop("COMPLETE"))
     log = remote.pop("logs/log.jsonl")
-    assert remote == {name: path.read_bytes() for name, path in cr.local_files(local).items()}
+    assert remote == {name: path.read_bytes() for name, path in local_files(local).items()}
     listing = {
         n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
         for n, b in {**remote, "logs/log.jsonl": log}.items()
@@ -85,7 +85,7 @@ def test_mirror_writes_files_then_export_then_marker_and_resume_downloads_them(t
     paths = RunPaths(tmp_path / "fresh")
     found = find(TrainConfig(resume="auto"), paths.out_dir, store)
     assert found == paths.checkpoints / "step_000004"
-    assert {n: p.read_bytes() for n, p in cr.local_files(found).items()} == remote
+    assert {n: p.read_bytes() for n, p in local_files(found).items()} == remote
     assert paths.log.read_bytes() == log
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step_000004"]  # no temporary folder left
 
@@ -176,7 +176,7 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     cr.write(store, files, "a partial upload newer than the newest complete one")
     assert cr.prune(store, keep_last=1) == [8]
     assert cr.remote_checkpoints(store) == {12: True, 16: False}  # the newest complete one stays
-    assert cr.prune(store, keep_last=0) == [] and cr.newest_complete(store) == 12
+    assert cr.prune(store, keep_last=0) == [] and cr.complete_steps(store)[-1] == 12
 
 
 def test_preflight_rejects_an_unwritable_remote(tmp_path):
@@ -196,7 +196,7 @@ def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_pa
         train_in_process(argv)
     assert not (tmp_path / "out" / "log.jsonl").exists()
     # hf:// checks login and write access first, with the push_to_hub check; offline it stops at once.
-    with pytest.raises(HubError, match="checkpoint_remote needs the Hub, but offline mode is on"):
+    with pytest.raises(UserError, match="checkpoint_remote needs the Hub, but offline mode is on"):
         train_in_process(nano_args(data_dir, tmp_path / "out", checkpoint_remote="hf://me/tiny-gpt2"))
 
 
@@ -279,7 +279,7 @@ def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_
     wait_for_step(tmp_path / "killed", proc, 9)
     proc.kill()
     proc.wait()
-    newest = cr.newest_complete(cr.open_store(f"file://{remote}"))
+    newest = max(cr.complete_steps(cr.open_store(f"file://{remote}")), default=None)
     assert newest is not None and newest < 16, "the run was to be killed before its end"
 
     fresh = tmp_path / "fresh"  # a new machine: the killed run's out_dir is gone
@@ -289,4 +289,4 @@ def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_
     assert metric(fresh, "val/loss") == metric(reference, "val/loss")
     info = json.loads((fresh / "run_info.json").read_text())
     assert info["resumed_from"] == str(fresh / "checkpoints" / f"step_{newest:06d}")
-    assert cr.newest_complete(cr.open_store(f"file://{remote}")) == 16
+    assert cr.complete_steps(cr.open_store(f"file://{remote}"))[-1] == 16

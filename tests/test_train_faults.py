@@ -4,6 +4,7 @@ trainer runs on real files; each fault is made the way it happens (a truncated, 
 replaced file, a SIGKILL), never with mocks."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -18,13 +19,20 @@ from safetensors.torch import load_file
 from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process
 
 from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
-from training.checkpoints import CheckpointError
+from training.checkpoints import (
+    CheckpointError,
+    check_resumable,
+    checkpoint_problems,
+    newest_intact,
+    read_train_state,
+)
 from training.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Dropout on and samples drawn: both use the RNG states a checkpoint must restore.
 COMMON = dict(dropout=0.1, max_steps=12, save_interval=4, eval_interval=4, keep_checkpoints=2)
+COMMON["sample_prompt"] = "<|endoftext|>"  # unconditional samples, from the document separator as GPT-2's
 
 
 @pytest.fixture(scope="module")
@@ -126,46 +134,82 @@ def link_outside(checkpoint: Path, name: str) -> None:
     (checkpoint / name).symlink_to(outside)
 
 
+# What checkpoint_problems must say about each damage (the decision a resume rests on).
+FOUND = {
+    "truncated weights": "model.safetensors has 999 bytes",
+    "missing optimizer": "optimizer.bin is missing",
+    "truncated optimizer": "optimizer.bin has 100 bytes",
+    "missing RNG file": "random_states_0.pkl is missing",
+    "flipped byte": "model.safetensors does not match its sha256",
+    "empty folder": "no checkpoint.json",
+    "planted pickle": "optimizer.bin needs .* could run code",
+    "planted custom state": "custom_checkpoint_0.pkl needs .* could run code",
+    "planted numpy callable": "optimizer.bin needs numpy.testing.* could run code",
+    "train state of another step": "train_state.json step 5 is not the folder's",
+    "symlink to another file": "optimizer.bin is a symbolic link",
+}
+
+
+def damaged_copy(stopped: Path, tmp_path: Path, damage: str, proof: Path) -> dict[int, Path]:
+    """Both checkpoints of the stopped run, copied, the newer one (step 8) damaged."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (4, 8):
+        shutil.copytree(stopped / "checkpoints" / f"step_{step:06d}", checkpoints / f"step_{step:06d}")
+    DAMAGES[damage](checkpoints / "step_000008", proof)
+    return {4: checkpoints / "step_000004", 8: checkpoints / "step_000008"}
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
+def test_each_damage_is_found_and_resume_auto_falls_back(damage, stopped, tmp_path):
+    assert set(FOUND) == set(DAMAGES)
+    proof = tmp_path / "code_ran"
+    local = damaged_copy(stopped, tmp_path, damage, proof)
+    assert checkpoint_problems(local[4]) == []
+    problems = checkpoint_problems(local[8])
+    assert any(re.search(FOUND[damage], problem) for problem in problems), problems
+    settings = read_train_state(local[4])["settings"]
+    with pytest.raises(CheckpointError, match="is damaged"):
+        check_resumable(local[8], settings)
+    checkpoints = local[4].parent
+    assert newest_intact(local, [], None, checkpoints, checkpoints.parent, settings) == local[4]
+    assert [p.name.startswith("damaged_step_000008_") for p in checkpoints.iterdir()].count(True) == 1
+    assert not proof.exists()  # judging a planted pickle never unpickles it
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "planted pickle"])
 def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(damage, data_dir, stopped, reference, tmp_path):
+    """End to end, for a damaged file and a planted one: the run resumes from step 4 and trains 5 to 12
+    again exactly as the uninterrupted run did."""
     run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
     DAMAGES[damage](run / "checkpoints" / "step_000008", proof)
     train_in_process(nano_args(data_dir, run, resume="auto", **COMMON))
-    same_losses(run, reference)  # resumed from step 4, and trained 5 to 12 again exactly
+    same_losses(run, reference)
     assert json.loads((run / "run_info.json").read_text())["resumed_from"].endswith("step_000004")
     assert [p.name.startswith("damaged_step_000008_") for p in (run / "checkpoints").iterdir()].count(True) == 1
     assert not proof.exists()
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 4, 8, 12] and {s["prompt"] for s in samples} == {"<|endoftext|>"}
 
 
-def run_cli(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def one_line_error(done: subprocess.CompletedProcess) -> str:
-    """The single `error:` line of a refused launch (exit status 2, no traceback)."""
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    return line
+def one_line(error: type, argv: list[str]) -> str:
+    """The message of the user error (of class `error`) that a launch with `argv` stops with: one line,
+    which the command prints as `error: ...` with exit status 2 (checked once, below)."""
+    with pytest.raises(error) as raised:
+        train_in_process(argv)
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
 
 
 def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_dir, stopped, tmp_path):
     run, proof = copy_run(stopped, tmp_path), tmp_path / "code_ran"
     checkpoint = run / "checkpoints" / "step_000008"
     plant_pickle(checkpoint, "random_states_0.pkl", proof)
-    done = run_cli(nano_args(data_dir, run, resume=checkpoint, **COMMON))
-    line = one_line_error(done)
-    assert "random_states_0.pkl needs" in line and "could run code" in line
+    message = one_line(CheckpointError, nano_args(data_dir, run, resume=checkpoint, **COMMON))
+    assert "random_states_0.pkl needs" in message and "could run code" in message
     flip_byte(checkpoint / "model.safetensors")  # and a flipped bit (same size) names the file
-    line = one_line_error(run_cli(nano_args(data_dir, run, resume=checkpoint, **COMMON)))
-    assert "model.safetensors does not match its sha256" in line
+    message = one_line(CheckpointError, nano_args(data_dir, run, resume=checkpoint, **COMMON))
+    assert "model.safetensors does not match its sha256" in message
     assert not proof.exists()
 
 
@@ -250,14 +294,14 @@ def test_a_mistyped_data_folder_is_refused_and_left_untouched(tmp_path):
     typo.mkdir()
     (typo / "notes.txt").write_text("the user's own file")
     before = sorted(p.name for p in typo.iterdir())
-    line = one_line_error(run_cli(["--data_dir", str(typo), "--out_dir", str(tmp_path / "out")]))
-    assert "holds no manifest.json" in line and str(typo) in line
+    message = one_line(ConfigError, ["--data_dir", str(typo), "--out_dir", str(tmp_path / "out")])
+    assert "holds no manifest.json" in message and str(typo) in message
     assert (
         sorted(p.name for p in typo.iterdir()) == before and (typo / "notes.txt").read_text() == "the user's own file"
     )
     # asked explicitly, the built-in corpus still goes only into an absent or empty folder
-    line = one_line_error(run_cli(["--data_dir", str(typo), "--prepare_builtin", "--out_dir", str(tmp_path / "o2")]))
-    assert "is not empty" in line and sorted(p.name for p in typo.iterdir()) == before
+    message = one_line(ConfigError, ["--data_dir", str(typo), "--prepare_builtin", "--out_dir", str(tmp_path / "o2")])
+    assert "is not empty" in message and sorted(p.name for p in typo.iterdir()) == before
     missing = tmp_path / "missing_data"
     with pytest.raises(ConfigError, match="holds no manifest.json"):
         train_in_process(["--data_dir", str(missing), "--out_dir", str(tmp_path / "o3")])
@@ -342,8 +386,20 @@ def test_user_errors_are_one_line(data_dir, tmp_path):
         "needs an absolute path": nano_args(data_dir, tmp_path / "o3", checkpoint_remote="file://relative/remote"),
     }
     for expected, argv in cases.items():
-        assert expected in one_line_error(run_cli(argv)), expected
+        assert expected in one_line(ConfigError, argv), expected
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+    # and the command prints it as one `error:` line with exit status 2 (every command: test_commands.py)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train_accelerate.py"), *cases["sample_prompt is empty"]],
+        cwd=ROOT,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "sample_prompt is empty" in line
 
 
 def test_the_checkpoint_holds_no_pickle_of_our_own_state(stopped):
@@ -401,5 +457,5 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(data_dir
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").symlink_to(victim)
-    line = one_line_error(run_cli(nano_args(data_dir, out)))
-    assert "cannot hold a run" in line and victim.read_text() == "important"
+    message = one_line(ConfigError, nano_args(data_dir, out))
+    assert "cannot hold a run" in message and victim.read_text() == "important"

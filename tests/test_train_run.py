@@ -14,7 +14,7 @@ from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, t
 from data_prep.sources import BUILTIN_NAME
 from training.checkpoints import latest_checkpoint
 from training.config import TrainConfig, parse_config
-from training.hub import HubError
+from user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +126,7 @@ def test_push_checks_access_first_then_uploads_the_export_with_a_model_card(push
 
 def test_push_without_network_fails_before_training(data_dir, tmp_path):
     argv = nano_args(data_dir, tmp_path / "out", push_to_hub=True, hub_model_id="me/tiny-gpt2")
-    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
         train_in_process(argv)
     assert not (tmp_path / "out" / "log.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
 

@@ -30,6 +30,7 @@ from training.checkpoints import (
 )
 from training.config import TrainConfig
 from training.export import exported_step
+from training.paths import parse_step, step_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,7 +220,7 @@ def test_an_export_record_that_is_a_fifo_is_no_export_within_seconds(stopped, tm
 
 @pytest.mark.parametrize("name", ["step_00001²", "step_٠٠٠٠٠٩", "step_0000１2", "step_000004\n"])
 def test_only_ascii_digits_make_a_step_folder(stopped, tmp_path, caplog, name):
-    assert remote.parse_step(name) is None
+    assert parse_step(name) is None
     run = copy_run(stopped, tmp_path)
     shutil.copytree(run / "checkpoints" / STEP8, run / "checkpoints" / name)  # intact content, a foreign name
     assert resume_auto(run, caplog).name == STEP8
@@ -235,7 +236,7 @@ def store(stopped, tmp_path) -> remote.RemoteStore:
     """A file:// store holding the stopped run's two checkpoints, as its uploads left them."""
     store = remote.open_store(f"file://{tmp_path}/store")
     for step in (4, 8):
-        folder = stopped / "checkpoints" / remote.step_name(step)
+        folder = stopped / "checkpoints" / step_name(step)
         remote.upload_checkpoint(store, step, folder, stopped / "hf", [stopped / "log.jsonl"])
     return store
 

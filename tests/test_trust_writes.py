@@ -23,8 +23,10 @@ from data_prep.shards import read_manifest, write_manifest, write_shard
 from training import remote
 from training.checkpoints import CheckpointError, find_resume_checkpoint, read_train_state
 from training.config import ConfigError, TrainConfig, parse_config
-from training.export import read_record, write_model_cards
+from training.export import read_record
 from training.metrics import keep_records_through
+from training.model_card import write_model_cards
+from training.paths import step_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,7 +181,7 @@ def test_a_refused_resume_leaves_log_jsonl_as_it_was(stopped, tmp_path):
     remote_log.parent.mkdir()
     remote_log.write_text(json.dumps({"step": 1, "train/loss": 99.0}) + "\n")
     for step in (4, 8):
-        name = remote.step_name(step)
+        name = step_name(step)
         damaged = Path(shutil.copytree(run / "checkpoints" / name, tmp_path / "damaged" / name))
         (damaged / "optimizer.bin").write_bytes((damaged / "optimizer.bin").read_bytes()[:-10])  # marker matches
         remote.upload_checkpoint(store, step, damaged, run / "hf", [remote_log])

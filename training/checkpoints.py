@@ -24,6 +24,7 @@ from data_prep.shards import file_sha256
 from training import UserError, remote
 from training.config import ConfigError, TrainConfig
 from training.files import read_regular, remove_ours
+from training.paths import local_files, parse_step, step_name
 
 logger = logging.getLogger("train")
 
@@ -120,7 +121,7 @@ def save_checkpoint(
     saved is not written again.
     """
     acc = accelerator
-    final = checkpoints / remote.step_name(state.step)
+    final = checkpoints / step_name(state.step)
     if final.is_dir():
         return final
     tmp = checkpoints / f".tmp_{final.name}"
@@ -143,17 +144,19 @@ def save_checkpoint(
 
 def write_manifest(folder: Path, step: int) -> None:
     """`checkpoint.json`: the size and sha256 of every file in `folder`, written last."""
-    files = {rel: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for rel, path in local_files(folder)}
+    files = {
+        rel: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for rel, path in checkpoint_files(folder).items()
+    }
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
 
-def local_files(folder: Path) -> list[tuple[str, Path]]:
+def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Every file under `folder` but the manifest, by its POSIX path relative to `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return [(p.relative_to(folder).as_posix(), p) for p in files if p.name != MANIFEST]
+    return {rel: path for rel, path in local_files(folder).items() if path.name != MANIFEST}
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
@@ -189,7 +192,7 @@ def checkpoint_problems(folder: Path) -> list[str]:
     if special:
         return [f"{', '.join(special)} is not a regular file (a FIFO, device or socket)"]
     problems = []
-    present = dict(local_files(folder))
+    present = checkpoint_files(folder)
     for rel, expected in listed.items():
         path = present.get(rel)
         if path is None:
@@ -281,7 +284,7 @@ def state_problems(folder: Path) -> list[str]:
         return [f"{STATE_FILE} is not a JSON object"]
     step, tokens, settings = state.get("step"), state.get("tokens"), state.get("settings")
     loader, processes = state.get("loader"), state.get("processes")
-    if type(step) is not int or step != remote.parse_step(folder.name) or step != manifest_step:
+    if type(step) is not int or step != parse_step(folder.name) or step != manifest_step:
         return [f"{STATE_FILE} step {step!r} is not the folder's ({folder.name}) and the manifest's ({manifest_step})"]
     if not isinstance(settings, dict) or type(settings.get("total_batch_size")) is not int:
         return [f"{STATE_FILE} has no settings"]
@@ -331,7 +334,7 @@ def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
     temporary ones being written (whether each is intact is `checkpoint_problems`' question)."""
     if not checkpoints.is_dir():
         return {}
-    steps = {p: remote.parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir() and not p.is_symlink()}
+    steps = {p: parse_step(p.name) for p in checkpoints.iterdir() if p.is_dir() and not p.is_symlink()}
     return {step: p for p, step in steps.items() if step is not None}
 
 
@@ -374,7 +377,7 @@ def find_resume_checkpoint(
         if remote_steps:
             raise ConfigError(
                 f"checkpoint_remote {store.url} already holds a run (newest complete checkpoint "
-                f"{remote.step_name(remote_steps[-1])}); pass --resume auto to continue it, or choose another "
+                f"{step_name(remote_steps[-1])}); pass --resume auto to continue it, or choose another "
                 "--checkpoint_remote"
             )
         return None
@@ -402,14 +405,14 @@ def named_checkpoint(
         folder = remote.download_url(resume, checkpoints, out_dir)
     else:
         folder = Path(resume)
-        if not (folder.is_dir() and remote.parse_step(folder.name) is not None):
+        if not (folder.is_dir() and parse_step(folder.name) is not None):
             raise ConfigError(
                 f"resume: {folder} is not a checkpoint folder (checkpoints/step_NNNNNN), nor 'auto' or ''"
             )
-        newer = [step for step in local if step > remote.parse_step(folder.name)]
+        newer = [step for step in local if step > parse_step(folder.name)]
         if newer:
             raise ConfigError(
-                f"resume: out_dir {out_dir} holds newer checkpoints ({remote.step_name(max(newer))}); resuming from "
+                f"resume: out_dir {out_dir} holds newer checkpoints ({step_name(max(newer))}); resuming from "
                 f"{folder.name} would mix two histories: choose a new --out_dir"
             )
     check_resumable(folder, settings)
@@ -434,11 +437,11 @@ def newest_intact(
             if step in local:
                 folder = local[step]
             else:
-                logger.info("downloading %s from %s", remote.step_name(step), store.url)
+                logger.info("downloading %s from %s", step_name(step), store.url)
                 folder = remote.download_checkpoint(store.fs, store.checkpoint(step), checkpoints, out_dir)
             problems = checkpoint_problems(folder)
         except remote.RemoteError as err:
-            folder, problems = f"{store.url} {remote.step_name(step)}", [str(err)]
+            folder, problems = f"{store.url} {step_name(step)}", [str(err)]
         if problems:
             aside = f"; set aside as {set_aside(folder).name}" if isinstance(folder, Path) else ""
             logger.warning(

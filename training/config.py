@@ -22,12 +22,13 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig
 from training import UserError
+from training.hub import HUB_FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = ROOT / "configs"
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """A training config value is unknown, of the wrong type, or inconsistent with the others."""
 
 
@@ -119,7 +120,6 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-HUB_FORMATS = ("gpt2", "scratch", "both")
 
 AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
 

@@ -13,7 +13,6 @@ in `export.json`, so a kill mid-export leaves the previous folder or none, never
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -24,10 +23,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from conversion import gpt2_layout, gpt2_model, gpt2_unsupported
-from training.files import copy_replacing, read_regular
-
-logger = logging.getLogger("train")
+from conversion import gpt2_layout, gpt2_model
+from training.files import read_regular
 
 SCRATCH_EXPORT = "hf"
 GPT2_EXPORT = "hf-gpt2"
@@ -48,31 +45,23 @@ def export_model(accelerator: Accelerator, model, out_dir: Path, step: int) -> N
 
 def write_exports(model, out_dir: Path, step: int, state_dict: dict | None = None) -> list[Path]:
     """The main-process part of `export_model`: both folders from `model` (or from `state_dict`, its
-    gathered weights). A model GPT-2 cannot express gets no `hf-gpt2/` (a stale one is removed) and
-    a log line saying why. Returns the folders written."""
-    reason = gpt2_unsupported(model.config)
+    gathered weights). Returns the folders written."""
     scratch, gpt2 = out_dir / SCRATCH_EXPORT, out_dir / GPT2_EXPORT
     for folder in (scratch, gpt2):  # out_dir is a run folder, locked by the trainer or export_gpt2
         remove_leftovers(folder)
-    write_scratch_export(model, scratch, step, state_dict, gpt2_unsupported=reason)
-    if reason is not None:
-        logger.info("no %s/ (official GPT-2 layout): %s", GPT2_EXPORT, reason)
-        shutil.rmtree(gpt2, ignore_errors=True)
-        return [scratch]
+    write_scratch_export(model, scratch, step, state_dict)
     write_gpt2_export(model.config, model.state_dict() if state_dict is None else state_dict, gpt2, step)
     return [scratch, gpt2]
 
 
-def write_scratch_export(
-    model, folder: Path, step: int | None, state_dict: dict | None = None, gpt2_unsupported: str | None = None
-) -> None:
+def write_scratch_export(model, folder: Path, step: int | None, state_dict: dict | None = None) -> None:
     """`save_pretrained` of our model (with its remote-code file) and the tokenizer into `folder`."""
     from data_prep.tokenizer import save_hf_tokenizer
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         save_hf_tokenizer(tmp, model_max_length=model.config.n_positions)
-        write_record(tmp, step, "scratch", gpt2_unsupported=gpt2_unsupported)
+        write_record(tmp, step, "scratch")
 
     write_folder(folder, write)
 
@@ -147,36 +136,11 @@ def read_record(folder: Path, layout: str) -> dict | None:
 
 
 def exported_step(out_dir: Path) -> int | None:
-    """The step that `hf/` and `hf-gpt2/` both hold; None when `hf/` is missing or incomplete, or when
-    the model has an official layout and `hf-gpt2/` is missing, incomplete or of another step."""
+    """The step that `hf/` and `hf-gpt2/` both hold; None when either is missing or incomplete, or when
+    they hold different steps."""
     out_dir = Path(out_dir)
     scratch = read_record(out_dir / SCRATCH_EXPORT, "scratch")
     if scratch is None:
         return None
-    if scratch.get("gpt2_unsupported"):
-        return scratch["step"]
     gpt2 = read_record(out_dir / GPT2_EXPORT, "gpt2")
     return scratch["step"] if gpt2 is not None and gpt2["step"] == scratch["step"] else None
-
-
-def write_model_cards(out_dir: Path, config, model, manifest: dict, license: str | None = None) -> list[Path]:
-    """README.md model cards for the exports in `out_dir` (main process only), with the plots of
-    `out_dir/plots` copied beside them. The results come from `out_dir/log.jsonl`, up to the step the
-    export holds, so a relaunched finished run writes the same card. Returns the cards written."""
-    from training.hub import DEFAULT_LICENSE, ModelCard, run_results
-
-    out_dir = Path(out_dir)
-    scratch = read_record(out_dir / SCRATCH_EXPORT, "scratch")
-    results = run_results(out_dir / "log.jsonl", through_step=scratch["step"] if scratch else None)
-    card = ModelCard(config, model, manifest, results, out_dir, license=license or DEFAULT_LICENSE)
-    written = []
-    for name, layout in ((SCRATCH_EXPORT, "scratch"), (GPT2_EXPORT, "gpt2")):
-        folder = out_dir / name
-        if not folder.is_dir():
-            continue
-        plots = [p for p in PLOTS if (out_dir / "plots" / p).is_file()]
-        for plot in plots:  # through a temporary copy: a kill never leaves a cut plot in the export
-            copy_replacing(out_dir / "plots" / plot, folder / plot)
-        write_text(folder / "README.md", card.render(layout, plots))
-        written.append(folder / "README.md")
-    return written

@@ -82,7 +82,8 @@ class Meter:
         self.steps += 1
         self.tokens += tokens
 
-    def read(self) -> dict[str, float]:
+    def lap(self) -> dict[str, float]:
+        """Throughput since the last lap (or restart), and a new lap started: one call per log line."""
         elapsed = time.perf_counter() - self.start
         tokens_per_s = self.tokens / elapsed
         mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import shutil
 import socket
 import threading
@@ -30,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import fsspec
@@ -38,13 +37,20 @@ import fsspec
 from data_prep.shards import file_sha256
 from training import UserError
 from training.files import remove_ours
+from training.hub import check_hub_access, offline_reason
+from training.paths import local_files, parse_step, step_name
+from training.processes import on_main_process
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from training.config import TrainConfig
 
 logger = logging.getLogger("train.remote")
 
 MARKER = "COMPLETE"
 LOGS = "logs"  # the run's records travel with each checkpoint, so a resumed run continues its log
 LOG_FILES = ("log.jsonl", "samples.jsonl")
-STEP_PREFIX = "step_"
 # A downloaded checkpoint's logs wait here until the resume from it is certain (out_dir/.remote_logs/step_N)
 STAGED_LOGS = ".remote_logs"
 OWNER = "run.json"  # in the store's checkpoints folder: the identity of the one run the store belongs to
@@ -52,19 +58,8 @@ MAX_MARKER_BYTES = 16_000_000  # a marker lists a few files; a bigger one is not
 MAX_NAME_BYTES = 255  # the longest file name that local filesystems take
 
 
-class RemoteError(UserError, RuntimeError):
+class RemoteError(UserError):
     """The remote store cannot be reached or written, or holds no usable checkpoint where one was named."""
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:06d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a folder named step_NNNNNN (6+ ASCII digits), else None: `str.isdigit` would also take
-    a superscript (which `int` refuses) and other scripts' digits (which `int` reads, aliasing a step)."""
-    match = re.fullmatch(rf"{STEP_PREFIX}([0-9]{{6,}})", name)
-    return int(match[1]) if match else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,13 +198,25 @@ def check_writable(store: RemoteStore) -> None:
         ) from err
 
 
+def preflight_remote(config: TrainConfig, accelerator: Accelerator) -> RemoteStore | None:
+    """The checkpoint_remote store, checked before any training: for hf://, login and write access to the
+    repository (`check_hub_access`); for every store, a probe file written and deleted."""
+    if config.checkpoint_remote is None:
+        return None
+    store = open_store(config.checkpoint_remote)  # a bad URL fails on every rank alike
+
+    def check() -> None:
+        if store.hub_repo is not None:
+            check_hub_access(store.hub_repo, config.hub_private, purpose="checkpoint_remote")
+        check_writable(store)
+
+    on_main_process(accelerator, check)
+    logger.info("checkpoint_remote: %s is writable; checkpoints go to %s", store.url, store.checkpoints)
+    return store
+
+
 # ----------------------------------------------------------------------------------------------
 # What is there
-
-
-def local_files(folder: Path) -> dict[str, Path]:
-    """Every file under `folder`, by its POSIX path relative to `folder`."""
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def remote_checkpoints(store: RemoteStore) -> dict[int, bool]:
@@ -226,10 +233,6 @@ def remote_checkpoints(store: RemoteStore) -> dict[int, bool]:
 def complete_steps(store: RemoteStore) -> list[int]:
     """The steps of the complete remote checkpoints, oldest first."""
     return [step for step, complete in remote_checkpoints(store).items() if complete]
-
-
-def newest_complete(store: RemoteStore) -> int | None:
-    return max(complete_steps(store), default=None)
 
 
 def read_marker(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
@@ -465,6 +468,8 @@ def download_url(url: str, checkpoints: Path, out_dir: Path) -> Path:
     if url.startswith("hf://"):
         from huggingface_hub import HfFileSystem
 
+        if reason := offline_reason():  # the Hub client would retry for minutes, then fail deep inside
+            raise RemoteError(f"--resume {url} needs the Hub, but {reason}; resume from a local checkpoint instead")
         fs, folder = HfFileSystem(), url[len("hf://") :]
     else:
         fs, folder = filesystem(url)

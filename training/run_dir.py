@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,30 +23,7 @@ from typing import Any
 from training import remote
 from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
 from training.files import NotRegularFileError, check_regular_or_absent, read_regular, replace_text
-
-
-@dataclass
-class RunPaths:
-    """Where a run keeps each of its records."""
-
-    out_dir: Path
-
-    def __post_init__(self) -> None:
-        self.out_dir = Path(self.out_dir)
-        self.config = self.out_dir / "config.yaml"
-        self.run_info = self.out_dir / "run_info.json"
-        self.log = self.out_dir / "log.jsonl"
-        self.samples = self.out_dir / "samples.jsonl"
-        self.plots = self.out_dir / "plots"
-        self.checkpoints = self.out_dir / "checkpoints"
-        self.hf = self.out_dir / "hf"
-        self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
-        self.lock = self.out_dir / ".lock"
-        self.run_id = self.out_dir / "run_id"  # the run's identity, which its checkpoint_remote store records
-
-    def records(self) -> tuple[Path, ...]:
-        """The files a resumed run reads or appends to: each must be a regular file (or absent)."""
-        return (self.config, self.run_info, self.log, self.samples, self.run_id)
+from training.paths import RunPaths
 
 
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
