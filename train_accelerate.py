@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from training.checkpoints import (
 from training.config import TrainConfig, parse_config, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint
 from training.export import export_model, exported_step, write_model_cards
+from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process
@@ -106,6 +108,7 @@ class Run:
     meter: Meter
     settings: dict[str, Any]  # what a checkpoint must be resumed with (training.checkpoints.run_settings)
     manifest: dict  # the data's manifest.json: the model card names the data by it
+    guard: Guard  # skipped updates, spikes and rollbacks (training/guard.py)
     hellaswag: list[dict] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     first_loss: float | None = None
@@ -139,11 +142,15 @@ def log_metrics(run: Run, metrics: dict[str, float]) -> None:
     logger.info("step %d | %s", run.state.step, " | ".join(f"{k} {format_value(k, v)}" for k, v in metrics.items()))
 
 
-def log_train(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-    loss_value = loss.item()
-    run.first_loss = loss_value if run.first_loss is None else run.first_loss
-    run.last_loss = loss_value
-    log_metrics(run, {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), **run.meter.read()})
+def log_train(run: Run, loss: float, grad_norm: float, lr: float, problem: dict | None = None) -> None:
+    """A training record; a NaN or infinite loss or norm is left out (JSON has no such numbers) and the
+    guard's finding (`skipped`, `spike`) and count of skipped updates are in."""
+    if math.isfinite(loss):
+        run.first_loss = loss if run.first_loss is None else run.first_loss
+        run.last_loss = loss
+    values = {name: v for name, v in (("train/loss", loss), ("grad_norm", grad_norm)) if math.isfinite(v)}
+    guard = {**(problem or {}), "skipped_steps": run.guard.skipped}
+    log_metrics(run, {**values, "lr": lr, **guard, **run.meter.read()})
 
 
 def load_hellaswag(config: TrainConfig, accelerator: Accelerator) -> list[dict] | None:
@@ -237,6 +244,11 @@ def save(run: Run, upload: bool = True) -> Path:
     step already: a relaunched finished run rebuilds only a missing or stale export), and (with
     `upload` and checkpoint_remote) queue both for the background upload."""
     acc, c, step = run.accelerator, run.config, run.state.step
+    if not weights_finite(run.model, acc):  # never reached while train_step skips non-finite updates
+        raise DivergedError(
+            f"the weights at step {step} are not all finite: not saved, exported or pushed; the newest "
+            f"checkpoint in {run.paths.checkpoints} is the last good state (resume it with a lower --max_lr)"
+        )
     checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
     if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
         export_model(acc, run.model, run.paths.out_dir, step)
@@ -264,16 +276,25 @@ def train(run: Run) -> bool:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
             loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            loss, grad_norm = loss.item(), float(grad_norm)
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
-            if state.step % c.log_interval == 0:
-                log_train(run, loss, grad_norm, lr)
+            problem = run.guard.judge(loss, grad_norm)
+            if problem is not None or state.step % c.log_interval == 0:
+                log_train(run, loss, grad_norm, lr, problem)
             bar.update()
+            if run.guard.must_roll_back:
+                why = problem.get("skipped") or f"loss {loss:.4g}, {problem['spike']:.1f}x the recent median"
+                log_metrics(run, roll_back(run.accelerator, run.paths.checkpoints, state, run.guard, why))
+                bar.n = state.step
+                run.meter.restart()
+                continue
             if state.step % c.eval_interval == 0 or state.step == c.max_steps:
                 evaluate(run)
                 run.meter.restart()  # evaluation time is not training throughput
-            if state.step % c.save_interval == 0 and state.step < end:  # finish() saves the last step
+            if state.step % c.save_interval == 0 and state.step < end and not run.guard.streak:
+                # finish() saves the last step; during a bad streak the save waits (see training/guard.py)
                 save(run)
                 run.meter.restart()
             if stop.requested(run.accelerator):
@@ -360,7 +381,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     state = TrainState(build_loader(config, accelerator))
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
-    run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest)
+    run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config))
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last)
     if checkpoint is not None:
@@ -397,6 +418,6 @@ USER_ERRORS = (UserError, DataPrepError, ShardError, TokenizerFileError, HellaSw
 if __name__ == "__main__":
     try:
         main()
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # exit status 2, or the error's own (3: training.guard.DivergedError)
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_status", 2))

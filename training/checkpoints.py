@@ -76,13 +76,20 @@ class TrainState:
         self.loader = loader
         self.step = 0
         self.tokens = 0
+        self.rollbacks = 0  # by the divergence guard (training.guard), over the whole run
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict()}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loader": self.loader.state_dict(),
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.loader.load_state_dict(state["loader"])
+        self.rollbacks = int(state.get("rollbacks", 0))
 
 
 def run_settings(config: TrainConfig, data_fingerprint: str, processes: int) -> dict[str, Any]:
@@ -444,3 +451,28 @@ def load_weights(model, folder: Path) -> None:
         raise CheckpointError(f"init_from: {path} lacks {', '.join(missing[:4])}")
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite weights (the divergence guard, training/guard.py)
+
+
+def saved_weights_finite(folder: Path) -> bool:
+    """Whether every tensor of the checkpoint's safetensors weights is finite (a sharded FSDP checkpoint
+    has none here; the trainer never writes non-finite weights, so those count as finite)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            if not all(torch.isfinite(weights.get_tensor(name)).all() for name in weights.keys()):
+                return False
+    return True
+
+
+def newest_finite_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest intact checkpoint whose weights are all finite: what the guard rolls back to."""
+    for _, folder in sorted(complete_checkpoints(checkpoints).items(), reverse=True):
+        if not checkpoint_problems(folder) and saved_weights_finite(folder):
+            return folder
+    return None

@@ -106,6 +106,13 @@ class TrainConfig:
     hub_format: str = arg(
         "gpt2", "what push_to_hub uploads: 'gpt2' (official GPT2LMHeadModel layout), 'scratch' (ours), 'both'"
     )
+    # divergence guard (training/guard.py)
+    spike_factor: float = arg(3.0, "a loss above this multiple of the median of the recent ones is a spike (0: off)")
+    spike_window: int = arg(20, "how many recent healthy losses the spike median is taken over")
+    max_bad_steps: int = arg(
+        5, "roll back to the newest finite checkpoint after this many bad steps (skipped or spike) in a row (0: never)"
+    )
+    max_rollbacks: int = arg(3, "rollbacks allowed; the next bad streak stops the run with exit status 3")
 
     def __post_init__(self) -> None:
         problems = list(config_problems(self))
@@ -128,6 +135,10 @@ AT_LEAST_ONE += ("save_interval", "val_batches", "sample_tokens")
 AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip")
 
 AT_LEAST_ZERO += ("remote_keep_last",)
+
+AT_LEAST_ONE += ("spike_window",)
+
+AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
 
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
@@ -180,6 +191,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield "init_from starts a new run and resume continues one; give only one of them"
     if c.push_to_hub and not c.hub_model_id:
         yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
+    if 0 < c.spike_factor <= 1:
+        yield f"spike_factor must be 0 (off) or above 1 (a multiple of the recent median loss), got {c.spike_factor}"
     if c.model not in PRESETS:
         yield f"model: unknown preset {c.model!r}; choose one of {', '.join(PRESETS)}"
         return

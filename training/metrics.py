@@ -111,7 +111,9 @@ def keep_records_through(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def format_value(name: str, value: float) -> str:
+def format_value(name: str, value: float | int | str) -> str:
+    if isinstance(value, (str, int)):  # the guard's findings and counts
+        return str(value)
     if name == "mfu":
         return f"{100 * value:.2f}%"
     if name in ("lr",):
