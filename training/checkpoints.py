@@ -253,7 +253,10 @@ def check_resumable(folder: Path, settings: dict[str, Any]) -> None:
     problems = checkpoint_problems(folder)
     if problems:
         raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
-    changes = settings_changes(read_train_state(folder).get("settings", {}), settings)
+    saved = read_train_state(folder).get("settings", {})
+    changes = settings_changes(saved, {name: value for name, value in settings.items() if name != "processes"})
+    if not changes and (problem := process_count_problem(saved, settings)):
+        changes = [problem]
     if changes:
         raise CheckpointError(
             f"cannot resume {folder} exactly, these settings changed: {'; '.join(changes)}. Resume with the old "
@@ -390,21 +393,26 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
     `weights_only=True`; `check_resumable` has vetted each file), then our JSON `TrainState`.
 
     Accelerate only logs (at info level) an RNG file it cannot read and goes on with other random
-    numbers, so this rank's file must be there first."""
+    numbers, so this rank's file must be there first. A rank the saving launch did not have (resumed
+    on more processes, which `process_count_problem` allows only without dropout) keeps its seeded RNG."""
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():
-        saved = read_train_state(checkpoint).get("processes")
+    saved = read_train_state(checkpoint).get("processes")
+    if not rng_file.is_file() and not (type(saved) is int and accelerator.process_index >= saved):
         raise CheckpointError(
             f"{checkpoint} has no {rng_file.name} (saved by {saved} processes, this launch has "
             f"{accelerator.num_processes}); resume with as many processes, or start a new run from its weights: "
             f"--init_from {checkpoint} --out_dir NEW_DIR"
         )
     accelerator.load_state(str(checkpoint))
-    check_rng_restored(rng_file)
+    if rng_file.is_file():
+        check_rng_restored(rng_file)
     try:
         state.load_state_dict(read_train_state(checkpoint))
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{checkpoint}/{STATE_FILE}: {err}") from err
+    # Accelerate's micro-step count (restored from the RNG file) decides which micro-step syncs the
+    # gradients; on another number of processes the accumulation differs, so count it for this launch.
+    accelerator.step = state.step * accelerator.gradient_accumulation_steps
 
 
 def check_rng_restored(rng_file: Path) -> None:
@@ -476,3 +484,21 @@ def newest_finite_checkpoint(checkpoints: Path) -> Path | None:
         if not checkpoint_problems(folder) and saved_weights_finite(folder):
             return folder
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Another number of processes (elastic resume)
+
+
+def process_count_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a checkpoint saved by `saved['processes']` processes cannot be resumed exactly on
+    `current['processes']`, or None. The data order and the batch do not depend on the number of
+    processes (the loader cuts the same steps into other micro-batches, and the launch has already
+    checked that total_batch_size divides into them), but each rank draws its own dropout masks."""
+    before, now = saved.get("processes"), current.get("processes")
+    if before == now or not saved.get("dropout"):
+        return None
+    return (
+        f"processes: {before!r} -> {now!r} with dropout {saved['dropout']} (each rank draws its own dropout masks, "
+        f"so the masks would differ); resume on {before} processes"
+    )
