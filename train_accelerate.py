@@ -28,6 +28,7 @@ import logging
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,13 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import TrainConfig, parse_config, tracker_names
+from training.config import TrainConfig, parse_config, parse_duration, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint
 from training.export import export_model, exported_step, write_model_cards
 from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
-from training.processes import StopRequest, on_main_process
+from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run
 from training.step import train_step
@@ -114,6 +115,8 @@ class Run:
     first_loss: float | None = None
     last_loss: float | None = None
     uploader: remote.CheckpointUploader | None = None  # uploads to checkpoint_remote (main process only)
+    started: float = field(default_factory=time.monotonic)  # when the launch began, for time_limit
+    requeue: bool = False  # stopped by time_limit or SIGUSR1: unfinished, to be resumed
 
     @property
     def unwrapped(self) -> GPT2ScratchForCausalLM:
@@ -269,7 +272,8 @@ def train(run: Run) -> bool:
     c, state = run.config, run.state
     end = c.stop_at_step or c.max_steps
     bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=not run.accelerator.is_main_process)
-    with StopRequest() as stop, bar, logging_redirect_tqdm([logger]):
+    limit = parse_duration(c.time_limit) if c.time_limit else None
+    with StopRequest(limit, run.started) as stop, bar, logging_redirect_tqdm([logger]):
         if state.step == 0:
             evaluate(run)  # the loss of the untrained model starts the curve
         while state.step < end:
@@ -298,6 +302,7 @@ def train(run: Run) -> bool:
                 save(run)
                 run.meter.restart()
             if stop.requested(run.accelerator):
+                run.requeue = stop.requeue and state.step < c.max_steps
                 break
     return state.step >= c.max_steps
 
@@ -324,6 +329,7 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
         "step": run.state.step,
         "tokens": run.state.tokens,
         "complete": complete,
+        "requeue": run.requeue,
         "first_train_loss": run.first_loss,
         "last_train_loss": run.last_loss,
         **run.last_eval,
@@ -350,6 +356,7 @@ def setup_logging(accelerator: Accelerator) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
     config = parse_config(argv)
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
@@ -357,12 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lock = RunLock(paths.lock)  # held by the main process for the whole run
     on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
-        return run_training(config, accelerator, paths)
+        return run_training(config, accelerator, paths, started)
     finally:
         lock.release()
 
 
-def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> dict[str, Any]:
+def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths, started: float) -> dict[str, Any]:
     store = preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
@@ -381,7 +388,9 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     state = TrainState(build_loader(config, accelerator))
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
-    run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config))
+    run = Run(
+        config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config), started=started
+    )
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last)
     if checkpoint is not None:
@@ -417,7 +426,8 @@ USER_ERRORS = (UserError, DataPrepError, ShardError, TokenizerFileError, HellaSw
 
 if __name__ == "__main__":
     try:
-        main()
+        if main()["requeue"]:  # checkpointed before a time limit: the scheduler should run it again
+            sys.exit(REQUEUE_STATUS)
     except USER_ERRORS as err:  # exit status 2, or the error's own (3: training.guard.DivergedError)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_status", 2))
