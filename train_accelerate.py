@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -52,7 +52,7 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import TrainConfig, parse_config, parse_duration, tracker_names
+from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint
 from training.export import export_model, exported_step, write_model_cards
 from training.guard import DivergedError, Guard, roll_back, weights_finite
@@ -79,6 +79,13 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
         dynamo_backend="inductor" if config.compile else None,
     )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead
+        raise ConfigError(
+            f"this launch asks for FSDP, but Accelerate runs FSDP only on GPUs (and other accelerators): here it "
+            f"would train with {accelerator.distributed_type.value} and write unsharded checkpoints; on CPU launch "
+            "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
+        )
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True

@@ -130,3 +130,19 @@ def test_two_machines_on_the_loopback_address_match_one_process(runs, data_dir):
     assert sorted(metric(out, "train/loss")) == list(range(1, 9))
     assert metric(out, "train/loss") == metric(runs.one, "train/loss")
     assert metric(out, "val/loss") == metric(runs.one, "val/loss")
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line(data_dir, tmp_path):
+    """Accelerate applies FSDP only on accelerator devices: on CPU the FSDP launcher config would train
+    with plain DDP and unsharded checkpoints (seen with Accelerate 1.15), so an FSDP 2 -> 1 resume cannot
+    be exercised here; the trainer says so instead of pretending to shard."""
+    out = tmp_path / "fsdp"
+    config = ROOT / "accelerate_configs" / "fsdp_8gpu.yaml"
+    flags = ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *flags]
+    done = run_cli(nano_args(data_dir, out, **COMMON), launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: this launch asks for FSDP, but Accelerate runs FSDP only on GPUs")
+    assert "would train with MULTI_CPU" in errors[0] and "accelerate_configs/cpu_2proc.yaml" in errors[0]
+    assert not out.exists()
