@@ -9,18 +9,27 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from trainer_runs import nano_args, records, run_cli, train_in_process
 
-from data_prep.shards import load_tokens, read_manifest, write_manifest, write_shard
+from data_prep.shards import load_tokens, read_manifest, write_shard
+from data_prep.shards import write_manifest as write_data_manifest
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import load_weights
+from training.checkpoints import (
+    STATE_FILE,
+    checkpoint_problems,
+    load_weights,
+    newest_finite_checkpoint,
+    prune_checkpoints,
+    write_manifest,
+)
 from training.config import ConfigError, TrainConfig
-from training.guard import Guard
+from training.guard import Guard, weights_finite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +79,20 @@ def poison(data_dir: Path, out: Path, steps: range) -> Path:
         found += len(hits)
         entry["sha256"] = write_shard(out / entry["file"], tokens)
     assert found == len(wanted), "every chunk of the window was found and replaced"
-    write_manifest(out, manifest)
+    write_data_manifest(out, manifest)
     return out
+
+
+def nan_checkpoint(source: Path, folder: Path, step: int) -> Path:
+    """A copy of checkpoint `source` as step `step` whose weights are all NaN, its manifest rewritten."""
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: torch.full_like(t, math.nan) for name, t in weights.items()}, folder / "model.safetensors")
+    state = json.loads((folder / STATE_FILE).read_text())
+    state.update(step=step, tokens=step * state["settings"]["total_batch_size"])
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    write_manifest(folder, step)
+    return folder
 
 
 def test_the_guard_judges_non_finite_steps_and_spikes():
@@ -116,6 +137,15 @@ def test_an_absurd_learning_rate_never_reaches_the_weights_and_stops_with_status
     for path in (out / "checkpoints" / "step_000004", out / "hf", out / "hf-gpt2"):
         assert all_finite(path / "model.safetensors")
     assert json.loads((out / "hf" / "export.json").read_text())["step"] == 4
+
+    # A checkpoint with NaN weights (as an older trainer wrote them), intact by its manifest: the
+    # rollback target stays the finite one, and pruning down to one checkpoint keeps both.
+    checkpoints = out / "checkpoints"
+    poisoned = nan_checkpoint(checkpoints / "step_000004", checkpoints / "step_000012", 12)
+    assert checkpoint_problems(poisoned) == [] and not all_finite(poisoned / "model.safetensors")
+    assert newest_finite_checkpoint(checkpoints) == checkpoints / "step_000004"
+    prune_checkpoints(checkpoints, keep=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000012"]
 
     # After each rollback the run goes on from the data after step 10: its step 5 is the step-4
     # weights on the batches of step 11, re-computed here without the trainer.
@@ -172,3 +202,13 @@ def test_two_identical_runs_roll_back_identically(spiked_runs):
 def test_a_spike_factor_of_one_or_less_is_refused():
     with pytest.raises(ConfigError, match="spike_factor must be 0 .off. or above 1"):
         TrainConfig(spike_factor=0.5)
+
+
+def test_a_single_nan_weight_makes_the_model_not_finite():
+    """What `save` asks before it writes a checkpoint or an export."""
+    model = GPT2ScratchForCausalLM(TrainConfig(model="cpu-nano", seq_len=SEQ_LEN).model_config())
+    one_process = SimpleNamespace(num_processes=1)
+    assert weights_finite(model, one_process)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[3] = math.inf
+    assert not weights_finite(model, one_process)

@@ -149,11 +149,16 @@ def local_files(folder: Path) -> list[tuple[str, Path]]:
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, and never the newest one with finite weights (one
+    written by an older trainer may hold NaN; the guard rolls back to the newest finite one)."""
     if keep <= 0:
         return
     complete = complete_checkpoints(checkpoints)
-    for step in sorted(complete)[:-keep]:  # by step number: step_1000000 sorts before step_999999 by name
-        shutil.rmtree(complete[step])
+    steps = sorted(complete)  # by step number: step_1000000 sorts before step_999999 by name
+    newest_finite = next((step for step in reversed(steps) if saved_weights_finite(complete[step])), None)
+    for step in steps[:-keep]:
+        if step != newest_finite:
+            shutil.rmtree(complete[step])
 
 
 # ----------------------------------------------------------------------------------------------
