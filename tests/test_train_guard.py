@@ -7,7 +7,9 @@ keeps diverging stops with one `error:` line and exit status 3."""
 
 import json
 import math
+import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from trainer_runs import nano_args, records, run_cli, train_in_process
+from trainer_runs import ROOT, nano_args, records, run_cli, train_in_process
 
 from data_prep.shards import load_tokens, read_manifest, write_shard
 from data_prep.shards import write_manifest as write_data_manifest
@@ -107,12 +109,33 @@ def test_the_guard_judges_non_finite_steps_and_spikes():
     assert guard.judge(4.2, 1.0) is None and guard.streak == 0
 
 
-def test_an_absurd_learning_rate_never_reaches_the_weights_and_stops_with_status_3(data_dir, tmp_path):
-    # Without the guard this run logged NaN from step 13 on, saved and exported NaN weights, pruned the
-    # last finite checkpoint and exited 0. Spike detection off: here the overflow is what is checked.
-    out = tmp_path / "lr50"
-    argv = nano_args(data_dir, out, max_lr=50, spike_factor=0, max_bad_steps=3, max_rollbacks=2, num_samples=0)
-    done = run_cli(argv)
+ABSURD_LR = dict(max_lr=50, spike_factor=0, max_bad_steps=3, max_rollbacks=2, num_samples=0)
+
+
+@pytest.fixture(scope="module")
+def absurd_lr(data_dir, tmp_path_factory):
+    """`--max_lr 50`, one process. Without the guard this run logged NaN from step 13 on, saved and
+    exported NaN weights, pruned the last finite checkpoint and exited 0. Spike detection is off: here
+    the overflow is what is checked."""
+    out = tmp_path_factory.mktemp("lr50") / "run"
+    return out, run_cli(nano_args(data_dir, out, **ABSURD_LR))
+
+
+def test_two_processes_skip_and_roll_back_together_as_one_does(absurd_lr, data_dir, tmp_path):
+    """Every rank takes the same decisions (the loss and norm are reduced first): two DDP processes log
+    the very records of one process, skips and rollbacks included, and each rank stops with status 3."""
+    out, one = tmp_path / "two", absurd_lr[0]
+    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    done = run_cli(nano_args(data_dir, out, **ABSURD_LR, val_batches=1), launcher=launcher)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: training diverged")]
+    assert len(errors) == 2 and re.search(r"exitcode\s*:\s*3\b", done.stderr)  # as torchrun reports it
+    assert without_timing(out) == without_timing(one)
+
+
+def test_an_absurd_learning_rate_never_reaches_the_weights_and_stops_with_status_3(absurd_lr, data_dir):
+    out, done = absurd_lr
     assert done.returncode == 3, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training diverged: 3 bad steps in a row up to step 10")
