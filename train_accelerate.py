@@ -45,6 +45,7 @@ from eval.hellaswag import HellaSwagDataError
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import UserError, remote
 from training.checkpoints import (
+    CheckpointError,
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
@@ -259,6 +260,7 @@ def save(run: Run, upload: bool = True) -> Path:
             f"the weights at step {step} are not all finite: not saved, exported or pushed; the newest "
             f"checkpoint in {run.paths.checkpoints} is the last good state (resume it with a lower --max_lr)"
         )
+    run.state.guard = run.guard.state_dict()
     checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
     if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
         export_model(acc, run.model, run.paths.out_dir, step)
@@ -402,6 +404,10 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
+        try:
+            run.guard.load_state_dict(state.guard)
+        except ValueError as err:
+            raise CheckpointError(f"{checkpoint}/train_state.json: {err}") from err
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(config, accelerator)
     if accelerator.is_main_process:

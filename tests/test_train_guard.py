@@ -108,6 +108,13 @@ def test_the_guard_judges_non_finite_steps_and_spikes():
     assert guard.judge(math.nan, 1.0) == {"skipped": "non-finite loss"} and guard.streak == 3
     assert guard.judge(4.2, 1.0) is None and guard.streak == 0
 
+    restored = Guard(TrainConfig(spike_factor=2.0, spike_window=4, max_bad_steps=2))
+    restored.load_state_dict(json.loads(json.dumps(guard.state_dict())))  # as train_state.json keeps it
+    assert restored.state_dict() == guard.state_dict() and restored.judge(9.5, 1.0) == guard.judge(9.5, 1.0)
+    for bad in ({**guard.state_dict(), "recent": [1.0, "x"]}, {**guard.state_dict(), "skipped": -1}):
+        with pytest.raises(ValueError, match="guard: "):
+            restored.load_state_dict(bad)
+
 
 ABSURD_LR = dict(max_lr=50, spike_factor=0, max_bad_steps=3, max_rollbacks=2, num_samples=0)
 
@@ -180,13 +187,15 @@ def test_an_absurd_learning_rate_never_reaches_the_weights_and_stops_with_status
     assert first_after["step"] == 5 and first_after["train/loss"] == pytest.approx(float(sum(losses) / 2), rel=1e-5)
 
 
+SPIKED = dict(max_lr=0.03, max_steps=24, spike_factor=1.3, spike_window=8, max_bad_steps=3, keep_checkpoints=0)
+
+
 @pytest.fixture(scope="module")
 def spiked_runs(data_dir, tmp_path_factory):
     """Two identical runs over data whose steps 17 to 19 are tokens never seen before."""
     tmp = tmp_path_factory.mktemp("spike")
     poisoned = poison(data_dir, tmp / "data", range(17, 20))
-    settings = dict(max_lr=0.03, max_steps=24, spike_factor=1.3, spike_window=8, max_bad_steps=3, keep_checkpoints=0)
-    summaries = [train_in_process(nano_args(poisoned, tmp / name, **settings)) for name in ("first", "second")]
+    summaries = [train_in_process(nano_args(poisoned, tmp / name, **SPIKED)) for name in ("first", "second")]
     return tmp, poisoned, summaries
 
 
@@ -235,3 +244,13 @@ def test_a_single_nan_weight_makes_the_model_not_finite():
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.bias[3] = math.inf
     assert not weights_finite(model, one_process)
+
+
+def test_a_run_stopped_before_the_spikes_and_resumed_rolls_back_the_same(spiked_runs):
+    """The guard's recent losses and counts are in the checkpoint: resumed at step 16, the run judges
+    steps 17 to 19 as spikes from the same median and rolls back as the uninterrupted run did."""
+    tmp, poisoned, _ = spiked_runs
+    out = tmp / "resumed"
+    train_in_process(nano_args(poisoned, out, **SPIKED, stop_at_step=16))
+    train_in_process(nano_args(poisoned, out, **SPIKED, resume="auto"))
+    assert without_timing(out) == without_timing(tmp / "first")

@@ -77,6 +77,7 @@ class TrainState:
         self.step = 0
         self.tokens = 0
         self.rollbacks = 0  # by the divergence guard (training.guard), over the whole run
+        self.guard: dict = {}  # the guard's recent losses and counts (`Guard.state_dict`)
 
     def state_dict(self) -> dict:
         return {
@@ -84,12 +85,14 @@ class TrainState:
             "tokens": self.tokens,
             "loader": self.loader.state_dict(),
             "rollbacks": self.rollbacks,
+            "guard": self.guard,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.loader.load_state_dict(state["loader"])
         self.rollbacks = int(state.get("rollbacks", 0))
+        self.guard = dict(state.get("guard", {}))
 
 
 def run_settings(config: TrainConfig, data_fingerprint: str, processes: int) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class Guard:
         self.max_rollbacks = config.max_rollbacks
         self.recent: deque[float] = deque(maxlen=config.spike_window)
         self.streak = 0  # bad steps in a row
-        self.skipped = 0  # updates skipped by this launch
+        self.skipped = 0  # updates skipped, over the whole run
         self.spikes = 0
 
     def judge(self, loss: float, grad_norm: float) -> dict[str, float | str] | None:
@@ -69,6 +69,23 @@ class Guard:
         self.streak = 0
         self.recent.append(loss)
         return None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (in train_state.json), so that a resumed run judges as this one would."""
+        return {"recent": list(self.recent), "streak": self.streak, "skipped": self.skipped, "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; an empty one (a checkpoint from before the guard) changes nothing."""
+        if not state:
+            return
+        recent, counts = state.get("recent"), [state.get(key) for key in ("streak", "skipped", "spikes")]
+        if not isinstance(recent, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in recent):
+            raise ValueError(f"guard: recent losses must be finite numbers, got {recent!r}")
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ValueError(f"guard: counts must be non-negative integers, got {counts!r}")
+        self.recent.clear()
+        self.recent.extend(recent)
+        self.streak, self.skipped, self.spikes = counts
 
     @property
     def must_roll_back(self) -> bool:
