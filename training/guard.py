@@ -94,7 +94,8 @@ class Guard:
 
 def weights_finite(model: torch.nn.Module, accelerator: Accelerator) -> bool:
     """Whether every weight is finite, on every rank (each checks its own shard under FSDP)."""
-    bad = sum(int(not torch.isfinite(p).all()) for p in model.parameters())
+    shards = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())  # FSDP2: DTensors
+    bad = sum(int(not torch.isfinite(shard).all()) for shard in shards)
     if accelerator.num_processes == 1:
         return bad == 0
     flag = torch.tensor(float(bad), device=accelerator.device)

@@ -31,6 +31,8 @@ def train_step(
             accelerator.backward(loss)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 may return the norm as a (replicated) DTensor
+        grad_norm = grad_norm.full_tensor()
     loss = accelerator.reduce(loss_sum / accelerator.gradient_accumulation_steps, reduction="mean")
     if bool(torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm))):
         optimizer.step()
