@@ -29,20 +29,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import remote
 from training.checkpoints import (
+    CheckpointError,
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
@@ -50,14 +53,15 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import ConfigError, TrainConfig, parse_config, tracker_names
+from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
 from training.export import export_model, exported_step
+from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, push_export
 from training.memory import check_training_fits
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.model_card import write_model_cards
-from training.processes import StopRequest, on_main_process
+from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
 from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
 from training.step import train_step
@@ -81,6 +85,13 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
         dynamo_backend="inductor" if config.compile else None,
     )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead
+        raise ConfigError(
+            f"this launch asks for FSDP, but Accelerate runs FSDP only on GPUs (and other accelerators): here it "
+            f"would train with {accelerator.distributed_type.value} and write unsharded checkpoints; on CPU launch "
+            "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
+        )
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True
@@ -111,11 +122,14 @@ class Run:
     meter: Meter
     settings: dict[str, Any]  # what a checkpoint must be resumed with (training.checkpoints.run_settings)
     manifest: dict  # the data's manifest.json: the model card names the data by it
+    guard: Guard  # skipped updates, spikes and rollbacks (training/guard.py)
     hellaswag: list[dict] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     first_loss: float | None = None
     last_loss: float | None = None
     uploader: remote.CheckpointUploader | None = None  # uploads to checkpoint_remote (main process only)
+    started: float = field(default_factory=time.monotonic)  # when the launch began, for time_limit
+    requeue: bool = False  # stopped by time_limit or SIGUSR1: unfinished, to be resumed
 
     @property
     def unwrapped(self) -> GPT2ScratchForCausalLM:
@@ -144,11 +158,15 @@ def log_metrics(run: Run, metrics: dict[str, float]) -> None:
     logger.info("step %d | %s", run.state.step, " | ".join(f"{k} {format_value(k, v)}" for k, v in metrics.items()))
 
 
-def log_train(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-    loss_value = loss.item()
-    run.first_loss = loss_value if run.first_loss is None else run.first_loss
-    run.last_loss = loss_value
-    log_metrics(run, {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), **run.meter.lap()})
+def log_train(run: Run, loss: float, grad_norm: float, lr: float, problem: dict | None = None) -> None:
+    """A training record; a NaN or infinite loss or norm is left out (JSON has no such numbers) and the
+    guard's finding (`skipped`, `spike`) and count of skipped updates are in."""
+    if math.isfinite(loss):
+        run.first_loss = loss if run.first_loss is None else run.first_loss
+        run.last_loss = loss
+    values = {name: v for name, v in (("train/loss", loss), ("grad_norm", grad_norm)) if math.isfinite(v)}
+    guard = {**(problem or {}), "skipped_steps": run.guard.skipped}
+    log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap()})
 
 
 def load_hellaswag(config: TrainConfig, accelerator: Accelerator) -> list[dict] | None:
@@ -243,6 +261,12 @@ def save(run: Run, upload: bool = True) -> Path:
     step already: a relaunched finished run rebuilds only a missing or stale export), and (with
     `upload` and checkpoint_remote) queue both for the background upload."""
     acc, c, step = run.accelerator, run.config, run.state.step
+    if not weights_finite(run.model, acc):  # never reached while train_step skips non-finite updates
+        raise DivergedError(
+            f"the weights at step {step} are not all finite: not saved, exported or pushed; the newest "
+            f"checkpoint in {run.paths.checkpoints} is the last good state (resume it with a lower --max_lr)"
+        )
+    run.state.guard = run.guard.state_dict()
     checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
     if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
         export_model(acc, run.model, run.paths.out_dir, step)
@@ -263,26 +287,37 @@ def train(run: Run) -> bool:
     c, state = run.config, run.state
     end = c.stop_at_step or c.max_steps
     bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=not run.accelerator.is_main_process)
-    with StopRequest() as stop, bar, logging_redirect_tqdm([logger]):
+    limit = parse_duration(c.time_limit) if c.time_limit else None
+    with StopRequest(limit, run.started) as stop, bar, logging_redirect_tqdm([logger]):
         if state.step == 0:
             evaluate(run)  # the loss of the untrained model starts the curve
         while state.step < end:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
             loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            loss, grad_norm = loss.item(), float(grad_norm)
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
-            if state.step % c.log_interval == 0:
-                log_train(run, loss, grad_norm, lr)
+            problem = run.guard.judge(loss, grad_norm)
+            if problem is not None or state.step % c.log_interval == 0:
+                log_train(run, loss, grad_norm, lr, problem)
             bar.update()
+            if run.guard.must_roll_back:
+                why = problem.get("skipped") or f"loss {loss:.4g}, {problem['spike']:.1f}x the recent median"
+                log_metrics(run, roll_back(run.accelerator, run.paths.checkpoints, state, run.guard, why))
+                bar.n = state.step
+                run.meter.restart()
+                continue
             if state.step % c.eval_interval == 0 or state.step == c.max_steps:
                 evaluate(run)
                 run.meter.restart()  # evaluation time is not training throughput
-            if state.step % c.save_interval == 0 and state.step < end:  # finish() saves the last step
+            if state.step % c.save_interval == 0 and state.step < end and not run.guard.streak:
+                # finish() saves the last step; during a bad streak the save waits (see training/guard.py)
                 save(run)
                 run.meter.restart()
             if stop.requested(run.accelerator):
+                run.requeue = stop.requeue and state.step < c.max_steps
                 break
     return state.step >= c.max_steps
 
@@ -309,6 +344,7 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
         "step": run.state.step,
         "tokens": run.state.tokens,
         "complete": complete,
+        "requeue": run.requeue,
         "first_train_loss": run.first_loss,
         "last_train_loss": run.last_loss,
         **run.last_eval,
@@ -335,6 +371,7 @@ def setup_logging(accelerator: Accelerator) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
     config = parse_config(argv)
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
@@ -344,12 +381,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lock = RunLock(paths.lock)  # held by the main process for the whole run
     on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
-        return run_training(config, accelerator, paths)
+        return run_training(config, accelerator, paths, started)
     finally:
         lock.release()
 
 
-def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths) -> dict[str, Any]:
+def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths, started: float) -> dict[str, Any]:
     check_training_fits(config.model_config(), accelerator)  # a model too large: one line now, not an OOM later
     store = remote.preflight_remote(config, accelerator)
     preflight_hub(config, accelerator)
@@ -374,11 +411,17 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths)
     state = TrainState(build_loader(config, accelerator))
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
-    run = Run(config, accelerator, paths, model, optimizer, state, meter, settings, manifest)
+    run = Run(
+        config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config), started=started
+    )
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last, run_id)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
+        try:
+            run.guard.load_state_dict(state.guard)
+        except ValueError as err:
+            raise CheckpointError(f"{checkpoint}/train_state.json: {err}") from err
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(config, accelerator)
     if accelerator.is_main_process:
@@ -405,5 +448,11 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
     }
 
 
+def command(argv: list[str] | None = None) -> int:
+    """The command line's exit status: 0, or REQUEUE_STATUS when the run checkpointed before a time limit
+    (the scheduler should run it again). Errors go through `run_command`: a DivergedError exits 3."""
+    return REQUEUE_STATUS if main(argv)["requeue"] else 0
+
+
 if __name__ == "__main__":
-    run_command(main)
+    run_command(command)

@@ -12,7 +12,10 @@ from typing import Any, NoReturn
 class UserError(Exception):
     """An error in what the user gave (a config value, a file, a URL, an account): a command prints it
     as one `error:` line and exits with status 2, never as a traceback. Subclasses exist only where a
-    caller tells them apart (a remote store that fails, HellaSwag data that is missing, ...)."""
+    caller tells them apart (a remote store that fails, HellaSwag data that is missing, ...); one whose
+    outcome a script must tell apart sets its own `exit_status` (a diverged training run: 3)."""
+
+    exit_status = 2
 
 
 def check_at_least(values: dict[str, int | float], minimums: dict[str, int]) -> None:
@@ -24,12 +27,12 @@ def check_at_least(values: dict[str, int | float], minimums: dict[str, int]) -> 
 
 def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> NoReturn:
     """Run a command's `main(argv)` and exit: a `UserError` is one `error: ...` line on stderr and exit
-    status 2; anything else is a bug and keeps its traceback (Python's exit status 1). A `main` that
-    returns an int exits with it; any other result is success."""
+    status 2 (or the error's own `exit_status`); anything else is a bug and keeps its traceback (Python's
+    exit status 1). A `main` that returns an int exits with it; any other result is success."""
     try:
         result = main(argv)
     except UserError as err:
         message = str(err).replace("\n", " ")
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_status)
     sys.exit(result if type(result) is int else 0)

@@ -87,9 +87,13 @@ class ShardLoader:
         shuffle: bool = True,
         verify: bool = True,
         vocab_size: int | None = None,
+        sequences_per_step: int | None = None,
     ) -> None:
         """`verify` checks each shard's sha256 against the manifest the first time it is used, and with
-        `vocab_size` that its token ids are below it."""
+        `vocab_size` that its token ids are below it. `sequences_per_step` (a multiple of batch_size x
+        world_size; default: one global batch) is what one optimizer step takes over all ranks and
+        micro-steps: epochs end on a whole step, so the order of steps is the same on any number of
+        processes and a position can be resumed with another world size."""
         check_batch_shape(batch_size, seq_len, rank, world_size)
         self.data_dir = Path(data_dir)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
@@ -101,7 +105,14 @@ class ShardLoader:
             check_shard(self.data_dir, entry, verify_hash=False)
         self.chunks_per_shard = np.array([num_chunks(e["tokens"], seq_len) for e in self.entries], dtype=np.int64)
         self.global_batch = batch_size * world_size
-        self.batches_per_epoch = int(self.chunks_per_shard.sum()) // self.global_batch
+        self.sequences_per_step = sequences_per_step or self.global_batch
+        if self.sequences_per_step % self.global_batch:
+            raise ValueError(
+                f"sequences_per_step ({self.sequences_per_step}) must be a multiple of batch_size x world_size "
+                f"({self.global_batch})"
+            )
+        steps_per_epoch = int(self.chunks_per_shard.sum()) // self.sequences_per_step
+        self.batches_per_epoch = steps_per_epoch * (self.sequences_per_step // self.global_batch)
         if self.batches_per_epoch == 0:
             raise DataPrepError(
                 f"the {split!r} split of {self.data_dir} has {int(self.chunks_per_shard.sum())} chunks of "
@@ -174,6 +185,7 @@ class ShardLoader:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "sequences_per_step": self.sequences_per_step,
             "epoch": self.epoch,
             "chunks_done": self.batch_index * self.global_batch,
         }
@@ -182,8 +194,10 @@ class ShardLoader:
         """Continue exactly where `state` was taken.
 
         Changing the world size is exact as long as batch_size x world_size stays the same (the
-        global batches are unchanged, only split differently); any other change of shape, seed,
-        split or data is refused, naming the saved and current values.
+        global batches are unchanged, only split differently), or `sequences_per_step` stays the same
+        and the position is on a whole global batch of this loader (then each step's sequences are
+        the same, in other micro-batches); any other change of shape, seed, split or data is refused,
+        naming the saved and current values.
         """
         if state.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(f"loader state format_version {state.get('format_version')!r}, expected 1")
@@ -200,11 +214,14 @@ class ShardLoader:
                     f"cannot resume: the saved loader state has {what} {state[key]!r}, this loader {mine!r}"
                 )
         saved_global = state["batch_size"] * state["world_size"]
-        if saved_global != self.global_batch:
+        same_steps = state.get("sequences_per_step") == self.sequences_per_step
+        regrouped = same_steps and state["chunks_done"] % self.global_batch == 0  # other micro-batches, same steps
+        if saved_global != self.global_batch and not regrouped:
             raise ValueError(
                 f"cannot resume exactly: saved batch_size {state['batch_size']} x world_size {state['world_size']} = "
-                f"{saved_global} sequences per step, now batch_size {self.batch_size} x world_size "
-                f"{self.world_size} = {self.global_batch}; keep the product the same (e.g. adjust batch_size)"
+                f"{saved_global} sequences per micro-step, now batch_size {self.batch_size} x world_size "
+                f"{self.world_size} = {self.global_batch}; keep the product the same (e.g. adjust batch_size), or "
+                "keep sequences_per_step"
             )
         self._set_epoch(int(state["epoch"]))
         self.batch_index = int(state["chunks_done"]) // self.global_batch

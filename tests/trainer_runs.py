@@ -88,3 +88,18 @@ def wait_for_step(out_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
             proc.kill()
             pytest.fail(f"no step {step} within {timeout}s")
         time.sleep(0.02)
+
+
+def run_cli(
+    argv: list[str], timeout: float = 300, launcher: list[str] | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The trainer as a user runs it, to its end: `python train_accelerate.py ARGV`, or after `launcher`
+    (e.g. `accelerate launch` and its flags) in its place; `env` adds to the environment."""
+    return subprocess.run(
+        [*(launcher or [sys.executable]), str(ROOT / "train_accelerate.py"), *argv],
+        cwd=ROOT,
+        env={**ONE_THREAD, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

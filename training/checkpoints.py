@@ -87,13 +87,23 @@ class TrainState:
         self.loader = loader
         self.step = 0
         self.tokens = 0
+        self.rollbacks = 0  # by the divergence guard (training.guard), over the whole run
+        self.guard: dict = {}  # the guard's recent losses and counts (`Guard.state_dict`)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict()}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loader": self.loader.state_dict(),
+            "rollbacks": self.rollbacks,
+            "guard": self.guard,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.loader.load_state_dict(state["loader"])
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.guard = dict(state.get("guard", {}))
 
 
 def run_settings(
@@ -160,11 +170,16 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, and never the newest one with finite weights (one
+    written by an older trainer may hold NaN; the guard rolls back to the newest finite one)."""
     if keep <= 0:
         return
     complete = complete_checkpoints(checkpoints)
-    for step in sorted(complete)[:-keep]:  # by step number: step_1000000 sorts before step_999999 by name
-        shutil.rmtree(complete[step])
+    steps = sorted(complete)  # by step number: step_1000000 sorts before step_999999 by name
+    newest_finite = next((step for step in reversed(steps) if saved_weights_finite(complete[step])), None)
+    for step in steps[:-keep]:
+        if step != newest_finite:
+            shutil.rmtree(complete[step])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +332,10 @@ def check_resumable(folder: Path, settings: dict[str, Any]) -> None:
     problems = checkpoint_problems(folder)
     if problems:
         raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
-    changes = settings_changes(read_train_state(folder).get("settings", {}), settings)
+    saved = read_train_state(folder).get("settings", {})
+    changes = settings_changes(saved, {name: value for name, value in settings.items() if name != "processes"})
+    if not changes and (problem := process_count_problem(saved, settings)):
+        changes = [problem]
     if changes:
         raise CheckpointError(
             f"cannot resume {folder} exactly, these settings changed: {'; '.join(changes)}. Resume with the old "
@@ -466,10 +484,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
     `weights_only=True`; `check_resumable` has vetted each file), then our JSON `TrainState`.
 
     Accelerate only logs (at info level) an RNG file it cannot read and goes on with other random
-    numbers, so this rank's file must be there first."""
+    numbers, so this rank's file must be there first. A rank the saving launch did not have (resumed
+    on more processes, which `process_count_problem` allows only without dropout) keeps its seeded RNG."""
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():
-        saved = read_train_state(checkpoint).get("processes")
+    saved = read_train_state(checkpoint).get("processes")
+    if not rng_file.is_file() and not (type(saved) is int and accelerator.process_index >= saved):
         raise CheckpointError(
             f"{checkpoint} has no {rng_file.name} (saved by {saved} processes, this launch has "
             f"{accelerator.num_processes}); resume with as many processes, or start a new run from its weights: "
@@ -479,11 +498,15 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # vetted, yet it does not fit
         raise CheckpointError(f"{checkpoint} does not load into this run ({type(err).__name__}: {err})") from err
-    check_rng_restored(rng_file)
+    if rng_file.is_file():  # a rank the saving launch did not have keeps its seeded RNG
+        check_rng_restored(rng_file)
     try:
         state.load_state_dict(read_train_state(checkpoint))
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{checkpoint}/{STATE_FILE}: {err}") from err
+    # Accelerate's micro-step count (restored from the RNG file) decides which micro-step syncs the
+    # gradients; on another number of processes the accumulation differs, so count it for this launch.
+    accelerator.step = state.step * accelerator.gradient_accumulation_steps
 
 
 def check_rng_restored(rng_file: Path) -> None:
@@ -530,3 +553,46 @@ def load_weights(model, folder: Path) -> None:
         raise CheckpointError(f"init_from: {path} lacks {', '.join(missing[:4])}")
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite weights (the divergence guard, training/guard.py)
+
+
+def saved_weights_finite(folder: Path) -> bool:
+    """Whether every tensor of the checkpoint's safetensors weights is finite (a sharded FSDP checkpoint
+    has none here; the trainer never writes non-finite weights, so those count as finite)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            if not all(torch.isfinite(weights.get_tensor(name)).all() for name in weights.keys()):
+                return False
+    return True
+
+
+def newest_finite_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest intact checkpoint whose weights are all finite: what the guard rolls back to."""
+    for _, folder in sorted(complete_checkpoints(checkpoints).items(), reverse=True):
+        if not checkpoint_problems(folder) and saved_weights_finite(folder):
+            return folder
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Another number of processes (elastic resume)
+
+
+def process_count_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a checkpoint saved by `saved['processes']` processes cannot be resumed exactly on
+    `current['processes']`, or None. The data order and the batch do not depend on the number of
+    processes (the loader cuts the same steps into other micro-batches, and the launch has already
+    checked that total_batch_size divides into them), but each rank draws its own dropout masks."""
+    before, now = saved.get("processes"), current.get("processes")
+    if before == now or not saved.get("dropout"):
+        return None
+    return (
+        f"processes: {before!r} -> {now!r} with dropout {saved['dropout']} (each rank draws its own dropout masks, "
+        f"so the masks would differ); resume on {before} processes"
+    )

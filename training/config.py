@@ -107,6 +107,17 @@ class TrainConfig:
     hub_format: str = arg(
         "gpt2", "what push_to_hub uploads: 'gpt2' (official GPT2LMHeadModel layout), 'scratch' (ours), 'both'"
     )
+    # divergence guard (training/guard.py)
+    spike_factor: float = arg(3.0, "a loss above this multiple of the median of the recent ones is a spike (0: off)")
+    spike_window: int = arg(20, "how many recent healthy losses the spike median is taken over")
+    max_bad_steps: int = arg(
+        5, "roll back to the newest finite checkpoint after this many bad steps (skipped or spike) in a row (0: never)"
+    )
+    max_rollbacks: int = arg(3, "rollbacks allowed; the next bad streak stops the run with exit status 3")
+    # schedulers
+    time_limit: str | None = arg(
+        None, "after this wall time (e.g. 23h50m, 90m, 45s) checkpoint and exit with status 75 to be requeued"
+    )
 
     def __post_init__(self) -> None:
         problems = list(config_problems(self))
@@ -128,6 +139,10 @@ AT_LEAST_ONE += ("save_interval", "val_batches", "sample_tokens")
 AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_samples", "weight_decay", "grad_clip")
 
 AT_LEAST_ZERO += ("remote_keep_last",)
+
+AT_LEAST_ONE += ("spike_window",)
+
+AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
 
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
@@ -180,6 +195,10 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield "init_from starts a new run and resume continues one; give only one of them"
     if c.push_to_hub and not c.hub_model_id:
         yield "push_to_hub needs hub_model_id ('user/name' or 'org/name')"
+    if c.time_limit is not None and parse_duration(c.time_limit) is None:
+        yield f"time_limit must be a duration such as 23h50m, 90m or 45s (units d, h, m, s), got {c.time_limit!r}"
+    if 0 < c.spike_factor <= 1:
+        yield f"spike_factor must be 0 (off) or above 1 (a multiple of the recent median loss), got {c.spike_factor}"
     if c.model not in PRESETS:
         yield f"model: unknown preset {c.model!r}; choose one of {', '.join(PRESETS)}"
         return
@@ -317,3 +336,19 @@ def batch_problem(c: TrainConfig, world_size: int) -> str | None:
         f"total_batch_size ({c.total_batch_size}) must be a multiple of micro_batch_size * seq_len * processes "
         f"({c.micro_batch_size} * {c.seq_len} * {world_size} = {per_micro_step}); change one of them"
     )
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration such as '23h50m', '1d2h', '90m', '45s' or '3600' (a number alone: seconds);
+    None if it is none, or zero."""
+    import re
+
+    text = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        text += "s"
+    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not match or not any(match.groups()):
+        return None
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return total if total > 0 else None

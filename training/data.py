@@ -71,4 +71,5 @@ def build_loader(config: TrainConfig, accelerator: Accelerator):
         world_size=accelerator.num_processes,
         seed=config.seed,
         vocab_size=config.model_config().vocab_size,
+        sequences_per_step=config.total_batch_size // config.seq_len,  # epochs end on a whole step, for any W
     )

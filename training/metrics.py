@@ -113,7 +113,9 @@ def keep_records_through(path: Path, step: int) -> None:
     replace_text(path, "".join(kept))  # a kill mid-rewrite leaves the old log whole, never an empty one
 
 
-def format_value(name: str, value: float) -> str:
+def format_value(name: str, value: float | int | str) -> str:
+    if isinstance(value, (str, int)):  # the guard's findings and counts
+        return str(value)
     if name == "mfu":
         return f"{100 * value:.2f}%"
     if name in ("lr",):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import typing
 from typing import Any
 
@@ -36,18 +37,27 @@ def on_main_process(accelerator: Accelerator, fn: typing.Callable[[], Any]) -> A
     return result
 
 
+# The exit status of a run stopped by its time limit or SIGUSR1 (what SLURM's `--signal` sends before the
+# job's end): unfinished, checkpointed, to be requeued. EX_TEMPFAIL of sysexits.h: "try again later".
+REQUEUE_STATUS = 75
+
+
 class StopRequest:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step.
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step;
+    so do SIGUSR1 and the end of `time_limit` seconds after `started` (time.monotonic), and those two
+    ask to be requeued (`requeue`).
 
     A second signal gets the previous handler, so a stuck run can still be interrupted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, time_limit: float | None = None, started: float | None = None) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.deadline = None if time_limit is None else (started or time.monotonic()) + time_limit
+        self.requeue = False
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
@@ -61,8 +71,14 @@ class StopRequest:
         self.__exit__()
 
     def requested(self, accelerator: Accelerator) -> bool:
-        """Whether any rank got a signal; agreed on by all ranks so that they save together."""
-        if accelerator.num_processes == 1:
-            return self.signum is not None
-        flag = torch.tensor(float(self.signum is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum") > 0)
+        """Whether any rank got a signal or reached the time limit; agreed on by all ranks so that they
+        save together (and agree on `requeue`)."""
+        timed_out = self.deadline is not None and time.monotonic() >= self.deadline
+        flags = [self.signum is not None or timed_out, self.signum == signal.SIGUSR1 or timed_out]
+        if accelerator.num_processes > 1:
+            summed = accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=accelerator.device), "sum")
+            flags = [bool(f > 0) for f in summed.tolist()]
+        if timed_out and self.signum is None:
+            logger.warning("time_limit reached: saving a checkpoint after this step")
+        self.requeue = flags[1]
+        return flags[0]

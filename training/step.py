@@ -1,4 +1,5 @@
-"""One optimizer step of the hand-written loop: accumulate gradients over micro-batches, clip, step."""
+"""One optimizer step of the hand-written loop: accumulate gradients over micro-batches, clip, step
+(unless the loss or the gradient norm is not finite: such an update never reaches the weights)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def train_step(
     `accelerator.backward` divides each micro-batch loss by the number of micro-steps and DDP averages
     over ranks, so the gradient is that of the mean loss over the whole `total_batch_size`; gradients
     are all-reduced only on the last micro-step. Returns that mean loss and the pre-clip grad norm.
+
+    The update is skipped when either is NaN or infinite (`training.guard.finite_step` tells the caller).
+    Both are reduced over all ranks first (the loss averaged, the norm taken of all-reduced gradients),
+    so every rank sees the same two numbers and skips the same steps.
     """
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accelerator.gradient_accumulation_steps):
@@ -26,7 +31,10 @@ def train_step(
             accelerator.backward(loss)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 may return the norm as a (replicated) DTensor
+        grad_norm = grad_norm.full_tensor()
     loss = accelerator.reduce(loss_sum / accelerator.gradient_accumulation_steps, reduction="mean")
+    if bool(torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm))):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
