@@ -33,6 +33,8 @@ loss = evaluate_val_loss(model, data_dir, batch_size=2, seq_len=16, accelerator=
 result = {"world": accelerator.num_processes, "hellaswag": hs, "val_loss": loss}
 with open(f"{out_dir}/rank{accelerator.process_index}.json", "w") as f:
     json.dump(result, f)
+accelerator.wait_for_everyone()
+accelerator.end_training()  # the process group goes down before the interpreter, or gloo may abort a rank
 """
 
 

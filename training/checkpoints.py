@@ -111,9 +111,13 @@ def run_settings(
 ) -> dict[str, Any]:
     """The settings a checkpoint must be resumed with: `RESUME_FIELDS`, the training data and the number
     of processes (each rank's RNG state and share of the batch), and what val/loss is measured on (the
-    validation shards and `val_batches`), so that the curve means the same before and after a resume."""
+    validation shards and how many batches of them), so that the curve means the same before and after a
+    resume. `val_batches` counts per process, so the batches of all processes together are compared: a
+    resume on other processes with the same total measures the same val/loss (test_train_elastic
+    tests check it)."""
     fields = {name: getattr(config, name) for name in RESUME_FIELDS}
-    validation = {"val_batches": config.val_batches, "val_data": val_fingerprint} if val_fingerprint else {}
+    every_batch = config.val_batches * processes
+    validation = {"val_batches": every_batch, "val_data": val_fingerprint} if val_fingerprint else {}
     return {**fields, "data": data_fingerprint, "processes": processes, **validation}
 
 
