@@ -56,7 +56,14 @@ from training.export import export_model, exported_step, write_model_cards
 from training.hub import preflight_hub, preflight_remote, push_export
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.processes import StopRequest, on_main_process
-from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
+from training.recipe import (
+    build_optimizer,
+    check_optimizer_supported,
+    grad_accum_steps,
+    lr_at,
+    resolve_mixed_precision,
+    set_lr,
+)
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run
 from training.step import train_step
 
@@ -76,6 +83,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
         dynamo_backend="inductor" if config.compile else None,
     )
+    check_optimizer_supported(config, accelerator.distributed_type)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True

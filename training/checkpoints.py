@@ -61,7 +61,12 @@ RESUME_FIELDS = (
     "grad_clip",
     "seed",
     "mixed_precision",
+    "optimizer",
 )
+# Compared only when the run uses Muon, so that an AdamW run does not care about them.
+MUON_RESUME_FIELDS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr_fn")
+# Settings that checkpoints written before them lack, with the value those runs had.
+ADDED_SETTINGS = {"optimizer": "adamw"}
 
 
 class CheckpointError(UserError):
@@ -88,7 +93,8 @@ class TrainState:
 def run_settings(config: TrainConfig, data_fingerprint: str, processes: int) -> dict[str, Any]:
     """The settings a checkpoint must be resumed with: `RESUME_FIELDS`, the training data and the number
     of processes (each rank's RNG state and share of the batch)."""
-    fields = {name: getattr(config, name) for name in RESUME_FIELDS}
+    names = RESUME_FIELDS + (MUON_RESUME_FIELDS if config.optimizer == "muon" else ())
+    fields = {name: getattr(config, name) for name in names}
     return {**fields, "data": data_fingerprint, "processes": processes}
 
 
@@ -234,6 +240,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
+    saved = {**ADDED_SETTINGS, **saved}
     return [
         f"{name}: {saved.get(name)!r} -> {value!r}" if name != "data" else "data: other training shards"
         for name, value in current.items()
