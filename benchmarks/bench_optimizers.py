@@ -223,45 +223,22 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from accelerate import Accelerator
-
-    args = parse_args(argv)
-    torch.set_num_threads(1)  # steadier on a shared machine; the step-count results do not depend on it
-    started = datetime.datetime.now(datetime.timezone.utc)
-    accelerator = Accelerator(cpu=True)
-    runs: dict[str, dict[str, Any]] = {}
-    for lr in (float(v) for v in args.adamw_lrs.split(",")):
-        print(f"adamw lr {lr:g}", file=sys.stderr)
-        runs[f"adamw lr {lr:g}"] = {
-            "config": run_config(args, "adamw", lr),
-            **curve(args, run_config(args, "adamw", lr), accelerator),
-        }
-    best_adamw = min((n for n in runs), key=lambda n: runs[n]["final_val_loss"])
-    adamw_lr = runs[best_adamw]["config"].max_lr
-    for lr in (float(v) for v in args.muon_lrs.split(",")):
-        print(f"muon lr {lr:g} (AdamW part at {adamw_lr:g})", file=sys.stderr)
-        config = run_config(args, "muon", adamw_lr, lr)
-        runs[f"muon lr {lr:g}"] = {"config": config, **curve(args, config, accelerator)}
+def summarize(args: argparse.Namespace, runs: dict[str, dict], timing: dict, started, loads: list) -> dict[str, Any]:
+    """The report of the runs so far (written after each, so a run cut short leaves what it measured)."""
+    adamws = [n for n in runs if n.startswith("adamw")]
+    best_adamw = min(adamws, key=lambda n: runs[n]["final_val_loss"])
     target = runs[best_adamw]["final_val_loss"]
     for run in runs.values():
         run["steps_to_target"] = steps_to(target, run["steps"], run["val_loss"])
-    best_muon = min((n for n in runs if n.startswith("muon")), key=lambda n: runs[n]["final_val_loss"])
-
-    load_before = os.getloadavg()
-    timing = {}
-    if args.time_steps:
-        print(f"timing {best_adamw} against {best_muon}, alternating steps", file=sys.stderr)
-        timing = time_steps({n: runs[n]["config"] for n in (best_adamw, best_muon)}, args.time_steps)
-    adamw_steps, muon_steps = runs[best_adamw]["steps_to_target"], runs[best_muon]["steps_to_target"]
-    report = {
+    muons = [n for n in runs if n.startswith("muon")]
+    best_muon = min(muons, key=lambda n: runs[n]["final_val_loss"]) if muons else None
+    muon_steps = runs[best_muon]["steps_to_target"] if best_muon else None
+    timed = timing and best_muon in timing
+    return {
         "command": " ".join(["python", *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
-        "machine": {
-            **machine(argparse.Namespace(device="cpu")),
-            "load_average_during_timing": [load_before, os.getloadavg()],
-        },
+        "machine": {**machine(argparse.Namespace(device="cpu")), "load_average_during_timing": loads},
         "settings": vars(args),
         "tokens_per_step": args.batch_size * args.seq_len,
         "target_val_loss": target,
@@ -270,29 +247,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": {n: {k: v for k, v in run.items() if k != "config"} for n, run in runs.items()},
         "timing": timing,
         "summary": {
-            "muon_steps_ratio": muon_steps / adamw_steps if muon_steps is not None else None,
+            "muon_steps_ratio": muon_steps / runs[best_adamw]["steps_to_target"] if muon_steps else None,
             "muon_step_time_ratio": (
-                timing[best_muon]["median_step_s"] / timing[best_adamw]["median_step_s"] if timing else None
+                timing[best_muon]["median_step_s"] / timing[best_adamw]["median_step_s"] if timed else None
             ),
             "muon_peak_memory_ratio": (
-                timing[best_muon]["peak_memory_bytes"] / timing[best_adamw]["peak_memory_bytes"] if timing else None
+                timing[best_muon]["peak_memory_bytes"] / timing[best_adamw]["peak_memory_bytes"] if timed else None
             ),
         },
     }
-    out = Path(args.out)
+
+
+def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
     plot(report, out.with_suffix(".png"))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # steadier on a shared machine; the step-count results do not depend on it
+    started, out = datetime.datetime.now(datetime.timezone.utc), Path(args.out)
+    accelerator = Accelerator(cpu=True)
+    runs: dict[str, dict[str, Any]] = {}
+
+    def train_run(name: str, config: TrainConfig) -> None:
+        print(name, file=sys.stderr)
+        runs[name] = {"config": config, **curve(args, config, accelerator), "load_average_after": os.getloadavg()}
+        write(summarize(args, runs, {}, started, []), out)
+
+    for lr in (float(v) for v in args.adamw_lrs.split(",")):
+        train_run(f"adamw lr {lr:g}", run_config(args, "adamw", lr))
+    report = summarize(args, runs, {}, started, [])
+    adamw_lr = runs[report["best_adamw"]]["config"].max_lr  # the Muon runs keep it for the non-matrix params
+    for lr in (float(v) for v in args.muon_lrs.split(",")):
+        train_run(f"muon lr {lr:g}", run_config(args, "muon", adamw_lr, lr))
+    report = summarize(args, runs, {}, started, [])
+    best_adamw, best_muon = report["best_adamw"], report["best_muon"]
+    if args.time_steps and best_muon:
+        print(f"timing {best_adamw} against {best_muon}, alternating steps", file=sys.stderr)
+        load_before = os.getloadavg()
+        timing = time_steps({n: runs[n]["config"] for n in (best_adamw, best_muon)}, args.time_steps)
+        report = summarize(args, runs, timing, started, [load_before, os.getloadavg()])
+        write(report, out)
     print(table(report))
     print(json.dumps(report["summary"]))
-    if timing:
-        for name, result in timing.items():
-            print(
-                f"{name}: median step {result['median_step_s']:.3f} s, "
-                f"peak RSS {result['peak_memory_bytes'] / 2**20:.0f} MiB, "
-                f"optimizer state {result['optimizer_state_bytes'] / 2**20:.1f} MiB"
-            )
-        print(f"load average before/after timing: {load_before} / {os.getloadavg()}")
+    for name, result in report["timing"].items():
+        print(
+            f"{name}: median step {result['median_step_s']:.3f} s, "
+            f"peak RSS {result['peak_memory_bytes'] / 2**20:.0f} MiB, "
+            f"optimizer state {result['optimizer_state_bytes'] / 2**20:.1f} MiB"
+        )
+    if report["timing"]:
+        print(f"load average before/after timing: {report['machine']['load_average_during_timing']}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return report
 

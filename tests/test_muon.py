@@ -135,7 +135,7 @@ def test_muon_with_fsdp_is_refused_in_one_line_and_ddp_is_not():
 
 
 def test_resume_settings_name_the_optimizer_and_muons_own_values():
-    adamw, muon = TrainConfig(), TrainConfig(optimizer="muon")
+    adamw, muon = TrainConfig(), TrainConfig(optimizer="muon", muon_lr=0.02)
     assert settings_changes(run_settings(muon, "d", 1), run_settings(adamw, "d", 1)) == ["optimizer: 'muon' -> 'adamw'"]
     changed = run_settings(TrainConfig(optimizer="muon", muon_lr=0.05), "d", 1)
     assert settings_changes(run_settings(muon, "d", 1), changed) == ["muon_lr: 0.02 -> 0.05"]
