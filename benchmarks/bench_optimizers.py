@@ -19,6 +19,7 @@ Writes JSON and a PNG of the validation curves; prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import multiprocessing as mp
@@ -59,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-steps", type=int, default=15, help="timed steps per optimizer in part 2 (0: skip it)")
     p.add_argument("--seed", type=int, default=1337, help="initial weights and data order")
     p.add_argument("--out", default="runs/bench/bench_optimizers.json", help="JSON results; the PNG goes beside it")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the curve of a run already in --out with exactly this run's config (curves are deterministic)",
+    )
     return p.parse_args(argv)
 
 
@@ -83,6 +89,12 @@ def run_config(args: argparse.Namespace, optimizer: str, max_lr: float, muon_lr:
         report_to="none",
         **muon,
     )
+
+
+def relevant(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields a run's curve depends on: an AdamW run ignores Muon's."""
+    adamw = config.get("optimizer") == "adamw"
+    return {k: v for k, v in config.items() if not (adamw and k.startswith("muon_"))}
 
 
 def build(config: TrainConfig):
@@ -244,7 +256,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, dict], timing: dict, sta
         "target_val_loss": target,
         "best_adamw": best_adamw,
         "best_muon": best_muon,
-        "runs": {n: {k: v for k, v in run.items() if k != "config"} for n, run in runs.items()},
+        "runs": {n: {**run, "config": dataclasses.asdict(run["config"])} for n, run in runs.items()},
         "timing": timing,
         "summary": {
             "muon_steps_ratio": muon_steps / runs[best_adamw]["steps_to_target"] if muon_steps else None,
@@ -275,7 +287,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator(cpu=True)
     runs: dict[str, dict[str, Any]] = {}
 
+    done = json.loads(out.read_text())["runs"] if args.reuse and out.is_file() else {}
+
     def train_run(name: str, config: TrainConfig) -> None:
+        if relevant(done.get(name, {}).get("config", {})) == relevant(dataclasses.asdict(config)):
+            print(f"{name}: reused from {out}", file=sys.stderr)
+            runs[name] = {**done[name], "config": config}
+            return
         print(name, file=sys.stderr)
         runs[name] = {"config": config, **curve(args, config, accelerator), "load_average_after": os.getloadavg()}
         write(summarize(args, runs, {}, started, []), out)
