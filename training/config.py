@@ -69,7 +69,7 @@ class TrainConfig:
     adam_beta2: float = arg(0.95, "AdamW beta2")
     adam_eps: float = arg(1e-8, "AdamW epsilon")
     optimizer: str = arg("adamw", "'adamw' (GPT-3), or 'muon': Muon for the blocks' weight matrices, AdamW the rest")
-    muon_lr: float = arg(0.05, "Muon's peak LR; the same warmup and cosine as max_lr, which stays AdamW's")
+    muon_lr: float = arg(0.02, "Muon's peak LR; the same warmup and cosine as max_lr, which stays AdamW's")
     muon_momentum: float = arg(0.95, "Muon's (Nesterov) momentum")
     muon_weight_decay: float = arg(0.0, "Muon's decoupled weight decay (each step multiplies by 1 - lr * this)")
     muon_adjust_lr_fn: str = arg(
