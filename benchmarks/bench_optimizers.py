@@ -14,6 +14,7 @@
 Writes JSON and a PNG of the validation curves; prints a table.
 
     python benchmarks/bench_optimizers.py --data-dir data/builtin --out runs/bench/optimizers_builtin.json
+    python benchmarks/bench_optimizers.py --data-dir data/builtin --steps 100 --warmup-steps 10   # docs/training.md
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (16 x 128 = 2,048 tokens)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (the token budget)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps of linear LR warmup")
-    p.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3", help="AdamW peak LRs to sweep, comma-separated")
-    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon peak LRs to sweep, comma-separated")
+    p.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3,1.2e-2", help="AdamW peak LRs to sweep, comma-separated")
+    p.add_argument("--muon-lrs", default="0.02,0.05", help="Muon peak LRs to sweep, comma-separated")
     p.add_argument("--muon-momentum", type=float, default=TrainConfig.muon_momentum, help="Muon's momentum")
     p.add_argument("--muon-weight-decay", type=float, default=TrainConfig.muon_weight_decay, help="Muon's decay")
     p.add_argument("--muon-adjust-lr-fn", default=TrainConfig.muon_adjust_lr_fn, help="original or match_rms_adamw")
