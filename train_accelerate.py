@@ -62,7 +62,14 @@ from training.memory import check_training_fits
 from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from training.model_card import write_model_cards
 from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
-from training.recipe import build_optimizer, grad_accum_steps, lr_at, resolve_mixed_precision, set_lr
+from training.recipe import (
+    build_optimizer,
+    check_optimizer_supported,
+    grad_accum_steps,
+    lr_at,
+    resolve_mixed_precision,
+    set_lr,
+)
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
 from training.step import train_step
 from user_errors import run_command
@@ -92,6 +99,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             f"would train with {accelerator.distributed_type.value} and write unsharded checkpoints; on CPU launch "
             "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
         )
+    check_optimizer_supported(config, accelerator.distributed_type)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True

@@ -3,13 +3,11 @@ export, the Hub push (without the network), exact resume after SIGKILL, SIGTERM,
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process, wait_for_step
+from trainer_runs import launch, metric, nano_args, records, train_in_process, train_two_processes, wait_for_step
 
 from data_prep.sources import BUILTIN_NAME
 from training.checkpoints import latest_checkpoint
@@ -176,16 +174,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(data_dir, t
     train_in_process(nano_args(data_dir, tmp_path / "one", **common))
     two = tmp_path / "two"
     # val_batches counts batches per process: 2 ranks x 1 batch read the same val chunks as 1 x 2.
-    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    done = subprocess.run(
-        [*cmd, str(ROOT / "train_accelerate.py"), *nano_args(data_dir, two, **common, val_batches=1)],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    done = train_two_processes(nano_args(data_dir, two, **common, val_batches=1))
     assert done.returncode == 0, done.stderr[-3000:]
     info_one = json.loads((tmp_path / "one" / "run_info.json").read_text())
     info_two = json.loads((two / "run_info.json").read_text())

@@ -63,6 +63,20 @@ def launch(argv: list[str]) -> subprocess.Popen:
     )
 
 
+def train_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
+    """A whole run launched by `accelerate launch` with two CPU processes (gloo), to its end."""
+    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return subprocess.run(
+        [*cmd, str(ROOT / "train_accelerate.py"), *argv],
+        cwd=ROOT,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
 def records(out_dir: Path) -> list[dict]:
     """log.jsonl's records; a line still being written is left out."""
     path = Path(out_dir) / "log.jsonl"

@@ -69,7 +69,12 @@ RESUME_FIELDS = (
     "grad_clip",
     "seed",
     "mixed_precision",
+    "optimizer",
 )
+# Compared only when the run uses Muon, so that an AdamW run does not care about them.
+MUON_RESUME_FIELDS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr_fn")
+# Settings that checkpoints written before them lack, with the value those runs had.
+ADDED_SETTINGS = {"optimizer": "adamw"}
 
 # Settings that checkpoints saved before they were recorded do not hold: not compared for those.
 ADDED_LATER = ("val_batches", "val_data")
@@ -114,8 +119,9 @@ def run_settings(
     validation shards and how many batches of them), so that the curve means the same before and after a
     resume. `val_batches` counts per process, so the batches of all processes together are compared: a
     resume on other processes with the same total measures the same val/loss (test_train_elastic
-    tests check it)."""
-    fields = {name: getattr(config, name) for name in RESUME_FIELDS}
+    tests check it). Muon's settings count only for a Muon run."""
+    names = RESUME_FIELDS + (MUON_RESUME_FIELDS if config.optimizer == "muon" else ())
+    fields = {name: getattr(config, name) for name in names}
     every_batch = config.val_batches * processes
     validation = {"val_batches": every_batch, "val_data": val_fingerprint} if val_fingerprint else {}
     return {**fields, "data": data_fingerprint, "processes": processes, **validation}
@@ -324,6 +330,7 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
     other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
+    saved = {**ADDED_SETTINGS, **saved}
     return [
         other.get(name, f"{name}: {saved.get(name)!r} -> {value!r}")
         for name, value in current.items()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate.utils import LoggerType
 from huggingface_hub.errors import StrictDataclassError
@@ -68,6 +69,13 @@ class TrainConfig:
     adam_beta1: float = arg(0.9, "AdamW beta1")
     adam_beta2: float = arg(0.95, "AdamW beta2")
     adam_eps: float = arg(1e-8, "AdamW epsilon")
+    optimizer: str = arg("adamw", "'adamw' (GPT-3), or 'muon': Muon for the blocks' weight matrices, AdamW the rest")
+    muon_lr: float = arg(0.02, "Muon's peak LR; the same warmup and cosine as max_lr, which stays AdamW's")
+    muon_momentum: float = arg(0.95, "Muon's (Nesterov) momentum")
+    muon_weight_decay: float = arg(0.0, "Muon's decoupled weight decay (each step multiplies by 1 - lr * this)")
+    muon_adjust_lr_fn: str = arg(
+        "original", "Muon's per-matrix LR scale: 'original' sqrt(max(1, out/in)), 'match_rms_adamw' 0.2 sqrt(max)"
+    )
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0: no clipping)")
     # evaluation
     eval_interval: int = arg(20, "steps between evaluations (val loss, HellaSwag, samples); also at the end")
@@ -131,6 +139,8 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 
 AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
 
@@ -170,6 +180,7 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
     for name in ("dropout", "adam_beta1", "adam_beta2"):
         if not 0 <= getattr(c, name) < 1:
             yield f"{name} must be in [0, 1), got {getattr(c, name)}"
+    yield from optimizer_problems(c)
     if c.mixed_precision not in PRECISIONS:
         yield f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
     trackers = {t.value for t in LoggerType} | {"none"}
@@ -211,6 +222,21 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
     if c.num_samples and c.sample_tokens >= n_positions:
         yield f"sample_tokens ({c.sample_tokens}) leaves no room for the prompt in the model's {n_positions} positions"
+
+
+def optimizer_problems(c: TrainConfig) -> Iterator[str]:
+    if c.optimizer not in OPTIMIZERS:
+        yield f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}"
+    if c.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        yield f"optimizer muon needs torch.optim.Muon (torch >= 2.9), this is torch {torch.__version__}"
+    if c.muon_lr <= 0:
+        yield f"muon_lr must be > 0, got {c.muon_lr}"
+    if not 0 <= c.muon_momentum < 1:
+        yield f"muon_momentum must be in [0, 1), got {c.muon_momentum}"
+    if c.muon_weight_decay < 0:
+        yield f"muon_weight_decay must be >= 0, got {c.muon_weight_decay}"
+    if c.muon_adjust_lr_fn not in MUON_ADJUST_LR_FNS:
+        yield f"muon_adjust_lr_fn must be one of {MUON_ADJUST_LR_FNS}, got {c.muon_adjust_lr_fn!r}"
 
 
 def tracker_names(report_to: str) -> list[str]:

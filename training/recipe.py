@@ -1,5 +1,6 @@
 """The GPT-3 recipe (Brown et al. 2020, section 2.3 and appendix B) as build-nanogpt runs it: batch
-arithmetic, the LR schedule as a pure function of the step, AdamW parameter groups, precision.
+arithmetic, the LR schedule as a pure function of the step, AdamW parameter groups, precision; and,
+with `--optimizer muon`, Muon (Jordan et al. 2024, `torch.optim.Muon`) for the blocks' weight matrices.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate.utils import DistributedType
 
 from training.config import ConfigError, TrainConfig, batch_problem
 
@@ -35,29 +37,110 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the schedule's LR `lr` (that of peak max_lr); a group with an `lr_scale` (Muon's: muon_lr / max_lr)
+    gets `lr * lr_scale`, so that it follows the same warmup and cosine from its own peak."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings (2+ dimensions), none on biases and LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)  # tied weights once
+
+
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weight matrices of every block's attention and MLP (c_attn, c_proj, c_fc, c_proj): the hidden
+    matrices Muon is for. nn.Linear stores them as (out, in), the orientation Muon's LR scale
+    sqrt(max(1, out / in)) assumes. The embeddings, the tied head, LayerNorms and biases are not here."""
+    return [
+        module.weight
+        for block in model.transformer.h
+        for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """`config.optimizer`: AdamW with the GPT-3 betas and epsilon over every parameter, or (muon) Muon over the
+    blocks' weight matrices and that AdamW over the rest, stepped as one optimizer."""
+    if config.optimizer == "adamw":
+        return adamw(param_groups(model, config.weight_decay), config, device)
+    matrices = muon_params(model)
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    muon = torch.optim.Muon(
+        [{"params": matrices, "lr_scale": config.muon_lr / config.max_lr}],
+        lr=config.muon_lr * lr_at(0, config) / config.max_lr,
+        weight_decay=config.muon_weight_decay,
+        momentum=config.muon_momentum,
+        adjust_lr_fn=config.muon_adjust_lr_fn,
+    )
+    return MuonWithAdamW(muon, adamw(decay_groups(rest, config.weight_decay), config, device))
+
+
+def adamw(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the GPT-3 betas and epsilon; the fused kernel on CUDA and on CPU (both in torch >= 2.4),
     which the benchmark measured as the faster CPU step too."""
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+        groups,
         lr=lr_at(0, config),
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
         fused=device.type in ("cuda", "cpu"),
     )
+
+
+def check_optimizer_supported(config: TrainConfig, distributed_type: DistributedType) -> None:
+    """Refuse Muon under FSDP: its Newton-Schulz step orthogonalises each whole matrix on one device, and FSDP
+    hands every rank only a shard of it."""
+    if config.optimizer == "muon" and distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "optimizer muon does not work with FSDP (Muon needs each whole weight matrix, FSDP shards them); "
+            "launch with DDP (e.g. accelerate_configs/gpu_8.yaml) or use --optimizer adamw"
+        )
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW as one optimizer, so that Accelerate prepares, steps, saves and loads them together
+    (one optimizer.bin holding both state dicts: tensors and plain values, loadable with weights_only).
+
+    Like Accelerate's own `AcceleratedOptimizer`, it wraps optimizers and holds no state of its own, so it
+    does not call `Optimizer.__init__`; `param_groups` and `state` are the two optimizers' together.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        self.defaults = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self, closure=None):
+        loss = self.adamw.step(closure)
+        self.muon.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.muon.load_state_dict(state_dict["muon"])
 
 
 def resolve_mixed_precision(setting: str) -> str:
