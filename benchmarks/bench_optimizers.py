@@ -41,6 +41,7 @@ from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.recipe import build_optimizer, lr_at, set_lr  # noqa: E402
 from training.step import train_step  # noqa: E402
+from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="take the curve of a run already in --out with exactly this run's config (curves are deterministic)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    minimums = {"--seq-len": 1, "--batch-size": 1, "--steps": 1, "--warmup-steps": 0, "--eval-interval": 1}
+    check_at_least({flag: getattr(args, flag[2:].replace("-", "_")) for flag in minimums}, minimums)
+    try:
+        args.adamw_lr_values = [float(lr) for lr in args.adamw_lrs.split(",")]
+        args.muon_lr_values = [float(lr) for lr in args.muon_lrs.split(",")]
+    except ValueError as err:
+        raise UserError(f"--adamw-lrs and --muon-lrs take comma-separated numbers ({err})") from None
+    return args
 
 
 def run_config(args: argparse.Namespace, optimizer: str, max_lr: float, muon_lr: float | None = None) -> TrainConfig:
@@ -299,11 +308,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[name] = {"config": config, **curve(args, config, accelerator), "load_average_after": os.getloadavg()}
         write(summarize(args, runs, {}, started, []), out)
 
-    for lr in (float(v) for v in args.adamw_lrs.split(",")):
+    for lr in args.adamw_lr_values:
         train_run(f"adamw lr {lr:g}", run_config(args, "adamw", lr))
     report = summarize(args, runs, {}, started, [])
     adamw_lr = runs[report["best_adamw"]]["config"].max_lr  # the Muon runs keep it for the non-matrix params
-    for lr in (float(v) for v in args.muon_lrs.split(",")):
+    for lr in args.muon_lr_values:
         train_run(f"muon lr {lr:g}", run_config(args, "muon", adamw_lr, lr))
     report = summarize(args, runs, {}, started, [])
     best_adamw, best_muon = report["best_adamw"], report["best_muon"]
@@ -328,4 +337,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

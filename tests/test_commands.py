@@ -19,6 +19,7 @@ SCRIPTS = (
     "benchmarks/bench_ladder.py",
     "benchmarks/bench_data.py",
     "benchmarks/gpu_check.py",
+    "benchmarks/bench_optimizers.py",
 )
 MODULES = (
     "data_prep",
@@ -50,6 +51,7 @@ def commands(tmp):
         "benchmarks/bench_ladder.py": (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
         "benchmarks/bench_data.py": (["--tokens", "0"], "--tokens must be >= 1, got 0"),
         "benchmarks/gpu_check.py": (["--smoke", "--only", "bogus"], "--only: unknown check(s) bogus"),
+        "benchmarks/bench_optimizers.py": (["--data-dir", missing, "--steps", "0"], "--steps must be >= 1, got 0"),
     }
 
 

@@ -16,6 +16,7 @@ from training.checkpoints import (
     CheckpointError,
     checkpoint_problems,
     latest_checkpoint,
+    optimizer_problems,
     run_settings,
     settings_changes,
 )
@@ -156,6 +157,22 @@ def test_the_checkpoint_holds_muons_momentum_as_tensors_loadable_with_weights_on
     assert sorted(tuple(b.shape) for b in buffers) == sorted([(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 2)
     assert all(b.abs().sum() > 0 for b in buffers)
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(state["adamw"]["state"][0])
+
+
+def test_a_muon_optimizer_state_with_a_damaged_part_is_damage(muon_run, tmp_path):
+    """Both parts of the saved pair are judged: Muon's with a parameter listed twice is refused by name."""
+    state = torch.load(latest_checkpoint(muon_run / "checkpoints") / "optimizer.bin", weights_only=True)
+    assert optimizer_problems_of(state, tmp_path) == []
+    groups = state["muon"]["param_groups"]
+    groups[0]["params"] = groups[0]["params"] + groups[0]["params"][:1]
+    (problem,) = optimizer_problems_of(state, tmp_path)
+    assert problem.startswith("optimizer.bin[muon] does not have the structure of an optimizer state")
+
+
+def optimizer_problems_of(state: dict, tmp_path) -> list[str]:
+    path = tmp_path / "optimizer.bin"
+    torch.save(state, path)
+    return optimizer_problems(path, "optimizer.bin")
 
 
 def test_sigkill_then_resume_auto_logs_the_same_losses(data_dir, muon_run, tmp_path):

@@ -257,14 +257,29 @@ def safetensors_problems(path: Path, rel: str) -> list[str]:
 
 def optimizer_problems(path: Path, rel: str) -> list[str]:
     """A problem when `path` (already scanned: tensors and plain values only) is not an optimizer state
-    that `load_state_dict` can take: `state` and `param_groups`, every parameter in one group once, each
-    state a dict of tensors and numbers for a parameter of a group."""
+    that `load_state_dict` can take: one optimizer's state, or a dict of named ones (`--optimizer muon`
+    saves `{"adamw": ..., "muon": ...}`, see `training.recipe.MuonWithAdamW`)."""
     import torch
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # whatever fails to load is a damaged file, never a traceback
         return [f"{rel} does not load ({type(err).__name__})"]
+    if (
+        isinstance(saved, dict)
+        and saved
+        and "param_groups" not in saved
+        and all(isinstance(part, dict) and "param_groups" in part for part in saved.values())
+    ):
+        return [problem for name, part in saved.items() for problem in one_optimizer_problems(part, f"{rel}[{name}]")]
+    return one_optimizer_problems(saved, rel)
+
+
+def one_optimizer_problems(saved: Any, rel: str) -> list[str]:
+    """`state` and `param_groups`, every parameter in one group once, each state a dict of tensors and
+    numbers for a parameter of a group."""
+    import torch
+
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     state = saved.get("state") if isinstance(saved, dict) else None
     if not (isinstance(groups, list) and groups and isinstance(state, dict)):
