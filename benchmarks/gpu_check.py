@@ -534,18 +534,15 @@ def train_command(ctx: Context, out_dir: Path, *extra: str) -> list[str]:
 
 
 def records(out_dir: Path) -> list[dict]:
-    path = out_dir / "log.jsonl"
-    found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written
-    return found
+    from training.metrics import read_records
+
+    return read_records(out_dir)
 
 
 def metric(out_dir: Path, name: str) -> dict[int, float]:
-    return {r["step"]: r[name] for r in records(out_dir) if name in r}
+    from training.metrics import logged_metric
+
+    return logged_metric(out_dir, name)
 
 
 def start_launch(command: list[str], log: Path) -> subprocess.Popen:

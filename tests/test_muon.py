@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from trainer_runs import launch, metric, nano_args, train_in_process, train_two_processes, wait_for_step
+from trainer_runs import kill_at_step, metric, nano_args, train_in_process, train_two_processes
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.checkpoints import (
@@ -177,10 +177,7 @@ def optimizer_problems_of(state: dict, tmp_path) -> list[str]:
 
 def test_sigkill_then_resume_auto_logs_the_same_losses(data_dir, muon_run, tmp_path):
     out = tmp_path / "killed"
-    proc = launch(nano_args(data_dir, out, **COMMON))
-    wait_for_step(out, proc, 6)
-    proc.kill()
-    proc.wait()
+    kill_at_step(nano_args(data_dir, out, **COMMON), out, 6)
     newest = latest_checkpoint(out / "checkpoints")
     assert newest is not None and int(newest.name[5:]) < 12, "the run was to be killed before its end"
     train_in_process(nano_args(data_dir, out, resume="auto", **COMMON))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from trainer_runs import launch, metric, nano_args, train_in_process, wait_for_step
+from trainer_runs import kill_at_step, metric, nano_args, train_in_process
 
 from training import remote as cr
 from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
@@ -274,11 +274,9 @@ def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_
     assert {"model.safetensors", "config.json", "README.md", "loss.png"} <= set(remote_files(store, store.export))
 
     remote = tmp_path / "remote"
-    proc = launch(nano_args(data_dir, tmp_path / "killed", checkpoint_remote=f"file://{remote}", **common))
     # Each save first waits for the previous upload: by step 9 (after the save at 8) step 4 is complete remotely.
-    wait_for_step(tmp_path / "killed", proc, 9)
-    proc.kill()
-    proc.wait()
+    killed = tmp_path / "killed"
+    kill_at_step(nano_args(data_dir, killed, checkpoint_remote=f"file://{remote}", **common), killed, 9)
     newest = max(cr.complete_steps(cr.open_store(f"file://{remote}")), default=None)
     assert newest is not None and newest < 16, "the run was to be killed before its end"
 

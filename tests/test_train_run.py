@@ -7,7 +7,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trainer_runs import launch, metric, nano_args, records, train_in_process, train_two_processes, wait_for_step
+from trainer_runs import (
+    kill_at_step,
+    launch,
+    metric,
+    nano_args,
+    records,
+    train_in_process,
+    train_two_processes,
+    wait_for_step,
+)
 
 from data_prep.sources import BUILTIN_NAME
 from training.checkpoints import latest_checkpoint
@@ -135,10 +144,7 @@ def test_sigkill_then_resume_auto_logs_the_same_losses(data_dir, tmp_path):
     train_in_process(nano_args(data_dir, tmp_path / "reference", **common))
 
     out = tmp_path / "killed"
-    proc = launch(nano_args(data_dir, out, **common))
-    wait_for_step(out, proc, 6)
-    proc.kill()
-    proc.wait()
+    kill_at_step(nano_args(data_dir, out, **common), out, 6)
     newest = latest_checkpoint(out / "checkpoints")
     assert newest is not None and int(newest.name[5:]) < 16, "the run was to be killed before its end"
     (out / "checkpoints" / ".tmp_step_000099").mkdir()  # a save cut short: never resumed from

@@ -1,7 +1,6 @@
 """Helpers for tests that run the trainer: the tiny run's flags, running it in this process or as a
 real launch, and reading what it logged. The `data_dir` and `one_thread` fixtures are in conftest.py."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 import train_accelerate as ta
+from training.metrics import logged_metric as metric
+from training.metrics import read_records as records  # noqa: F401  (the tests read logs through this module)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,22 +78,6 @@ def train_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-def records(out_dir: Path) -> list[dict]:
-    """log.jsonl's records; a line still being written is left out."""
-    path = Path(out_dir) / "log.jsonl"
-    found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return found
-
-
-def metric(out_dir: Path, name: str) -> dict[int, float]:
-    return {r["step"]: r[name] for r in records(out_dir) if name in r}
-
-
 def wait_for_step(out_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while max(metric(out_dir, "train/loss"), default=0) < step:
@@ -117,3 +102,11 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def kill_at_step(argv: list[str], out_dir: Path, step: int) -> None:
+    """Launch the trainer, SIGKILL it once it has logged `step`, and wait for it to be gone."""
+    proc = launch(argv)
+    wait_for_step(out_dir, proc, step)
+    proc.kill()
+    proc.wait()

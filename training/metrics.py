@@ -97,6 +97,24 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_records(out_dir: Path) -> list[dict]:
+    """A run's `log.jsonl` records, read while the run may still be writing: a line being written is
+    left out, and an absent log is no records."""
+    path = Path(out_dir) / "log.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return found
+
+
+def logged_metric(out_dir: Path, name: str) -> dict[int, float]:
+    """`name`'s value at each step that logged it (the last record of a step wins)."""
+    return {r["step"]: r[name] for r in read_records(out_dir) if name in r}
+
+
 def keep_records_through(path: Path, step: int) -> None:
     """Drop the records of steps after `step` (those of a run killed after its last checkpoint), and a
     last line that the kill cut short."""
