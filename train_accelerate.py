@@ -303,7 +303,6 @@ def train(run: Run) -> bool:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
             loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
-            loss, grad_norm = loss.item(), float(grad_norm)
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)

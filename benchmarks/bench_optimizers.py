@@ -127,7 +127,7 @@ def build(config: TrainConfig):
 def step(model, optimizer, loader, accelerator, config: TrainConfig, i: int) -> float:
     set_lr(optimizer, lr_at(i, config))
     loss, _ = train_step(model, optimizer, loader, accelerator, config.grad_clip)
-    return loss.item()
+    return loss
 
 
 def curve(args: argparse.Namespace, config: TrainConfig, accelerator) -> dict[str, Any]:

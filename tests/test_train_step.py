@@ -41,7 +41,7 @@ def one_step(base, inputs, targets, micro_batch: int, accumulation_steps: int):
     loader = ListLoader((inputs[i : i + micro_batch], targets[i : i + micro_batch]) for i in rows)
     loss, grad_norm = train_step(model, optimizer, loader, accelerator, grad_clip=1.0)
     assert not loader.batches, "train_step must consume exactly gradient_accumulation_steps micro-batches"
-    return loss.item(), grad_norm.item(), [p.detach().clone() for p in model.parameters()], synced
+    return loss, grad_norm, [p.detach().clone() for p in model.parameters()], synced
 
 
 @pytest.mark.parametrize("k", [2, 4])
