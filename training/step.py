@@ -9,9 +9,7 @@ import torch
 from accelerate import Accelerator
 
 
-def train_step(
-    model, optimizer, loader, accelerator: Accelerator, grad_clip: float
-) -> tuple[float, float]:
+def train_step(model, optimizer, loader, accelerator: Accelerator, grad_clip: float) -> tuple[float, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
     `accelerator.backward` divides each micro-batch loss by the number of micro-steps and DDP averages
