@@ -2,13 +2,15 @@
 
 Accelerate 1.15 chooses DistributedType.FSDP only for launches on accelerator devices
 (`AcceleratorState.__init__` in accelerate/state.py sets it from the MULTI_GPU/MULTI_XPU/... branch,
-never from MULTI_CPU), so an FSDP launch on CPU silently trains with DDP. This file repeats that one
-assignment for a MULTI_CPU launch that asks for FSDP, then runs the trainer unchanged:
+never from MULTI_CPU), so an FSDP launch on CPU silently trains with DDP. This file does what that
+branch does (distributed_type FSDP, the plugin with its mixed precision, and the shared PartialState's
+distributed_type, as the end of that __init__ sets it) for a MULTI_CPU launch that asks for FSDP, then
+runs the trainer unchanged:
 
     accelerate launch --config_file accelerate_configs/fsdp_8gpu.yaml --num_processes 2 \
         --mixed_precision no tests/fsdp_on_cpu.py [trainer flags]
 
-Everything else (fully_shard, the sharded checkpoints, get_state_dict) is Accelerate's own code.
+Everything else (fully_shard, the sharded checkpoints, get_state_dict) is Accelerate's and torch's own code.
 """
 
 import runpy
@@ -26,6 +28,8 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
     if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
         # what AcceleratorState.__init__ does for MULTI_GPU launches (accelerate/state.py, 1.15)
         self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
         PartialState._shared_state["distributed_type"] = self.distributed_type
 
