@@ -1,6 +1,6 @@
 """FSDP on CPU processes (gloo): a run of the tiny `cpu-nano` model sharded over 2 processes, resumed on
-1, then on 2 again, against the uninterrupted one-process run without FSDP, step for step; and its
-gathered export.
+1, then on 2 again, against the uninterrupted one-process run without FSDP, step for step and bit for
+bit; and its gathered export.
 
 Accelerate 1.15 turns FSDP on only for accelerator devices, so the trainer refuses the FSDP launcher
 config on a machine without GPUs (test_train_elastic.py). These launches go through
@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,14 +25,18 @@ from training.checkpoints import CheckpointError, sharding_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMON = dict(max_steps=8, save_interval=4, eval_interval=2, num_samples=0, keep_checkpoints=0)
-# Two FSDP ranks compute the clipped gradient norm from two halves, one rank from the whole; torch's
-# float32 norm on CPU sums into one float32 accumulator (pytorch/pytorch#169237) and is a few 1e-4 low
-# on this model's 1.6M gradients (measured against float64: 6e-4 from the whole, 3e-4 from halves), so
-# the clipping factors differ in the 4th digit. Measured over these 8 steps: losses within 1 ulp (9.5e-7
-# at 10.6), weights within 6e-6.
-LOSS_TOLERANCE = 1e-5
-SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded model: one .distcp file per rank that saved it
+# Without clipping (grad_clip 0) FSDP on 2 ranks gives the one-process run's losses and weights bit for
+# bit, as DDP does: the reduce-scatter averages (g1 + g2) / 2 exactly. With clipping they differ in the
+# last digits, because the norm it scales by is not exact: torch's float32 norm on CPU sums into one
+# float32 accumulator (pytorch/pytorch#169237) and is a few 1e-4 low on this model's 1.6M gradients
+# (measured against float64: 6e-4 from the whole, 3e-4 from the two halves FSDP's ranks hold); with
+# grad_clip 1.0, 8 steps agreed within 1 ulp (9.5e-7 at 10.6) and the weights within 6e-6.
+COMMON = dict(max_steps=8, save_interval=4, eval_interval=2, num_samples=0, keep_checkpoints=0, grad_clip=0)
+SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded model (and optimizer_0): a .distcp file per saving rank
+
+
+def shard_files(checkpoint: Path) -> list[str]:
+    return sorted(path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*.distcp"))
 
 
 def launch_fsdp(argv: list[str], processes: int) -> None:
@@ -58,9 +63,9 @@ def runs(data_dir, tmp_path_factory):
     one, fsdp = tmp / "one", tmp / "fsdp"
     train_in_process(nano_args(data_dir, one, **COMMON, val_batches=2))
     launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=1, stop_at_step=4), processes=2)
-    shards_of = {4: sorted(p.name for p in (fsdp / "checkpoints" / "step_000004" / SHARDS).glob("*.distcp"))}
+    shards_of = {4: shard_files(fsdp / "checkpoints" / "step_000004")}
     launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=2, stop_at_step=6, resume="auto"), processes=1)
-    shards_of[6] = sorted(p.name for p in (fsdp / "checkpoints" / "step_000006" / SHARDS).glob("*.distcp"))
+    shards_of[6] = shard_files(fsdp / "checkpoints" / "step_000006")
     launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=1, resume="auto"), processes=2)
     return one, fsdp, shards_of
 
@@ -70,18 +75,20 @@ def test_fsdp_resumed_on_one_process_then_two_logs_the_losses_of_the_uninterrupt
     info = json.loads((fsdp / "run_info.json").read_text())
     assert info["distributed_type"] == "DistributedType.FSDP" and info["processes"] == 2
     assert info["resumed_from"].endswith("step_000006")
-    assert shards_of == {4: ["__0_0.distcp", "__1_0.distcp"], 6: ["__0_0.distcp"]}  # 2 shards, re-sharded to 1
+    saved_by = {
+        ranks: [f"{part}/__{r}_0.distcp" for part in ("optimizer_0", SHARDS) for r in range(ranks)] for ranks in (1, 2)
+    }
+    assert shards_of == {4: saved_by[2], 6: saved_by[1]}  # model and optimizer in 2 shards, re-sharded to 1
     assert not list((fsdp / "checkpoints").glob("*/model.safetensors"))  # never an unsharded checkpoint
     for name in ("train/loss", "val/loss"):
         ours, reference = metric(fsdp, name), metric(one, name)
         assert sorted(ours) == sorted(reference) and len(ours) == (8 if name == "train/loss" else 5)
-        assert ours == pytest.approx(reference, abs=LOSS_TOLERANCE, rel=0), name
+        assert ours == reference, name
 
 
 def test_the_fsdp_export_holds_the_gathered_weights_and_loads(runs):
     """hf/ (our class) and hf-gpt2/ (transformers' own GPT-2) written from the weights gathered off two
-    FSDP ranks: the same tensors as the one-process run's export, to the tolerance above, and the
-    same logits from both folders."""
+    FSDP ranks: the very tensors of the one-process run's export, and the same logits from both folders."""
     one, fsdp, _ = runs
     assert json.loads((fsdp / "hf" / "export.json").read_text())["step"] == 8
     ours = GPT2ScratchForCausalLM.from_pretrained(fsdp / "hf").eval()
@@ -89,14 +96,11 @@ def test_the_fsdp_export_holds_the_gathered_weights_and_loads(runs):
     official = GPT2LMHeadModel.from_pretrained(fsdp / "hf-gpt2").eval()
     weights, expected = ours.state_dict(), reference.state_dict()
     assert weights.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=0, msg=name)
+    assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())
     tokens, vocab = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11, 50256, 464]]), official.config.vocab_size
     with torch.no_grad():
         logits = ours(tokens).logits[..., :vocab]  # our class keeps the padded vocabulary's rows
         torch.testing.assert_close(official(tokens).logits, logits, atol=1e-5, rtol=1e-5)
-        # measured 9e-6 from the one-process run's logits (weights within 6e-6)
-        torch.testing.assert_close(logits, reference(tokens).logits[..., :vocab], atol=1e-4, rtol=0)
 
 
 def test_an_fsdp_checkpoint_resumed_without_fsdp_is_one_line(runs, data_dir, tmp_path):
