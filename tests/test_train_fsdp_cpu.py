@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, train_in_process
 from transformers import GPT2LMHeadModel
 
@@ -37,6 +38,11 @@ SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded model (and optimizer_0):
 
 def shard_files(checkpoint: Path) -> list[str]:
     return sorted(path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*.distcp"))
+
+
+def stored_names(export: Path) -> list[str]:
+    with safe_open(export / "model.safetensors", framework="pt") as weights:
+        return sorted(weights.keys())
 
 
 def launch_fsdp(argv: list[str], processes: int) -> None:
@@ -91,6 +97,7 @@ def test_the_fsdp_export_holds_the_gathered_weights_and_loads(runs):
     FSDP ranks: the very tensors of the one-process run's export, and the same logits from both folders."""
     one, fsdp, _ = runs
     assert json.loads((fsdp / "hf" / "export.json").read_text())["step"] == 8
+    assert stored_names(fsdp / "hf") == stored_names(one / "hf")  # the tied lm_head is not stored twice
     ours = GPT2ScratchForCausalLM.from_pretrained(fsdp / "hf").eval()
     reference = GPT2ScratchForCausalLM.from_pretrained(one / "hf").eval()
     official = GPT2LMHeadModel.from_pretrained(fsdp / "hf-gpt2").eval()
