@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from accelerate.utils.constants import FSDP_MODEL_NAME
 
 from data_prep.shards import file_sha256
 from training import UserError, remote
@@ -520,6 +522,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
             f"{accelerator.num_processes}); resume with as many processes, or start a new run from its weights: "
             f"--init_from {checkpoint} --out_dir NEW_DIR"
         )
+    if problem := sharding_problem(checkpoint, accelerator.distributed_type == DistributedType.FSDP):
+        raise CheckpointError(problem)
     try:
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # vetted, yet it does not fit
@@ -533,6 +537,25 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainStat
     # Accelerate's micro-step count (restored from the RNG file) decides which micro-step syncs the
     # gradients; on another number of processes the accumulation differs, so count it for this launch.
     accelerator.step = state.step * accelerator.gradient_accumulation_steps
+
+
+def sharding_problem(checkpoint: Path, fsdp: bool) -> str | None:
+    """Why an FSDP launch (`fsdp`) or another one cannot load the model in `checkpoint`, or None. Accelerate
+    writes an FSDP model as `pytorch_model_fsdp_0` (sharded: torch.distributed.checkpoint files that FSDP
+    on any number of processes re-shards on load) and any other as `model.safetensors`; each kind of
+    launch reads only its own, and fails deep inside Accelerate on the other."""
+    sharded = any(checkpoint.glob(f"{FSDP_MODEL_NAME}_0*"))
+    if sharded == fsdp:
+        return None
+    if sharded:
+        return (
+            f"{checkpoint} holds an FSDP model ({FSDP_MODEL_NAME}_0), which only an FSDP launch reads; resume it "
+            "with the FSDP launcher config (accelerate_configs/fsdp_8gpu.yaml, any number of processes)"
+        )
+    return (
+        f"{checkpoint} holds an unsharded model (model.safetensors), which an FSDP launch does not read; resume it "
+        f"without FSDP, or start a new run from its weights: --init_from {checkpoint} --out_dir NEW_DIR"
+    )
 
 
 def check_rng_restored(rng_file: Path) -> None:

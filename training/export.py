@@ -58,6 +58,12 @@ def write_scratch_export(model, folder: Path, step: int | None, state_dict: dict
     """`save_pretrained` of our model (with its remote-code file) and the tokenizer into `folder`."""
     from data_prep.tokenizer import save_hf_tokenizer
 
+    if state_dict is not None:  # gathered FSDP weights: a copy (transformers 5's save_pretrained pops every
+        # tensor it writes out of the dict it is given) without the tied lm_head, which the gathered dict
+        # holds as a tensor of its own, so save_pretrained would write the embedding twice
+        tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
+        state_dict = {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         save_hf_tokenizer(tmp, model_max_length=model.config.n_positions)
