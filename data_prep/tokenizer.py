@@ -95,6 +95,11 @@ GPT2_CONTEXT = 1024
 SPECIAL_TOKENS = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
 
 
+# What transformers 5's `from_pretrained` on a local folder records among the tokenizer's settings:
+# how that folder was read, which `save_pretrained` would write into every export's tokenizer_config.json.
+LOADER_SETTINGS = ("is_local", "local_files_only")
+
+
 def load_hf_tokenizer(model_max_length: int = GPT2_CONTEXT):
     """The matching transformers fast tokenizer, built from the same verified files.
 
@@ -110,6 +115,8 @@ def load_hf_tokenizer(model_max_length: int = GPT2_CONTEXT):
         config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, **SPECIAL_TOKENS}
         Path(folder, "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    for how_it_was_loaded in LOADER_SETTINGS:  # not the tokenizer's: kept, save_pretrained would publish them
+        tokenizer.init_kwargs.pop(how_it_was_loaded, None)
     return tokenizer
 
 

@@ -77,6 +77,16 @@ def test_saved_tokenizer_loads_with_auto_tokenizer(tmp_path):
     assert hf.eos_token_id == tokenizer.EOT_ID
 
 
+def test_the_published_tokenizer_config_holds_no_loader_settings(tmp_path):
+    """transformers 5 records how a folder was loaded (`is_local`, `local_files_only`) among a
+    tokenizer's settings; an export pushed to the Hub must not carry them, nor pass them back to the
+    `from_pretrained` of whoever loads it."""
+    tokenizer.save_hf_tokenizer(tmp_path, model_max_length=256)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not set(tokenizer.LOADER_SETTINGS) & set(config), config
+    assert config["model_max_length"] == 256 and config["eos_token"] == tokenizer.EOT_TOKEN
+
+
 # OpenAI's GPT-2 `encoder.py`, the algorithm of transformers' slow `GPT2Tokenizer`: the regex split,
 # bytes mapped to printable characters, then the lowest-ranked merge of `merges.txt` first.
 SLOW_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
