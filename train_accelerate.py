@@ -27,6 +27,7 @@ exports, `hf/` (our class) and `hf-gpt2/` (the official GPT-2 layout), each with
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -345,6 +346,7 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
             logger.info("pushed the %s export of %s to %s", c.hub_format, paths.out_dir, url)
         queue_upload(run, checkpoint)
     acc.wait_for_everyone()
+    release_model(run)
     acc.end_training()
     summary = {
         "out_dir": str(paths.out_dir),
@@ -361,6 +363,18 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
         run.uploader.close()
         logger.info("checkpoint_remote: step_%06d is complete at %s", run.state.step, run.uploader.store.url)
     return summary
+
+
+def release_model(run: Run) -> None:
+    """Free the prepared model and optimizer while the process group is still up. DDP's Reducer holds
+    the group: freed after `end_training` has taken the group down, the Reducer is the group's last
+    holder, and its destructor joins gloo's worker threads while holding the GIL, which a worker that is
+    still freeing a finished collective's Python tensor waits for: a rank that never exits (seen in a
+    2-process test under load; pytorch/pytorch#56297). Freed first, the group's last holder is
+    `destroy_process_group`'s, whose destructor releases the GIL."""
+    run.model = run.optimizer = None
+    run.accelerator.free_memory()
+    gc.collect()  # DDP's modules sit in reference cycles
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -421,6 +435,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     run = Run(
         config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config), started=started
     )
+    del model, optimizer  # the run holds them alone, so that `finish` can let go of them (release_model)
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last, run_id)
     if checkpoint is not None:
