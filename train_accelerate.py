@@ -101,6 +101,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
         )
     check_optimizer_supported(config, accelerator.distributed_type)
+    keep_fsdp_gradients_fp32(accelerator)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True
@@ -109,6 +110,22 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             "mixed_precision=%s on CPU: fast only where the CPU has bf16 units", config.mixed_precision
         )
     return accelerator
+
+
+def keep_fsdp_gradients_fp32(accelerator: Accelerator) -> None:
+    """FSDP2 under bf16: the blocks compute with bf16 copies of the weights, as Accelerate sets it up,
+    but the gradients are reduced in float32 (and, torch's FSDP2 does it when the reduce dtype is wider,
+    accumulated over micro-steps in float32) and the model's outputs are left as it makes them.
+    Accelerate's policy reduces in bf16 and casts every output to bf16, the float32 loss included: the
+    logged train/loss was rounded to 8 bits (steps of 1/16 near 10; tests/test_train_bf16_cpu.py)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if plugin.fsdp_version == 2 and policy is not None and policy.param_dtype == torch.bfloat16:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:

@@ -11,14 +11,12 @@ runs the trainer unchanged; run_info.json and the checkpoint files show that the
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, train_in_process
+from trainer_runs import launch_fsdp, metric, nano_args, train_in_process
 from transformers import GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -43,22 +41,6 @@ def shard_files(checkpoint: Path) -> list[str]:
 def stored_names(export: Path) -> list[str]:
     with safe_open(export / "model.safetensors", framework="pt") as weights:
         return sorted(weights.keys())
-
-
-def launch_fsdp(argv: list[str], processes: int) -> None:
-    """The trainer on `processes` CPU processes with Accelerate's FSDP launcher config, to its end."""
-    config = ROOT / "accelerate_configs" / "fsdp_8gpu.yaml"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    launcher += ["--num_processes", str(processes), "--mixed_precision", "no"]
-    done = subprocess.run(
-        [*launcher, str(ROOT / "tests" / "fsdp_on_cpu.py"), *argv],
-        cwd=ROOT,
-        env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

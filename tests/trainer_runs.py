@@ -78,6 +78,23 @@ def train_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+def launch_fsdp(argv: list[str], processes: int) -> None:
+    """The trainer on `processes` CPU processes with Accelerate's FSDP launcher config, to its end
+    (tests/fsdp_on_cpu.py forces the FSDP path on CPU; the trainer's `--mixed_precision` decides)."""
+    config = ROOT / "accelerate_configs" / "fsdp_8gpu.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launcher += ["--num_processes", str(processes), "--mixed_precision", "no"]
+    done = subprocess.run(
+        [*launcher, str(ROOT / "tests" / "fsdp_on_cpu.py"), *argv],
+        cwd=ROOT,
+        env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def wait_for_step(out_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while max(metric(out_dir, "train/loss"), default=0) < step:

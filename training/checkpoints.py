@@ -27,6 +27,7 @@ from training import UserError, remote
 from training.config import ConfigError, TrainConfig
 from training.files import read_regular, remove_ours
 from training.paths import local_files, parse_step, step_name
+from training.recipe import resolve_mixed_precision
 
 logger = logging.getLogger("train")
 
@@ -124,6 +125,8 @@ def run_settings(
     tests check it). Muon's settings count only for a Muon run."""
     names = RESUME_FIELDS + (MUON_RESUME_FIELDS if config.optimizer == "muon" else ())
     fields = {name: getattr(config, name) for name in names}
+    # the precision trained in, not its spelling: 'auto' is bf16 on a GPU and fp32 on a CPU
+    fields["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)
     every_batch = config.val_batches * processes
     validation = {"val_batches": every_batch, "val_data": val_fingerprint} if val_fingerprint else {}
     return {**fields, "data": data_fingerprint, "processes": processes, **validation}
@@ -348,6 +351,8 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
     other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
     saved = {**ADDED_SETTINGS, **saved}
+    if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
+        saved["mixed_precision"] = resolve_mixed_precision("auto")
     return [
         other.get(name, f"{name}: {saved.get(name)!r} -> {value!r}")
         for name, value in current.items()
