@@ -30,7 +30,8 @@ def test_the_model_is_freed_before_the_process_group_goes_down(data_dir, tmp_pat
 
     monkeypatch.setattr(Accelerator, "prepare", recording_prepare)
     monkeypatch.setattr(Accelerator, "end_training", checking_end_training)
-    summary = train_in_process(nano_args(data_dir, tmp_path / "run", max_steps=2, warmup_steps=1, num_samples=0, save_interval=100))
+    short = dict(max_steps=2, warmup_steps=1, num_samples=0, save_interval=100)
+    summary = train_in_process(nano_args(data_dir, tmp_path / "run", **short))
 
     assert summary["complete"] and summary["step"] == 2
     assert len(prepared) == 2, "the model and the optimizer were prepared"
