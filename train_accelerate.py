@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from training.recipe import (
     build_optimizer,
     check_optimizer_supported,
     grad_accum_steps,
+    launcher_precision_note,
     lr_at,
     resolve_mixed_precision,
     set_lr,
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(argv)
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
+    note = launcher_precision_note(os.environ.get("ACCELERATE_MIXED_PRECISION"), accelerator.mixed_precision)
+    if note and accelerator.is_main_process:
+        logger.warning(note)
     paths = RunPaths(config.out_dir)
     if config.checkpoint_remote is not None:
         remote.check_apart(config.checkpoint_remote, paths.out_dir)

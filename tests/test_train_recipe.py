@@ -5,7 +5,14 @@ import torch
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.config import ConfigError, TrainConfig
-from training.recipe import build_optimizer, grad_accum_steps, lr_at, param_groups, resolve_mixed_precision
+from training.recipe import (
+    build_optimizer,
+    grad_accum_steps,
+    launcher_precision_note,
+    lr_at,
+    param_groups,
+    resolve_mixed_precision,
+)
 
 
 def test_batch_that_does_not_divide_over_processes_is_an_error():
@@ -123,3 +130,11 @@ def test_the_trainers_fused_adamw_equals_the_plain_loop_adamw():
         params[fused] = {name: p.detach().clone() for name, p in model.named_parameters()}
     for name, p in params[False].items():
         torch.testing.assert_close(params[True][name], p, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_launcher_asking_for_another_precision_is_told_what_the_run_uses():
+    """`accelerate launch --mixed_precision bf16` on a CPU trains in fp32 (the trainer's own field
+    decides): said in one warning, naming both and the flag that changes it; silent when they agree."""
+    note = launcher_precision_note("bf16", "no")
+    assert "'bf16'" in note and "trains with 'no'" in note and "--mixed_precision to train_accelerate.py" in note
+    assert launcher_precision_note("no", "no") is None and launcher_precision_note(None, "bf16") is None

@@ -143,6 +143,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
 
 
+def launcher_precision_note(launcher: str | None, resolved: str) -> str | None:
+    """What to tell a user whose launcher asked for another precision than the trainer uses: the
+    trainer's `mixed_precision` (resolved: `resolved`) overrides `accelerate launch --mixed_precision`
+    or an `accelerate config` default (`launcher`, Accelerate's ACCELERATE_MIXED_PRECISION), silently
+    otherwise: `--mixed_precision bf16` given to the launcher on a CPU would train in fp32."""
+    if not launcher or launcher == resolved:
+        return None
+    return (
+        f"the launcher asked for mixed_precision {launcher!r}, but this run trains with {resolved!r} (the trainer's "
+        f"own --mixed_precision decides; 'auto' is bf16 on a CUDA GPU that has it, else 'no'): to change it, "
+        f"pass --mixed_precision to train_accelerate.py"
+    )
+
+
 def resolve_mixed_precision(setting: str) -> str:
     """'auto' becomes bf16 on CUDA that runs it natively, else 'no': on CPUs without AVX-512 BF16 or AMX
     bf16 matmuls are emulated (~100x slower), and where they are native (measured 1.5x faster than fp32
