@@ -212,6 +212,24 @@ def test_no_card_or_config_holds_a_local_absolute_path(run):
     assert "| `init_from` | `checkpoints/step_000001` |" in card  # inside the run: relative to it
 
 
+def test_the_card_says_which_precision_auto_trained_in(run, tmp_path):
+    """`mixed_precision: auto` is bf16 on a GPU and fp32 on a CPU: the card's config table adds what
+    the run's last launch trained in (run_info.json), and shows the config as given where that record
+    is missing or is not a regular file."""
+    assert run.config.mixed_precision == "auto"
+    cases = {"bf16": "| `mixed_precision` | `auto (bf16)` |", None: "| `mixed_precision` | `auto` |"}
+    for trained, row in cases.items():
+        out_dir = tmp_path / str(trained)
+        shutil.copytree(run.out_dir, out_dir)
+        if trained:
+            (out_dir / "run_info.json").write_text(json.dumps({"processes": 1, "mixed_precision": trained}))
+        else:
+            os.mkfifo(out_dir / "run_info.json")  # refused at once, never waited on
+        write_model_cards(out_dir, run.config, run.model, HUB_MANIFEST)
+        for layout in ("hf", "hf-gpt2"):
+            assert row in (out_dir / layout / "README.md").read_text(), (trained, layout)
+
+
 def test_data_source_names_what_the_manifest_records():
     files = {"source": {"kind": "files", "files": [{"path": "/srv/me/corpus/a.jsonl", "bytes": 3}], "text_column": "t"}}
     assert data_source(files).ref == "a.jsonl" and "/srv/me" not in data_source(files).text

@@ -4,6 +4,7 @@ results), what the folder is and how to load it, the results, the data and the t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from training.export import GPT2_EXPORT, PLOTS, SCRATCH_EXPORT, read_record, write_text
-from training.files import copy_replacing
+from training.files import copy_replacing, read_regular
 from training.hub import SCRATCH_BRANCH
 
 # The model card's `license:`. GPT-2's own weights and code are MIT; set another with write_model_cards(license=).
@@ -220,6 +221,9 @@ class ModelCard:
         if not self.config:
             return []
         fields = {name: portable(value, self.out_dir) for name, value in dataclasses.asdict(self.config).items()}
+        trained = trained_precision(self.out_dir)
+        if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16 on a GPU, fp32 on a CPU
+            fields["mixed_precision"] = f"{fields['mixed_precision']} ({trained})"
         return [
             "## Training config",
             "",
@@ -230,6 +234,17 @@ class ModelCard:
             *(f"| `{name}` | `{value}` |" for name, value in fields.items()),
             "",
         ]
+
+
+def trained_precision(out_dir: Path) -> str | None:
+    """The precision the run's last launch trained in, as run_info.json records it, or None where that
+    file is missing or not ours to trust (the card then shows the config as given)."""
+    try:
+        info = json.loads(read_regular(Path(out_dir) / "run_info.json", limit=1 << 20))
+    except (OSError, ValueError):
+        return None
+    precision = info.get("mixed_precision") if isinstance(info, dict) else None
+    return precision if isinstance(precision, str) else None
 
 
 def write_model_cards(out_dir: Path, config, model, manifest: dict, license: str | None = None) -> list[Path]:
