@@ -141,6 +141,7 @@ def test_a_launch_is_killed_with_the_workers_that_left_its_process_group(tmp_pat
     )
     proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, start_new_session=True)
     worker = psutil.Process(int(proc.stdout.readline()))
+    proc.stdout.close()
     assert worker.is_running() and os.getpgid(worker.pid) != os.getpgid(proc.pid)  # outside the launcher's group
     gpu_check.kill_group(proc)
     assert proc.returncode == -9
