@@ -107,7 +107,8 @@ def test_smoke_runs_every_check_without_datasets_evaluate_or_the_editable_instal
         if c["ok"] is None:  # skipped: never counted as passed, and says why
             assert c["detail"].startswith("skipped: ") and len(c["detail"]) > len("skipped: ") + 10
     cpu = not torch.cuda.is_available()
-    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32"} if cpu else set())  # TF32 needs CUDA
+    # TF32 needs CUDA; Accelerate runs FSDP only on accelerators (test_gpu_check_fsdp.py tests the check's parts)
+    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32", "fsdp"} if cpu else set())
     assert report["finished"] and report["running"] is None and report["smoke"]
     assert report["versions"]["datasets"] is None and report["versions"]["evaluate"] is None  # seen inside
     assert "absent: datasets, evaluate" in checks[0]["detail"]
