@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,8 +366,7 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
             logger.info("pushed the %s export of %s to %s", c.hub_format, paths.out_dir, url)
         queue_upload(run, checkpoint)
     acc.wait_for_everyone()
-    release_model(run)
-    acc.end_training()
+    shut_down(run)
     summary = {
         "out_dir": str(paths.out_dir),
         "step": run.state.step,
@@ -384,16 +384,18 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
     return summary
 
 
-def release_model(run: Run) -> None:
-    """Free the prepared model and optimizer while the process group is still up. DDP's Reducer holds
-    the group: freed after `end_training` has taken the group down, the Reducer is the group's last
-    holder, and its destructor joins gloo's worker threads while holding the GIL, which a worker that is
-    still freeing a finished collective's Python tensor waits for: a rank that never exits (seen in a
-    2-process test under load; pytorch/pytorch#56297). Freed first, the group's last holder is
-    `destroy_process_group`'s, whose destructor releases the GIL."""
+def shut_down(run: Run) -> None:
+    """End the run's distributed part: free the prepared model and optimizer, then `end_training`
+    (trackers, the process group). In that order: DDP's Reducer holds the group, and freed after
+    `end_training` has taken the group down it is the group's last holder, whose destructor joins
+    gloo's worker threads while holding the GIL, which a worker still freeing a finished collective's
+    Python tensor waits for: a rank that never exits (seen in a 2-process test under load;
+    pytorch/pytorch#56297). Freed first, the group's last holder is `destroy_process_group`'s, whose
+    destructor releases the GIL. Safe to call twice."""
     run.model = run.optimizer = None
     run.accelerator.free_memory()
     gc.collect()  # DDP's modules sit in reference cycles
+    run.accelerator.end_training()
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -457,9 +459,20 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     run = Run(
         config, accelerator, paths, model, optimizer, state, meter, settings, manifest, Guard(config), started=started
     )
-    del model, optimizer  # the run holds them alone, so that `finish` can let go of them (release_model)
+    del model, optimizer  # the run holds them alone, so that `shut_down` can let go of them
     if store is not None and accelerator.is_main_process:
         run.uploader = remote.CheckpointUploader(store, paths.upload_staging, config.remote_keep_last, run_id)
+    try:
+        return resume_train_finish(run, checkpoint, flops_per_token)
+    except BaseException as err:  # a diverged run, a damaged checkpoint: the group goes down now, not at exit
+        traceback.clear_frames(err.__traceback__)  # the finished frames below still hold the model
+        shut_down(run)
+        raise
+
+
+def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int) -> dict[str, Any]:
+    """Load `checkpoint` when resuming, train to the end (or a stop), then `finish`."""
+    accelerator, state = run.accelerator, run.state
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state)
         try:
@@ -467,9 +480,9 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
         except ValueError as err:
             raise CheckpointError(f"{checkpoint}/train_state.json: {err}") from err
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
-    run.hellaswag = load_hellaswag(config, accelerator)
+    run.hellaswag = load_hellaswag(run.config, accelerator)
     if accelerator.is_main_process:
-        describe_run(config, paths, run_facts(run, flops_per_token, checkpoint))
+        describe_run(run.config, run.paths, run_facts(run, flops_per_token, checkpoint))
     start_logs(run, resumed=checkpoint is not None)
 
     complete = train(run)
