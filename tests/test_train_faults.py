@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from training.checkpoints import (
     read_train_state,
 )
 from training.config import ConfigError
+from training.run_dir import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -271,6 +273,22 @@ def test_two_trainers_on_one_run_folder(data_dir, tmp_path):
     stderr = loser.stderr.read()
     assert "is in use by another trainer (host" in stderr and "pid" in stderr and "Traceback" not in stderr
     assert [r["step"] for r in records(out) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
+
+
+def test_a_second_launch_in_the_moment_before_the_holder_names_itself_still_names_it(tmp_path):
+    """The first trainer names itself in `.lock` only after it has checked out_dir (so another tool's
+    `.lock` is never overwritten): a second launch in that moment waits for the name, and does not
+    report an "unknown" holder (CI saw it in test_two_trainers_on_one_run_folder under load)."""
+    first = RunLock(tmp_path / "run" / ".lock")
+    first.acquire()
+    naming = threading.Timer(0.3, first.name_holder)  # the first trainer, still checking out_dir
+    naming.start()
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another trainer \(host .*, pid [0-9]+\)"):
+            RunLock(tmp_path / "run" / ".lock").acquire()
+    finally:
+        naming.join()
+        first.release()
 
 
 def test_a_lock_left_by_a_killed_trainer_does_not_block(data_dir, tmp_path):

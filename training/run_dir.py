@@ -103,6 +103,18 @@ def own_store(paths: RunPaths, store: remote.RemoteStore, run_id: str | None) ->
     return run_id
 
 
+def wait_for_holder_name(fd: int, seconds: float = 5.0) -> str:
+    """The name the lock's holder wrote into the lock file (`fd`). A trainer names itself just after it
+    takes the lock and has checked out_dir, so a second launch in that moment waits briefly for the
+    name rather than reporting an unknown holder; "unknown" if none comes (another tool's lock)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        name = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if name or time.monotonic() > deadline:
+            return name or "unknown"
+        time.sleep(0.05)
+
+
 class RunLock:
     """An exclusive OS lock (`flock`) on out_dir/.lock for the whole run, so that two trainers never
     write one run folder. The kernel releases it when the holder dies, however it dies, so a lock
@@ -130,7 +142,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            holder = wait_for_holder_name(fd)
             os.close(fd)
             raise ConfigError(
                 f"out_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to end or "
