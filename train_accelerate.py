@@ -159,6 +159,7 @@ class Run:
     uploader: remote.CheckpointUploader | None = None  # uploads to checkpoint_remote (main process only)
     started: float = field(default_factory=time.monotonic)  # when the launch began, for time_limit
     requeue: bool = False  # stopped by time_limit or SIGUSR1: unfinished, to be resumed
+    shut: bool = False  # shut_down has run: the model is freed and the process group is down
 
     @property
     def unwrapped(self) -> GPT2ScratchForCausalLM:
@@ -391,11 +392,19 @@ def shut_down(run: Run) -> None:
     gloo's worker threads while holding the GIL, which a worker still freeing a finished collective's
     Python tensor waits for: a rank that never exits (seen in a 2-process test under load;
     pytorch/pytorch#56297). Freed first, the group's last holder is `destroy_process_group`'s, whose
-    destructor releases the GIL. Safe to call twice."""
+    destructor releases the GIL. A second call does nothing."""
+    if run.shut:
+        return
+    run.shut = True
     run.model = run.optimizer = None
     run.accelerator.free_memory()
+    if run.config.compile:
+        torch._dynamo.reset()  # its caches may hold the compiled DDP module
     gc.collect()  # DDP's modules sit in reference cycles
-    run.accelerator.end_training()
+    try:
+        run.accelerator.end_training()  # the trackers, then the process group
+    finally:
+        run.accelerator.state.destroy_process_group()  # also when a tracker failed to finish; once only
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -465,9 +474,26 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     try:
         return resume_train_finish(run, checkpoint, flops_per_token)
     except BaseException as err:  # a diverged run, a damaged checkpoint: the group goes down now, not at exit
-        traceback.clear_frames(err.__traceback__)  # the finished frames below still hold the model
-        shut_down(run)
+        clear_finished_frames(err)  # they still hold the model
+        try:
+            shut_down(run)
+        except Exception:  # the error that stopped the run is the one to report
+            logger.exception("shutting down after the error below failed")
         raise
+
+
+def clear_finished_frames(err: BaseException) -> None:
+    """Drop the locals of the finished frames of `err` and of the errors it was raised from or during
+    (a checkpoint that does not fit keeps Accelerate's model list in its cause's frames)."""
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
 
 
 def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ trainer runs on real files; each fault is made the way it happens (a truncated, 
 replaced file, a SIGKILL), never with mocks."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process
 
 from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
+from training import run_dir
 from training.checkpoints import (
     CheckpointError,
     check_resumable,
@@ -28,7 +30,8 @@ from training.checkpoints import (
     read_train_state,
 )
 from training.config import ConfigError
-from training.run_dir import RunLock
+from training.paths import RunPaths
+from training.run_dir import RunLock, claim_out_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -289,6 +292,28 @@ def test_a_second_launch_in_the_moment_before_the_holder_names_itself_still_name
     finally:
         naming.join()
         first.release()
+
+
+def test_a_second_launch_names_the_live_trainer_not_the_pid_an_earlier_run_left(tmp_path, monkeypatch):
+    """A finished run leaves `.lock` naming its (dead) trainer; a resumed launch renames it as soon as it
+    holds the lock, so a launch refused while the first still checks out_dir names the live trainer."""
+    paths = RunPaths(tmp_path / "run")
+    paths.out_dir.mkdir()
+    paths.lock.write_text("host old-machine, pid 1\n")
+    refused: list[str] = []
+    check_out_dir = run_dir.check_out_dir
+
+    def second_launch_meanwhile(*args, **kwargs):
+        with pytest.raises(ConfigError) as second:
+            RunLock(paths.lock).acquire()
+        refused.append(str(second.value))
+        return check_out_dir(*args, **kwargs)
+
+    monkeypatch.setattr(run_dir, "check_out_dir", second_launch_meanwhile)
+    live = RunLock(paths.lock)
+    claim_out_dir(paths, "auto", live)
+    live.release()
+    assert len(refused) == 1 and f"pid {os.getpid()})" in refused[0] and "pid 1)" not in refused[0], refused
 
 
 def test_a_lock_left_by_a_killed_trainer_does_not_block(data_dir, tmp_path):

@@ -138,3 +138,5 @@ def test_a_launcher_asking_for_another_precision_is_told_what_the_run_uses():
     note = launcher_precision_note("bf16", "no")
     assert "'bf16'" in note and "trains with 'no'" in note and "--mixed_precision to train_accelerate.py" in note
     assert launcher_precision_note("no", "no") is None and launcher_precision_note(None, "bf16") is None
+    # `accelerate launch` without a config sets 'no' unasked: no warning on a GPU where auto is bf16
+    assert launcher_precision_note("no", "bf16") is None and "'fp16'" in launcher_precision_note("fp16", "bf16")

@@ -18,7 +18,7 @@ from user_errors import UserError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("ending", ["complete", "error at step 2"])
+@pytest.mark.parametrize("ending", ["complete", "error at step 2", "chained error at step 2"])
 def test_the_model_is_freed_before_the_process_group_goes_down(ending, data_dir, tmp_path, monkeypatch):
     prepared: list[weakref.ref] = []
     alive_at_end: list[list[str]] = []
@@ -34,11 +34,19 @@ def test_the_model_is_freed_before_the_process_group_goes_down(ending, data_dir,
         alive_at_end.append([type(ref()).__name__ for ref in prepared if ref() is not None])
         return end_training(self)
 
-    def failing_step(*args, **kwargs):
+    def inner_failure(model, optimizer):  # a deeper frame, in the cause's traceback only
+        raise RuntimeError(f"{type(model).__name__} does not fit")
+
+    def failing_step(model, optimizer, *args, **kwargs):
         if len(steps) == 1:
+            if ending == "chained error at step 2":  # as a checkpoint that does not fit is reported
+                try:
+                    inner_failure(model, optimizer)
+                except RuntimeError as err:
+                    raise UserError("a user error in the middle of training") from err
             raise UserError("a user error in the middle of training")
         steps.append(1)
-        return train_step(*args, **kwargs)
+        return train_step(model, optimizer, *args, **kwargs)
 
     steps: list[int] = []
     monkeypatch.setattr(Accelerator, "prepare", recording_prepare)

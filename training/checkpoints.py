@@ -549,7 +549,7 @@ def sharding_problem(checkpoint: Path, fsdp: bool) -> str | None:
     writes an FSDP model as `pytorch_model_fsdp_0` (sharded: torch.distributed.checkpoint files that FSDP
     on any number of processes re-shards on load) and any other as `model.safetensors`; each kind of
     launch reads only its own, and fails deep inside Accelerate on the other."""
-    sharded = any(checkpoint.glob(f"{FSDP_MODEL_NAME}_0*"))
+    sharded = any(checkpoint.glob(f"{FSDP_MODEL_NAME}*"))  # _0/ (SHARDED_STATE_DICT) or .bin (FULL_STATE_DICT)
     if sharded == fsdp:
         return None
     if sharded:

@@ -148,7 +148,7 @@ def launcher_precision_note(launcher: str | None, resolved: str) -> str | None:
     trainer's `mixed_precision` (resolved: `resolved`) overrides `accelerate launch --mixed_precision`
     or an `accelerate config` default (`launcher`, Accelerate's ACCELERATE_MIXED_PRECISION), silently
     otherwise: `--mixed_precision bf16` given to the launcher on a CPU would train in fp32."""
-    if not launcher or launcher == resolved:
+    if not launcher or launcher in ("no", resolved):  # 'no' is also what `accelerate launch` sets unasked
         return None
     return (
         f"the launcher asked for mixed_precision {launcher!r}, but this run trains with {resolved!r} (the trainer's "

@@ -105,8 +105,8 @@ def own_store(paths: RunPaths, store: remote.RemoteStore, run_id: str | None) ->
 
 def wait_for_holder_name(fd: int, seconds: float = 5.0) -> str:
     """The name the lock's holder wrote into the lock file (`fd`). A trainer names itself just after it
-    takes the lock and has checked out_dir, so a second launch in that moment waits briefly for the
-    name rather than reporting an unknown holder; "unknown" if none comes (another tool's lock)."""
+    takes the lock and has seen the file is its own, so a second launch in that moment waits briefly
+    for the name rather than reporting an unknown holder; "unknown" if none comes (another tool's lock)."""
     deadline = time.monotonic() + seconds
     while True:
         name = os.pread(fd, 200, 0).decode(errors="replace").strip()
@@ -156,8 +156,8 @@ class RunLock:
         return text == "" or re.fullmatch(r"host [^\n]*, pid [0-9]+\n", text) is not None
 
     def name_holder(self) -> None:
-        """Write who holds the lock into the lock file: only once out_dir is known to be ours, so that
-        a `.lock` of another tool in a mistyped out_dir is never overwritten."""
+        """Write who holds the lock into the lock file: only once the file is known to be ours
+        (`written_by_us`), so that a `.lock` of another tool in a mistyped out_dir is never overwritten."""
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
 
@@ -180,10 +180,10 @@ def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
             raise ConfigError(
                 f"out_dir {paths.out_dir} holds a {paths.lock.name} that another tool wrote; choose another --out_dir"
             )
+        lock.name_holder()  # at once: a second launch names us, not the pid an earlier run left there
         check_out_dir(paths, resume)
     except ConfigError:
         lock.release(remove=made_lock)
         if made_dir:
             paths.out_dir.rmdir()
         raise
-    lock.name_holder()
