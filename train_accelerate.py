@@ -57,7 +57,14 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
-from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
+from training.data import (
+    build_loader,
+    data_settings,
+    local_data_dir,
+    prepare_data,
+    train_fingerprint,
+    val_fingerprint,
+)
 from training.export import export_model, exported_step
 from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, push_export
@@ -262,7 +269,7 @@ def evaluate(run: Run) -> None:
     metrics = {
         "val/loss": evaluate_val_loss(
             run.model,
-            c.data_dir,
+            local_data_dir(c, run.manifest),
             batch_size=c.micro_batch_size,
             seq_len=c.seq_len,
             max_batches=c.val_batches,
@@ -325,6 +332,7 @@ def train(run: Run) -> bool:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
             loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            run.meter.exclude(state.loader.take_waited())  # a late remote shard is not training time
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
@@ -446,6 +454,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
     settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest))
+    settings |= data_settings(manifest)  # a hf:// data_dir's commit
     run_id = None
     if store is not None:  # a store belongs to one run: refused before anything is downloaded
         run_id = on_main_process(accelerator, lambda: remote.store_run(store, read_run_id(paths), config.resume))
@@ -462,7 +471,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     optimizer = build_optimizer(model, config, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(config.seed, device_specific=True)  # then different dropout masks per rank
-    state = TrainState(build_loader(config, accelerator))
+    state = TrainState(build_loader(config, accelerator, manifest))
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
     run = Run(
@@ -528,6 +537,7 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
         "flops_per_token": flops_per_token,
         "peak_flops_per_device": run.meter.peak,
         "resumed_from": str(checkpoint) if checkpoint else None,
+        "data": run.manifest.get("stream", {"url": run.config.data_dir}),  # for a URL: the commit read, the cache
     }
 
 
