@@ -112,6 +112,8 @@ def permanent(err: BaseException) -> bool:
     """Errors that another try cannot fix: a missing file, no permission, a client error other than 408/429."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, DataPrepError)):
         return True
+    if type(err).__name__ == "OfflineModeIsEnabled":  # huggingface_hub's: no request was even sent
+        return True
     status = http_status(err)
     return status is not None and 400 <= status < 500 and status not in (408, 429)
 
@@ -262,10 +264,23 @@ def shard_bytes(entry: dict[str, Any]) -> int:
     return HEADER_BYTES + entry["tokens"] * TOKEN_DTYPE.itemsize
 
 
+def listing(store: DataStore, retrying: Retrying) -> dict[str, int | None]:
+    """The size of each file in the store's folder, by name; empty where the folder is not there (yet)."""
+
+    def ls() -> list[dict[str, Any]]:
+        store.fs.invalidate_cache()
+        try:
+            return store.fs.ls(store.root, detail=True)
+        except FileNotFoundError:  # an object store has no empty folders
+            return []
+
+    items = retrying(f"listing {store.url}", ls)
+    return {posixpath.basename(item["name"].rstrip("/")): item.get("size") for item in items}
+
+
 def check_listing(store: DataStore, manifest: dict[str, Any], retrying: Retrying) -> None:
     """Every shard the manifest lists is in the store with the size its token count gives (one listing)."""
-    listing = retrying(f"listing {store.url}", lambda: store.fs.ls(store.root, detail=True))
-    sizes = {posixpath.basename(item["name"].rstrip("/")): item.get("size") for item in listing}
+    sizes = listing(store, retrying)
     for entry in manifest["shards"]:
         found, expected = sizes.get(entry["file"]), shard_bytes(entry)
         if found is None:
@@ -346,7 +361,9 @@ commit's bytes, and refuses a repository that changed. Pin a revision with `{url
 """
 
 
-def upload_folder(out_dir: str | os.PathLike, url: str, retrying: Retrying | None = None) -> list[str]:
+def upload_folder(
+    out_dir: str | os.PathLike, url: str, retrying: Retrying | None = None, private: bool = True
+) -> list[str]:
     """Publish a folder that data_prep made to `url`: each shard not yet there with the right size, then
     the dataset card, then `manifest.json` last. Returns the names of the files sent.
 
@@ -360,14 +377,12 @@ def upload_folder(out_dir: str | os.PathLike, url: str, retrying: Retrying | Non
     verify_shards(out_dir)
     retrying = retrying or Retrying()
     if url.startswith("hf://"):
-        return push_folder_to_hub(out_dir, manifest, url, retrying)
+        return push_folder_to_hub(out_dir, manifest, url, retrying, private)
     store = open_data_store(url, retrying)
     fs = store.fs
     retrying(f"creating {url}", lambda: fs.makedirs(store.root, exist_ok=True))
-    there = {
-        posixpath.basename(item["name"].rstrip("/")): item.get("size")
-        for item in retrying(f"listing {url}", lambda: fs.ls(store.root, detail=True))
-    }
+    check_same_data(store, out_dir, retrying)
+    there = listing(store, retrying)
     sent = []
     for entry in manifest["shards"]:
         if there.get(entry["file"]) == shard_bytes(entry):
@@ -382,18 +397,35 @@ def upload_folder(out_dir: str | os.PathLike, url: str, retrying: Retrying | Non
     return [*sent, CARD_NAME, MANIFEST_NAME]
 
 
+def check_same_data(store: DataStore, out_dir: Path, retrying: Retrying) -> None:
+    """A store that already holds a manifest must hold this folder's: an upload never mixes two data sets."""
+    try:
+        there = read_store_manifest(store, retrying)
+    except StoreError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return  # nothing published there yet, or an upload cut short before its manifest
+        raise
+    if there["shards"] != read_manifest(out_dir)["shards"]:
+        raise StoreError(
+            f"{store.url} already holds another data set (its {MANIFEST_NAME} lists other shards); upload to "
+            "another URL, or delete that one first"
+        )
+
+
 def push_folder_to_hub(
     out_dir: Path, manifest: dict[str, Any], url: str, retrying: Retrying, private: bool = True
 ) -> list[str]:
-    """hf://datasets/user/name[@branch][/folder]: the repository created (private unless it exists), the
-    shards committed by `upload_large_folder`-style resumable commits of the shards first, then one
+    """hf://datasets/user/name[@branch][/folder]: the repository created if absent (private unless asked),
+    each shard not yet there in a commit of its own (an interrupted push keeps what it sent), then one
     commit of the card and the manifest."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.utils import parse_hf_uri
 
     uri = parse_hf_uri(url)
     if uri.type != "dataset":
         raise StoreError(f"{url}: shards are published to a dataset repository: hf://datasets/user/name")
+    if constants.is_offline_mode():
+        raise StoreError(f"{url}: publishing needs the Hub, but offline mode is on (HF_HUB_OFFLINE)")
     api, folder = HfApi(), uri.path_in_repo.strip("/")
     retrying(f"creating {uri.id}", lambda: api.create_repo(uri.id, repo_type="dataset", private=private, exist_ok=True))
     if uri.revision:
