@@ -105,6 +105,19 @@ def test_a_run_on_s3_logs_the_losses_of_the_local_run_through_a_kill_and_resume(
     assert sum(p.stat().st_size for p in cache.rglob("*.bin")) <= LIMIT_GB * 1e9
 
 
+def test_two_processes_sharing_one_cache_log_the_losses_of_the_local_run(local_run, on_s3, s3_server, tmp_path):  # noqa: F811
+    """Two ranks (gloo) read through one cache folder; val_batches 1 per rank = the local run's 2."""
+    out = tmp_path / "two"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launcher += [str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
+    argv = nano_args(on_s3, out, **{**RUN, "val_batches": 1}, data_cache_gb=LIMIT_GB)
+    done = run_cli(argv, timeout=400, launcher=launcher, env=s3_server.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metric(out, "train/loss") == metric(local_run, "train/loss")
+    assert metric(out, "val/loss") == metric(local_run, "val/loss")
+    assert json.loads((out / "run_info.json").read_text())["processes"] == 2
+
+
 def test_a_hub_dataset_is_read_at_one_commit_that_a_resume_checks(local_run, small_data, hub_mirror, tmp_path):  # noqa: F811
     commit = hub_mirror.publish("small", small_data)
     out = tmp_path / "hf"
@@ -168,6 +181,9 @@ def test_a_store_that_does_not_hold_what_its_manifest_lists_is_refused_before_th
         train_in_process(nano_args(f"s3://data/bad/{case}", out, **RUN, data_retries=0))
     assert not (out / "run_info.json").exists() and not (out / "checkpoints").exists()
     assert {p.name for p in out.iterdir()} <= {"data_cache", ".lock"}
+    if case == "changed":  # once the store is repaired, the same command starts: the cache is no run record
+        fixed = nano_args("s3://data/small", out, **{**RUN, "max_steps": 1, "eval_interval": 1}, warmup_steps=0)
+        assert train_in_process(fixed)["step"] == 1
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from data_prep.loader import data_fingerprint
 from data_prep.shards import MANIFEST_NAME, check_shard
 from data_prep.store import is_url
 from training.config import FIELDS, ConfigError, TrainConfig
+from training.paths import RunPaths
 
 logger = logging.getLogger("train")
 
@@ -91,7 +92,7 @@ def open_remote(config: TrainConfig, resolve: bool, manifest: dict | None = None
         manifest = {key: value for key, value in manifest.items() if key != STREAM}
     # One folder per set of shards, named by their hashes: another data set never shares it
     key = hashlib.sha256(json.dumps([(e["file"], e["sha256"]) for e in manifest["shards"]]).encode()).hexdigest()
-    root = Path(config.data_cache_dir) if config.data_cache_dir else Path(config.out_dir) / "data_cache"
+    root = Path(config.data_cache_dir) if config.data_cache_dir else RunPaths(config.out_dir).data_cache
     limit = int(config.data_cache_gb * 1e9) if config.data_cache_gb else None
     return store, ShardCache(store, manifest, root / f"shards-{key[:16]}", limit, retrying, log=logger)
 
@@ -122,7 +123,10 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
     data_dir URL (`manifest` from `prepare_data`), each rank reads through the shared cache."""
     from data_prep import ShardLoader
 
-    cache = open_remote(config, resolve=False, manifest=manifest)[1] if manifest and STREAM in manifest else None
+    cache = None
+    if manifest and STREAM in manifest:
+        cache = open_remote(config, resolve=False, manifest=manifest)[1]
+        cache.prepare()  # on every rank: another machine's ranks need the validation shards on their disk too
     return ShardLoader(
         cache.folder if cache else config.data_dir,
         cache=cache,
