@@ -419,6 +419,7 @@ def push_folder_to_hub(
     each shard not yet there in a commit of its own (an interrupted push keeps what it sent), then one
     commit of the card and the manifest."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import EntryNotFoundError
     from huggingface_hub.utils import parse_hf_uri
 
     uri = parse_hf_uri(url)
@@ -434,10 +435,14 @@ def push_folder_to_hub(
             lambda: api.create_branch(uri.id, repo_type="dataset", branch=uri.revision, exist_ok=True),
         )
     prefix = f"{folder}/" if folder else ""
-    tree = retrying(
-        f"listing {uri.id}",
-        lambda: list(api.list_repo_tree(uri.id, folder or None, repo_type="dataset", revision=uri.revision)),
-    )
+
+    def ls() -> list:
+        try:
+            return list(api.list_repo_tree(uri.id, folder or None, repo_type="dataset", revision=uri.revision))
+        except EntryNotFoundError:  # the folder is not there yet
+            return []
+
+    tree = retrying(f"listing {uri.id}", ls)
     there = {item.path: getattr(item, "size", None) for item in tree}
     sent = []
     for entry in manifest["shards"]:  # one commit per shard: an interrupted push keeps the shards it sent
