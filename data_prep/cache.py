@@ -25,7 +25,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from data_prep.shards import MANIFEST_NAME, ShardError, file_sha256
+import numpy as np
+
+from data_prep.shards import MANIFEST_NAME, ShardError, check_shard, file_sha256, load_tokens
 from data_prep.store import DataStore, Retrying, StoreError, fetch_shard, shard_bytes
 
 logger = logging.getLogger("data_prep.cache")
@@ -55,7 +57,7 @@ class ShardCache:
         self.entries = {entry["file"]: entry for entry in manifest["shards"]}
         self.kept = {name for name, entry in self.entries.items() if entry["split"] == "val"}
         self.retrying = retrying or Retrying()
-        self.pinned: set[str] = set()  # shards the loader reads now, and the one being prefetched
+        self.pinned: set[str] = set()  # shards the loader reads now
         self.verified: set[str] = set()  # hashed by this process since they entered the folder
         self.errors: dict[str, BaseException] = {}  # a failed background fetch, raised when the shard is needed
         self.thread: tuple[str, threading.Thread] | None = None
@@ -68,7 +70,7 @@ class ShardCache:
 
     def prepare(self) -> None:
         """The folder with the manifest copy, and the validation shards fetched and verified. The limit
-        must hold the validation shards and the largest training shard (and a second one to prefetch)."""
+        must hold the validation shards and two training shards: a batch can span two."""
         self.folder.mkdir(parents=True, exist_ok=True)
         copy = self.folder / MANIFEST_NAME
         body = json.dumps(self.manifest, indent=2) + "\n"
@@ -79,11 +81,11 @@ class ShardCache:
         if self.limit is not None:
             kept = sum(shard_bytes(self.entries[name]) for name in self.kept)
             largest = max((shard_bytes(e) for e in self.entries.values() if e["split"] == "train"), default=0)
-            if kept + largest > self.limit:
+            if kept + 2 * largest > self.limit:
                 raise StoreError(
                     f"--data_cache_gb {self.limit / 1e9:g} cannot hold the validation shards ({kept / 1e9:.3g} GB) "
-                    f"and the largest training shard ({largest / 1e9:.3g} GB); give at least "
-                    f"{(kept + 2 * largest) / 1e9:.3g} (that also lets the next shard download in the background)"
+                    f"and two of the largest training shards ({largest / 1e9:.3g} GB each; a batch can span two): "
+                    f"give at least {(kept + 2 * largest) / 1e9:.3g}"
                 )
         self.pinned = set()
         for name in sorted(self.kept):
@@ -110,9 +112,26 @@ class ShardCache:
             self.log.info("shard %s ready after %.2fs", name, waited)
         return path
 
+    def open(self, entry: dict[str, Any], vocab_size: int | None = None) -> np.ndarray:
+        """Shard `entry`'s tokens, memory-mapped from its verified copy in the cache (its header and, with
+        `vocab_size`, its token ids checked). Once mapped, the tokens stay readable even if another
+        process removes the file; removed in the moment before, it is fetched again."""
+        name = entry["file"]
+        for _ in range(3):
+            path = self.local(name)
+            try:
+                check_shard(self.folder, entry, verify_hash=False, vocab_size=vocab_size)
+                return load_tokens(path, mmap=True)
+            except (ShardError, FileNotFoundError):
+                if path.is_file():
+                    raise
+                self.verified.discard(name)  # another process made room meanwhile
+        raise ShardError(f"{self.folder / name}: removed from the cache each time it was fetched; raise data_cache_gb")
+
     def use(self, names: Iterable[str], upcoming: str | None) -> None:
-        """The loader reads `names` now and `upcoming` next: none of them is evicted from now on."""
-        self.pinned = set(names) | ({upcoming} if upcoming else set())
+        """The loader reads `names` now and `upcoming` next: this process evicts none of them to fetch ahead,
+        and only `upcoming` to fetch a shard it needs now."""
+        self.pinned = set(names)
         self.upcoming = upcoming
 
     def fetch_ahead(self) -> None:
@@ -206,13 +225,15 @@ class ShardCache:
 
     def make_room(self, incoming: int, wait_for_room: bool) -> None:
         """Remove least recently used shards until `incoming` more bytes fit under the limit; never a
-        kept (validation) or pinned one. NoRoom when that is not enough."""
+        kept (validation) or pinned one, nor for a fetch ahead (`wait_for_room` False) the upcoming one.
+        NoRoom when that is not enough."""
         if self.limit is None:
             return
         for stale in self.folder.glob(".*.tmp"):  # a download cut short by a kill
             stale.unlink(missing_ok=True)
         used = self.size()
-        evictable = [p for p in self.files() if p.name in self.entries and p.name not in self.kept | self.pinned]
+        protected = self.kept | self.pinned | (set() if wait_for_room else {self.upcoming})
+        evictable = [p for p in self.files() if p.name in self.entries and p.name not in protected]
         evictable.sort(key=lambda p: p.stat().st_mtime)
         while used + incoming > self.limit and evictable:
             victim = evictable.pop(0)

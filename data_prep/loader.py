@@ -132,12 +132,10 @@ class ShardLoader:
         self._set_epoch(0)
 
     def _shard(self, index: int) -> np.ndarray:
-        if self._shards[index] is None:
-            entry, verify = self.entries[index], self.verify
-            if self.cache is not None:
-                self.cache.local(entry["file"])  # fetched and its sha256 checked, if it was not yet
-                verify = False
-            path = check_shard(self.data_dir, entry, verify_hash=verify, vocab_size=self.vocab_size)
+        if self._shards[index] is None and self.cache is not None:  # fetched and its sha256 checked first
+            self._shards[index] = self.cache.open(self.entries[index], vocab_size=self.vocab_size)
+        elif self._shards[index] is None:
+            path = check_shard(self.data_dir, self.entries[index], verify_hash=self.verify, vocab_size=self.vocab_size)
             self._shards[index] = load_tokens(path, mmap=True)
         return self._shards[index]
 
