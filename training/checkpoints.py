@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, id_tensor_storage
 from accelerate.utils.constants import FSDP_MODEL_NAME
 
 from data_prep.shards import file_sha256
 from training import UserError, remote
 from training.config import ConfigError, TrainConfig
-from training.files import read_regular, remove_ours
+from training.files import read_regular, remove_ours, share_as_umask
 from training.paths import local_files, parse_step, step_name
 from training.recipe import resolve_mixed_precision
 
@@ -155,9 +156,14 @@ def save_checkpoint(
             remove_ours(stale)  # a link planted there is removed, never followed or written through
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    hook = acc.register_save_state_pre_hook(drop_tied_copies)
+    try:
+        acc.save_state(str(tmp))
+    finally:
+        hook.remove()
     acc.wait_for_everyone()
     if acc.is_main_process:
+        share_as_umask(tmp)
         record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
         write_manifest(tmp, state.step)
@@ -165,6 +171,23 @@ def save_checkpoint(
         prune_checkpoints(checkpoints, keep)
     acc.wait_for_everyone()
     return final
+
+
+def drop_tied_copies(models: list, weights: list[dict], output_dir: str) -> None:
+    """Accelerate's `save_state` pre-hook: one name per tensor in the saved weights. The tied
+    `lm_head.weight` is the embedding itself; safetensors cannot store one tensor under two names, so
+    Accelerate drops the later name anyway, with a warning on every save. Dropped here first, the file
+    is the same and the warning never comes; `load_state` restores the tie (safetensors' `load_model`)."""
+    for state_dict in weights:
+        seen = set()
+        for name in list(state_dict):
+            tensor = state_dict[name]
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = id_tensor_storage(tensor)
+            if storage in seen:
+                del state_dict[name]
+            seen.add(storage)
 
 
 def write_manifest(folder: Path, step: int) -> None:
