@@ -1,6 +1,7 @@
 """What a run leaves for the user and their other tools: files that whoever may read the user's files can
 read, and an output that holds no warning the project did not decide to print."""
 
+import importlib.util
 import os
 import re
 import stat
@@ -71,3 +72,25 @@ def test_share_as_umask_follows_the_umask_and_never_a_link(tmp_path, mask):
     assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE(outside.stat().st_mode) == 0o600  # a link in the folder is not followed
+
+
+def test_a_tracker_asked_for_and_not_installed_is_one_line_before_training(data_dir, tmp_path):
+    """Accelerate only warns about `log_with=['wandb']` without the package and trains to the end with
+    nothing logged where the user looks; the trainer refuses at once, naming the package."""
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the refusal needs an environment without it")
+    out_dir = tmp_path / "run"
+    done = run_cli(["--report_to", "tensorboard,wandb", "--data_dir", str(data_dir), "--out_dir", str(out_dir)])
+    assert done.returncode == 2
+    assert output_lines(done.stderr) == [
+        "error: invalid training config: report_to: the wandb tracker needs its package, which is not installed: "
+        "pip install wandb"
+    ]
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("report_to", ["none", "all", "tensorboard"])
+def test_trackers_that_need_no_missing_package_keep_working(report_to):
+    from training.config import parse_config
+
+    assert parse_config(["--report_to", report_to]).report_to == report_to
