@@ -21,12 +21,17 @@ DEFAULT_LICENSE = "mit"
 HELLASWAG_HUB_ID = "Rowan/hellaswag"
 TASK = {"type": "text-generation", "name": "Text Generation"}
 RESULT_KEYS = ("train/loss", "val/loss", "hellaswag/acc", "hellaswag/acc_norm")
-SERVING_TOOLS = (
-    "vLLM, Text Generation Inference, llama.cpp's `convert_hf_to_gguf.py`, ONNX export with Optimum and transformers.js"
+# Only tools whose run on an export is recorded, with its figures, in gpt2-scratch's docs/where-it-runs.md.
+MEASURED_TOOLS = (
+    "lm-evaluation-harness, llama.cpp (its `convert_hf_to_gguf.py` and inference), onnxruntime (through "
+    "`torch.onnx` and Optimum's exporter), transformers.js and CTranslate2"
 )
+UNTRIED_TOOLS = "vLLM and Text Generation Inference"
 LAYOUT_TEXT = {
     "gpt2": "This is the official GPT-2 layout (`GPT2LMHeadModel`, `model_type: gpt2`, no custom code): stock "
-    f"transformers loads it without `trust_remote_code`, and so do the tools that take GPT-2: {SERVING_TOOLS}.",
+    f"transformers loads it without `trust_remote_code`. Measured on such an export, with this folder's logits "
+    f"to 1e-5 (1e-3 in llama.cpp): {MEASURED_TOOLS}. Not tried: {UNTRIED_TOOLS}, which serve `GPT2LMHeadModel` "
+    "checkpoints.",
     "scratch": "This is gpt2-scratch's own class (`GPT2ScratchForCausalLM`, shipped here as "
     "`modeling_gpt2_scratch.py`), loaded with `trust_remote_code=True`. Its weights are those of the official "
     "GPT-2 layout, which loads without remote code.",
