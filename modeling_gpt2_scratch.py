@@ -17,8 +17,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+import transformers
 from huggingface_hub.dataclasses import strict
 from torch import nn
+
+if int(transformers.__version__.split(".")[0]) < 5:  # strict configs, `initialization`, the v5 Cache below
+    raise ImportError(
+        f"modeling_gpt2_scratch needs transformers >= 5 (this is {transformers.__version__}); with transformers "
+        "4.x, load the same weights from the run's official GPT-2 export, hf-gpt2/ (GPT2LMHeadModel, no remote code)"
+    )
+
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache

@@ -33,8 +33,8 @@ LAYOUT_TEXT = {
     f"to 1e-5 (1e-3 in llama.cpp): {MEASURED_TOOLS}. Not tried: {UNTRIED_TOOLS}, which serve `GPT2LMHeadModel` "
     "checkpoints.",
     "scratch": "This is gpt2-scratch's own class (`GPT2ScratchForCausalLM`, shipped here as "
-    "`modeling_gpt2_scratch.py`), loaded with `trust_remote_code=True`. Its weights are those of the official "
-    "GPT-2 layout, which loads without remote code.",
+    "`modeling_gpt2_scratch.py`), loaded with `trust_remote_code=True`; it needs transformers >= 5. Its weights "
+    "are those of the official GPT-2 layout, which loads without remote code, on transformers 4.x too.",
 }
 
 
