@@ -118,9 +118,9 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 def keep_fsdp_gradients_fp32(accelerator: Accelerator) -> None:
     """FSDP2 under bf16: the blocks compute with bf16 copies of the weights, as Accelerate sets it up,
     but the gradients are reduced in float32 (and, torch's FSDP2 does it when the reduce dtype is wider,
-    accumulated over micro-steps in float32) and the model's outputs are left as it makes them.
-    Accelerate's policy reduces in bf16 and casts every output to bf16, the float32 loss included: the
-    logged train/loss was rounded to 8 bits (steps of 1/16 near 10; tests/test_train_bf16_cpu.py)."""
+    accumulated over micro-steps in float32) and the model's outputs are left as it makes them, as
+    torchtitan does. Accelerate's policy reduces in bf16 (and 1.15's also cast the float32 loss to bf16);
+    the sums over many ranks lose less in float32 (docs/training.md, "Precision")."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -129,6 +129,17 @@ def keep_fsdp_gradients_fp32(accelerator: Accelerator) -> None:
     policy = plugin.mixed_precision_policy
     if plugin.fsdp_version == 2 and policy is not None and policy.param_dtype == torch.bfloat16:
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def fsdp_precision(accelerator: Accelerator) -> dict[str, str | None] | None:
+    """The dtypes of FSDP2's mixed-precision policy as this launch runs it (run_info.json), or None."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+    if policy is None:
+        return None
+    dtypes = {name: getattr(policy, name, None) for name in ("param_dtype", "reduce_dtype", "output_dtype")}
+    return {name: None if dtype is None else str(dtype).removeprefix("torch.") for name, dtype in dtypes.items()}
 
 
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:
@@ -523,6 +534,7 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
         "distributed_type": str(acc.distributed_type),
         "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
         "mixed_precision": acc.mixed_precision,
+        "fsdp_mixed_precision": fsdp_precision(acc),
         "gradient_accumulation_steps": acc.gradient_accumulation_steps,
         "parameters": sum(p.numel() for p in run.unwrapped.parameters()),
         "flops_per_token": flops_per_token,
