@@ -48,7 +48,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import remote
 from training.checkpoints import (
-    CheckpointError,
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
@@ -76,6 +75,7 @@ from training.recipe import (
 )
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
 from training.step import train_step
+from training.verify import CheckpointError
 from user_errors import run_command
 
 logger = logging.getLogger("train")

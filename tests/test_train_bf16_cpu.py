@@ -20,9 +20,10 @@ from trainer_runs import kill_at_step, launch_fsdp, metric, nano_args, train_in_
 from transformers import GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import CheckpointError, latest_checkpoint, run_settings, settings_changes
+from training.checkpoints import latest_checkpoint, run_settings
 from training.config import TrainConfig
 from training.recipe import resolve_mixed_precision
+from training.verify import CheckpointError, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

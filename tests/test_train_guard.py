@@ -23,16 +23,10 @@ from trainer_runs import ROOT, nano_args, records, run_cli, train_in_process
 from data_prep.shards import load_tokens, read_manifest, write_shard
 from data_prep.shards import write_manifest as write_data_manifest
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import (
-    STATE_FILE,
-    checkpoint_problems,
-    load_weights,
-    newest_finite_checkpoint,
-    prune_checkpoints,
-    write_manifest,
-)
+from training.checkpoints import load_weights, newest_finite_checkpoint, prune_checkpoints, write_manifest
 from training.config import ConfigError, TrainConfig
 from training.guard import Guard, weights_finite
+from training.verify import STATE_FILE, checkpoint_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

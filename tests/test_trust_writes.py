@@ -21,12 +21,13 @@ import export_gpt2
 from data_prep import prepare
 from data_prep.shards import read_manifest, write_manifest, write_shard
 from training import remote
-from training.checkpoints import CheckpointError, find_resume_checkpoint, read_train_state
+from training.checkpoints import find_resume_checkpoint
 from training.config import ConfigError, TrainConfig, parse_config
 from training.export import read_record
 from training.metrics import keep_records_through
 from training.model_card import write_model_cards
 from training.paths import step_name
+from training.verify import CheckpointError, read_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
