@@ -213,11 +213,16 @@ def test_no_card_or_config_holds_a_local_absolute_path(run):
 
 
 def test_the_card_says_which_precision_auto_trained_in(run, tmp_path):
-    """`mixed_precision: auto` is bf16 on a GPU and fp32 on a CPU: the card's config table adds what
+    """`mixed_precision: auto` is bf16 on most GPUs, fp16 with loss scaling on CUDA GPUs without bf16 units
+    and fp32 on a CPU: the card's config table adds what
     the run's last launch trained in (run_info.json), and shows the config as given where that record
     is missing or is not a regular file."""
     assert run.config.mixed_precision == "auto"
-    cases = {"bf16": "| `mixed_precision` | `auto (bf16)` |", None: "| `mixed_precision` | `auto` |"}
+    cases = {
+        "bf16": "| `mixed_precision` | `auto (bf16)` |",
+        "fp16": "| `mixed_precision` | `auto (fp16, loss-scaled)` |",
+        None: "| `mixed_precision` | `auto` |",
+    }
     for trained, row in cases.items():
         out_dir = tmp_path / str(trained)
         shutil.copytree(run.out_dir, out_dir)

@@ -222,8 +222,9 @@ class ModelCard:
             return []
         fields = {name: portable(value, self.out_dir) for name, value in dataclasses.asdict(self.config).items()}
         trained = trained_precision(self.out_dir)
-        if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16 on a GPU, fp32 on a CPU
-            fields["mixed_precision"] = f"{fields['mixed_precision']} ({trained})"
+        if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16, fp16 or fp32 ('no')
+            label = "fp16, loss-scaled" if trained == "fp16" else trained
+            fields["mixed_precision"] = f"{fields['mixed_precision']} ({label})"
         return [
             "## Training config",
             "",
