@@ -238,6 +238,9 @@ def test_the_card_says_which_precision_auto_trained_in(run, tmp_path):
 def test_data_source_names_what_the_manifest_records():
     files = {"source": {"kind": "files", "files": [{"path": "/srv/me/corpus/a.jsonl", "bytes": 3}], "text_column": "t"}}
     assert data_source(files).ref == "a.jsonl" and "/srv/me" not in data_source(files).text
+    # a manifest written by data_prep on Windows, the run trained elsewhere: still the name, never the path
+    windows = {"source": {"kind": "files", "files": [{"path": "C:\\Users\\me\\corpus\\b.jsonl", "bytes": 3}]}}
+    assert data_source(windows).ref == "b.jsonl" and "Users" not in data_source(windows).text
     builtin = {"source": {"kind": "builtin", "name": "python-stdlib-docs", "python": "3.11.7"}}
     assert data_source(builtin).ref == "python-stdlib-docs" and "Python 3.11.7" in data_source(builtin).text
     hub = data_source(HUB_MANIFEST)

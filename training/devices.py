@@ -99,6 +99,14 @@ def inference_dtype(device: torch.device, found: Availability | None = None) -> 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU's kernels run asynchronously; the CPU's do not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def fused_adamw_supported(device: torch.device) -> bool:
     """Whether PyTorch has the fused AdamW kernel for `device` (CUDA, CPU and MPS in torch 2.13)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices

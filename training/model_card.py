@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import yaml
 
@@ -59,7 +59,8 @@ def data_source(manifest: dict) -> DataSource:
             dataset, f"[{dataset}](https://huggingface.co/datasets/{dataset}) ({details})", dataset, fields
         )
     if kind == "files" and isinstance(source.get("files"), list):
-        names = [Path(str(f.get("path", "?"))).name for f in source["files"] if isinstance(f, dict)]
+        # by name only, whichever system wrote the manifest: PureWindowsPath splits at backslashes and slashes
+        names = [PureWindowsPath(str(f.get("path", "?"))).name for f in source["files"] if isinstance(f, dict)]
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         column = f", text column `{source['text_column']}`" if source.get("text_column") else ""
         listed = ", ".join(f"`{name}`" for name in names[:5])
