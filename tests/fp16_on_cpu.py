@@ -10,7 +10,8 @@ Then it runs the trainer unchanged:
 
     FP16_INIT_SCALE=1048576 FP16_GROWTH_INTERVAL=3 python tests/fp16_on_cpu.py [trainer flags]
 
-A large initial scale forces the first steps' gradients to overflow, as the first steps of fp16 training
+A caller's `GradScalerKwargs` are honoured, as Accelerate does; without them the environment sets the
+scaler. A large initial scale forces the first steps' gradients to overflow, as the first steps of fp16 training
 on a GPU do (65536 there, GradScaler's default); a short growth interval makes the scale grow and fall
 again within a test's few steps. Everything else (the scaler, autocast, the checkpoint's scaler.pt) is
 Accelerate's and torch's own code.
@@ -42,7 +43,8 @@ def init_with_cpu_scaler(self, *args, **kwargs) -> None:
     if self.state.mixed_precision == "fp16" and self.device.type == "cpu":
         # what Accelerator.__init__ does for fp16 on a GPU (accelerate/accelerator.py, 1.16)
         self.native_amp = True
-        self.scaler = torch.amp.GradScaler("cpu", **scaler_settings())
+        kwargs = self.scaler_handler.to_kwargs() if self.scaler_handler is not None else scaler_settings()
+        self.scaler = torch.amp.GradScaler("cpu", **kwargs)
 
 
 def precision_problem_but_cpu_fp16(setting: str, device_type: str, found=None) -> str | None:
