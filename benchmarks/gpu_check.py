@@ -739,6 +739,8 @@ FP16_MAX = 65504.0
 # a larger model's drift; what breaks outright (a scale that never comes down, so no update ever lands; a
 # NaN; a wrong loss) is far outside, and the measured figure is reported.
 FP16_VS_BF16 = 1e-2
+# The fp16 check on the device: 2 x 60 eager steps of 124M at 8 x 1024 tokens, and two model builds.
+FP16_SECONDS = 45
 
 
 def forcing_init_scale(tokens: int) -> float:
@@ -839,6 +841,11 @@ def check_fp16(ctx: Context) -> str:
         )
     if not (data_dir(ctx) / "manifest.json").is_file():
         raise Skip("needs the data_prep check's corpus (run it in the same --work)")
+    if ctx.elapsed() + FP16_SECONDS > ctx.args.budget:
+        raise Skip(
+            f"time budget: {ctx.elapsed():.0f} s of --budget {ctx.args.budget:.0f} s spent, and it takes about "
+            f"{FP16_SECONDS} s"
+        )
     s = ctx.shape.fp16
     init_scale = forcing_init_scale(s["micro_batch_size"] * s["seq_len"])
     runs = fp16_and_bf16_runs(ctx, data_dir(ctx))

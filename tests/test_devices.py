@@ -121,3 +121,24 @@ def test_the_trainer_refuses_a_precision_the_device_cannot_run(monkeypatch):
     monkeypatch.setattr(train_accelerate, "pick_device", lambda: torch.device("cuda"))
     with pytest.raises(ConfigError, match="no bf16 units"):
         train_accelerate.build_accelerator(TrainConfig(mixed_precision="bf16"))
+
+
+def test_free_memory_on_a_mac_is_unknown_not_a_crash(monkeypatch):
+    """macOS has no /proc/meminfo and no SC_AVPHYS_PAGES (os.sysconf raises ValueError): the memory check
+    before training gets None (and skips) instead of the traceback that stopped every run there."""
+    import os
+
+    import training.memory as memory
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+
+    def mac_sysconf(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return 16384
+
+    monkeypatch.setattr(memory, "open", no_proc, raising=False)
+    monkeypatch.setattr(os, "sysconf", mac_sysconf)
+    assert memory.available_bytes(torch.device("mps")) is None
+    assert memory.available_bytes(torch.device("cpu")) is None
