@@ -20,12 +20,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from trainer_runs import ROOT, kill_at_step, metric, nano_args, records, train_in_process
+from trainer_runs import ROOT, kill_at_step, metric, nano_args, records, run_cli, train_in_process
 
 import train_accelerate
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from training.checkpoints import latest_checkpoint
-from training.config import ConfigError, TrainConfig
+from training.config import TrainConfig
 from training.guard import MIN_LOSS_SCALE, Guard
 from training.recipe import build_optimizer
 from training.step import train_step
@@ -193,12 +193,20 @@ def test_fp16_run_logs_overflows_resumes_exactly_after_sigkill(cpu_scaler, data_
         assert metric(out, name) == metric(reference, name), name
 
 
-def test_fp16_on_a_cpu_and_compile_without_a_backend_are_one_line_errors(data_dir, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        train_in_process(nano_args(data_dir, tmp_path / "fp16", mixed_precision="fp16"))
-    assert not (tmp_path / "fp16").exists()
-    monkeypatch.setenv("CXX", "")
-    monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on it
-    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
-        train_in_process(nano_args(data_dir, tmp_path / "compile", compile="true"))
-    assert not (tmp_path / "compile").exists()
+def test_fp16_on_a_cpu_and_compile_without_a_backend_are_one_line_errors(data_dir, tmp_path):
+    """As a user runs the trainer: one `error:` line, exit status 2, nothing written."""
+    fp16 = run_cli(nano_args(data_dir, tmp_path / "fp16", mixed_precision="fp16"))
+    assert fp16.returncode == 2 and fp16.stderr.strip().splitlines()[-1].startswith(
+        "error: mixed_precision fp16 needs a GPU (CUDA, or MPS on Apple silicon)"
+    )
+    # no C++ compiler on PATH (the interpreter is run by its full path)
+    compiled = run_cli(
+        nano_args(data_dir, tmp_path / "compile", compile="true"), env={"PATH": str(tmp_path), "CXX": ""}
+    )
+    assert compiled.returncode == 2 and compiled.stderr.strip().splitlines()[-1].startswith(
+        "error: compile: torch.compile's inductor needs a C++ compiler on the CPU"
+    )
+    for done in (fp16, compiled):
+        assert sum(line.startswith("error:") for line in done.stderr.splitlines()) == 1
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "fp16").exists() and not (tmp_path / "compile").exists()
