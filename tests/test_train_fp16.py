@@ -193,6 +193,25 @@ def test_fp16_run_logs_overflows_resumes_exactly_after_sigkill(cpu_scaler, data_
         assert metric(out, name) == metric(reference, name), name
 
 
+def test_auto_on_a_gpu_without_bf16_trains_fp16_and_says_so(cpu_scaler, data_dir, tmp_path, monkeypatch):
+    """`--mixed_precision auto` (the default) on a CUDA GPU without bf16 units (a T4 or V100, injected
+    into `training.devices`; Accelerate still runs on this CPU, with the CPU GradScaler): the run trains
+    fp16 with loss scaling, and run_info.json, the checkpoint's settings and the model card say so."""
+    import training.devices as devices
+
+    monkeypatch.setattr(devices, "availability", lambda: devices.Availability(cuda=True, cuda_bf16=False))
+    monkeypatch.setattr(train_accelerate, "pick_device", lambda: torch.device("cuda"))
+    out = tmp_path / "auto"
+    train_in_process(nano_args(data_dir, out, **{**FP16, "mixed_precision": "auto", "stop_at_step": 4}))
+    assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "fp16"
+    state = json.loads((out / "checkpoints" / "step_000004" / "train_state.json").read_text())
+    assert state["settings"]["mixed_precision"] == "fp16"
+    trained = [r for r in records(out) if "train/loss" in r]
+    assert all("loss_scale" in r for r in trained) and trained[0]["overflow"]  # the scaler is on
+    for export in ("hf", "hf-gpt2"):
+        assert "| `mixed_precision` | `auto (fp16, loss-scaled)` |" in (out / export / "README.md").read_text()
+
+
 def test_fp16_on_a_cpu_and_compile_without_a_backend_are_one_line_errors(data_dir, tmp_path):
     """As a user runs the trainer: one `error:` line, exit status 2, nothing written."""
     fp16 = run_cli(nano_args(data_dir, tmp_path / "fp16", mixed_precision="fp16"))
