@@ -96,24 +96,37 @@ def test_eval_commands_pick_the_device_the_trainer_does(on_a_mac):
     assert launched_accelerator() is None  # not under a launcher: no Accelerator
 
 
-def test_the_trainer_turns_compile_off_on_mps_with_one_log_line(on_a_mac, monkeypatch, caplog):
+class Lines(logging.Handler):
+    """The messages of the records a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_the_trainer_turns_compile_off_on_mps_with_one_log_line(on_a_mac, monkeypatch):
     from accelerate.utils import DynamoBackend
 
     picked = []
     monkeypatch.setattr(train_accelerate, "pick_device", lambda: picked.append(1) or torch.device("mps"))
     config = TrainConfig(compile=True, mixed_precision="no", report_to="none")
-    monkeypatch.setattr(train_accelerate.logger, "propagate", True)  # to caplog, whatever setup_logging did
+    logged = Lines()
+    train_accelerate.logger.addHandler(logged)
     try:
-        with caplog.at_level(logging.WARNING, logger="train"):
-            accelerator = train_accelerate.build_accelerator(config)
+        accelerator = train_accelerate.build_accelerator(config)
         backend = accelerator.state.dynamo_plugin.backend
     finally:
+        train_accelerate.logger.removeHandler(logged)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert picked == [1]
     assert backend == DynamoBackend.NO
-    lines = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
-    assert lines == ["compile: off on mps (inductor's backend there is a prototype); training eager"]
+    assert [line for line in logged.lines if "compile" in line] == [
+        "compile: off on mps (inductor's backend there is a prototype); training eager"
+    ]
 
 
 def test_the_trainer_refuses_a_precision_the_device_cannot_run(monkeypatch):
