@@ -4,7 +4,8 @@ A CUDA GPU first, then Apple silicon's GPU (MPS), then the CPU, as Accelerate's 
 What each device can run is decided here too, each from what the installed PyTorch reports:
 
 - precision: `auto` is bf16 on a CUDA GPU with bf16 units (Ampere and newer), fp16 with loss scaling on
-  one without (T4, V100: bf16 there is emulated, several times slower than fp16), bf16 on MPS where
+  one without (T4, V100: no bf16 tensor cores, so bf16 is emulated at fp32's rate at best, which the
+  datasheets put 8x below fp16's on a T4), bf16 on MPS where
   PyTorch runs it (macOS 14 or newer), and fp32 on a CPU (bf16 is native only on CPUs with AVX-512 BF16 or
   AMX, about 100x slower elsewhere; ask for it with `--mixed_precision bf16`);
 - fused AdamW where PyTorch has the fused kernel for the device type;
