@@ -57,6 +57,7 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
 from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
+from training.devices import compile_problem, compile_supported, pick_device, precision_problem
 from training.export import export_model, exported_step
 from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, push_export
@@ -74,7 +75,7 @@ from training.recipe import (
     set_lr,
 )
 from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
-from training.step import train_step
+from training.step import StepResult, train_step
 from training.verify import CheckpointError
 from user_errors import run_command
 
@@ -82,19 +83,29 @@ logger = logging.getLogger("train")
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
-    """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile."""
-    cpu = not torch.cuda.is_available()
-    if cpu and config.mixed_precision == "fp16":  # Accelerate would train in fp32 and report fp16
-        raise ConfigError("mixed_precision fp16 needs a CUDA GPU; on CPU use 'no' (fp32) or 'bf16'")
+    """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile.
+
+    The device is `training.devices.pick_device`'s (CUDA, else Apple silicon's MPS, else the CPU), as every
+    command picks it; a precision or compile that the device cannot run is refused in one line."""
+    device = pick_device()
+    precision = resolve_mixed_precision(config.mixed_precision)
+    if problem := precision_problem(precision, device.type):  # e.g. fp16 on a CPU: Accelerate would train fp32
+        raise ConfigError(problem)
+    compile = config.compile and compile_supported(device.type)
+    if config.compile and not compile:
+        logger.warning("compile: off on %s (inductor's backend there is a prototype); training eager", device.type)
+    if compile and (problem := compile_problem(device.type)):
+        raise ConfigError(problem)
+    cpu = device.type == "cpu"
     world_size = PartialState(cpu=cpu).num_processes  # needed before the accumulation steps are known
     trackers = [t for t in tracker_names(config.report_to) if t != "none"]
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        mixed_precision=precision,
         gradient_accumulation_steps=grad_accum_steps(config, world_size),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
-        dynamo_backend="inductor" if config.compile else None,
+        dynamo_backend="inductor" if compile else None,
     )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead
@@ -108,7 +119,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True
-    elif accelerator.mixed_precision != "no":
+    elif accelerator.device.type == "cpu" and accelerator.mixed_precision != "no":
         logger.warning(  # native only with AVX-512 BF16 or AMX; elsewhere about 100x slower than fp32
             "mixed_precision=%s on CPU: fast only where the CPU has bf16 units", config.mixed_precision
         )
@@ -199,14 +210,18 @@ def log_metrics(run: Run, metrics: dict[str, float]) -> None:
     logger.info("step %d | %s", run.state.step, " | ".join(f"{k} {format_value(k, v)}" for k, v in metrics.items()))
 
 
-def log_train(run: Run, loss: float, grad_norm: float, lr: float, problem: dict | None = None) -> None:
+def log_train(run: Run, step: StepResult, lr: float, problem: dict | None = None) -> None:
     """A training record; a NaN or infinite loss or norm is left out (JSON has no such numbers) and the
-    guard's finding (`skipped`, `spike`) and count of skipped updates are in."""
+    guard's finding (`skipped`, `spike`, `overflow`) and count of skipped updates are in; under fp16 also
+    the loss scale after the step and the count of updates the scaler skipped."""
+    loss, grad_norm = step.loss, step.grad_norm
     if math.isfinite(loss):
         run.first_loss = loss if run.first_loss is None else run.first_loss
         run.last_loss = loss
     values = {name: v for name, v in (("train/loss", loss), ("grad_norm", grad_norm)) if math.isfinite(v)}
     guard = {**(problem or {}), "skipped_steps": run.guard.skipped}
+    if step.loss_scale is not None:
+        guard.update(loss_scale=step.loss_scale, overflow_steps=run.guard.overflows)
     log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap()})
 
 
@@ -245,9 +260,9 @@ def generate_samples(run: Run) -> list[str]:
     c, device, encoding = run.config, run.accelerator.device, get_encoding()
     ids = encoding.encode(c.sample_prompt, allowed_special={"<|endoftext|>"})  # the separator may start a prompt
     prompt = torch.tensor([ids] * c.num_samples, device=device)
-    devices = [device] if device.type == "cuda" else []
+    devices = [device] if device.type in ("cuda", "mps") else []
     model = run.unwrapped
-    with torch.random.fork_rng(devices=devices), inference(model):
+    with torch.random.fork_rng(devices=devices, device_type=device.type), inference(model):
         torch.manual_seed(c.seed)
         out = model.generate(
             prompt,
@@ -335,16 +350,16 @@ def train(run: Run) -> bool:
         while state.step < end:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
-            loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            step = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
-            problem = run.guard.judge(loss, grad_norm)
+            problem = run.guard.judge(*step)
             if problem is not None or state.step % c.log_interval == 0:
-                log_train(run, loss, grad_norm, lr, problem)
+                log_train(run, step, lr, problem)
             bar.update()
             if run.guard.must_roll_back:
-                why = problem.get("skipped") or f"loss {loss:.4g}, {problem['spike']:.1f}x the recent median"
+                why = problem.get("skipped") or f"loss {step.loss:.4g}, {problem['spike']:.1f}x the recent median"
                 log_metrics(run, roll_back(run.accelerator, run.paths.checkpoints, state, run.guard, why))
                 bar.n = state.step
                 run.meter.restart()
@@ -532,7 +547,7 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
     return {
         "processes": acc.num_processes,
         "distributed_type": str(acc.distributed_type),
-        "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(acc.device),
         "mixed_precision": acc.mixed_precision,
         "fsdp_mixed_precision": fsdp_precision(acc),
         "gradient_accumulation_steps": acc.gradient_accumulation_steps,
@@ -541,6 +556,14 @@ def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[s
         "peak_flops_per_device": run.meter.peak,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or for MPS and the CPU the processor's (Apple's chips name both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    processor = platform.processor() or platform.machine() or "cpu"
+    return f"mps ({processor})" if device.type == "mps" else processor
 
 
 def command(argv: list[str] | None = None) -> int:

@@ -108,7 +108,8 @@ def test_smoke_runs_every_check_without_datasets_evaluate_or_the_editable_instal
             assert c["detail"].startswith("skipped: ") and len(c["detail"]) > len("skipped: ") + 10
     cpu = not torch.cuda.is_available()
     # TF32 needs CUDA; Accelerate runs FSDP only on accelerators (test_gpu_check_fsdp.py tests the check's parts)
-    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32", "fsdp"} if cpu else set())
+    # and makes fp16's loss scaler only on a GPU (the check's parts are tested below)
+    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32", "fsdp", "fp16"} if cpu else set())
     assert report["finished"] and report["running"] is None and report["smoke"]
     assert report["versions"]["datasets"] is None and report["versions"]["evaluate"] is None  # seen inside
     assert "absent: datasets, evaluate" in checks[0]["detail"]
@@ -208,3 +209,36 @@ def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds
     assert x.shape == y.shape == (32, 1024)
     val = list(iter_val_batches(data_dir, config.micro_batch_size, config.seq_len, max_batches=config.val_batches))
     assert len(val) == config.val_batches  # the built-in val shard holds the trainer's evaluation batches
+
+
+def test_the_fp16_check_forces_overflows_and_tracks_bf16(data_dir, tmp_path, monkeypatch):
+    """The fp16 check's runs on the CPU, with a real CPU GradScaler where Accelerate keeps it on a GPU
+    (tests/fp16_on_cpu.py, which honours the check's GradScalerKwargs): the first step overflows, the scale
+    halves, fp16 ends close to bf16; and the verdict fails a run whose scale never came down (the bug of
+    issue 26: every step overflowed) or whose loss went astray."""
+    import fp16_on_cpu
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "__init__", fp16_on_cpu.init_with_cpu_scaler)
+    torch.set_num_threads(1)
+    ctx = gpu_check.Context(argparse.Namespace(smoke=True), torch.device("cpu"), gpu_check.SMOKE_SHAPE, tmp_path, {})
+    runs = gpu_check.fp16_and_bf16_runs(ctx, data_dir)
+    s = gpu_check.SMOKE_SHAPE.fp16
+    init_scale = gpu_check.forcing_init_scale(s["micro_batch_size"] * s["seq_len"])
+    detail = gpu_check.judge_fp16(runs, init_scale)
+    assert runs["fp16"][0]["overflow"] and runs["fp16"][0]["loss_scale"] == init_scale / 2, detail
+    # bf16 skips the updates fp16 overflowed on, and has no scaler
+    skipped = [i for i, r in enumerate(runs["fp16"]) if r["overflow"]]
+    assert [i for i, r in enumerate(runs["bf16"]) if r is None] == skipped
+    assert all(not r["overflow"] and r["loss_scale"] is None for r in runs["bf16"] if r is not None)
+    print(detail)
+
+    stuck = [{**r, "overflow": True, "loss_scale": init_scale} for r in runs["fp16"]]
+    with pytest.raises(AssertionError):
+        gpu_check.judge_fp16({**runs, "fp16": stuck}, init_scale)
+    astray = [{**r, "loss": r["loss"] * 1.05} if i == len(runs["fp16"]) // 2 else r for i, r in enumerate(runs["fp16"])]
+    with pytest.raises(AssertionError):
+        gpu_check.judge_fp16({**runs, "fp16": astray}, init_scale)
+    never = [{**r, "overflow": False} for r in runs["fp16"]]  # no overflow forced: the check proves nothing
+    with pytest.raises(AssertionError):
+        gpu_check.judge_fp16({**runs, "fp16": never}, init_scale)

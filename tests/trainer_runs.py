@@ -56,11 +56,12 @@ def train_in_process(argv: list[str]) -> dict:
         GradientState._reset_state()
 
 
-def launch(argv: list[str]) -> subprocess.Popen:
+def launch(argv: list[str], script: Path = ROOT / "train_accelerate.py", env: dict | None = None) -> subprocess.Popen:
+    """`python SCRIPT ARGV` (the trainer, or a test wrapper that runs it), `env` added to the environment."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
+        [sys.executable, str(script), *argv],
         cwd=ROOT,
-        env=ONE_THREAD,
+        env={**ONE_THREAD, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -124,9 +125,10 @@ def run_cli(
     )
 
 
-def kill_at_step(argv: list[str], out_dir: Path, step: int) -> None:
-    """Launch the trainer, SIGKILL it once it has logged `step`, and wait for it to be gone."""
-    proc = launch(argv)
+def kill_at_step(argv: list[str], out_dir: Path, step: int, **launch_args) -> None:
+    """Launch the trainer (`launch_args`: see `launch`), SIGKILL it once it has logged `step`, and wait for it
+    to be gone."""
+    proc = launch(argv, **launch_args)
     wait_for_step(out_dir, proc, step)
     proc.kill()
     proc.wait()

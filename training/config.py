@@ -106,7 +106,11 @@ class TrainConfig:
     gradient_checkpointing: bool = arg(
         False, "recompute each block's activations in backward: less memory, ~1/3 more block compute (large models)"
     )
-    mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that has it, else fp32), 'no', 'bf16', 'fp16' (CUDA only)")
+    mixed_precision: str = arg(
+        "auto",
+        "'auto' (bf16 on GPUs with bf16 units, fp16 loss-scaled on CUDA GPUs without, fp32 on CPU), 'no', 'bf16', "
+        "'fp16' (GPU only)",
+    )
     peak_flops: float | None = arg(None, "peak FLOP/s per device for MFU (None: datasheet bf16 / measured fp32)")
     # Hugging Face Hub
     push_to_hub: bool = arg(False, "push the HF export with a model card to the Hub at the end")

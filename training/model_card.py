@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import yaml
 
@@ -64,7 +64,8 @@ def data_source(manifest: dict) -> DataSource:
             dataset, f"[{dataset}](https://huggingface.co/datasets/{dataset}) ({details})", dataset, fields
         )
     if kind == "files" and isinstance(source.get("files"), list):
-        names = [Path(str(f.get("path", "?"))).name for f in source["files"] if isinstance(f, dict)]
+        # by name only, whichever system wrote the manifest: PureWindowsPath splits at backslashes and slashes
+        names = [PureWindowsPath(str(f.get("path", "?"))).name for f in source["files"] if isinstance(f, dict)]
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         column = f", text column `{source['text_column']}`" if source.get("text_column") else ""
         listed = ", ".join(f"`{name}`" for name in names[:5])
@@ -227,8 +228,9 @@ class ModelCard:
             return []
         fields = {name: portable(value, self.out_dir) for name, value in dataclasses.asdict(self.config).items()}
         trained = trained_precision(self.out_dir)
-        if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16 on a GPU, fp32 on a CPU
-            fields["mixed_precision"] = f"{fields['mixed_precision']} ({trained})"
+        if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16, fp16 or fp32 ('no')
+            label = "fp16, loss-scaled" if trained == "fp16" else trained
+            fields["mixed_precision"] = f"{fields['mixed_precision']} ({label})"
         return [
             "## Training config",
             "",
