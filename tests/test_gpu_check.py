@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+from gpu_checks.common import GPU_SHAPE, Context  # noqa: E402
+from gpu_checks.kernels import compare_generations  # noqa: E402
+from gpu_checks.launch import train_command  # noqa: E402
 
 # Put on PYTHONPATH, this makes every Python process started under it look like the GPU image: `datasets`
 # and `evaluate` are not installed (their modules and their package metadata are hidden from every
@@ -146,11 +149,11 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
     scores = torch.randn(2, 4, 10)
     scores[:, :, 3] = float("-inf")  # masked, as min_new_tokens masks the end of text
     tokens = scores.argmax(-1)
-    assert "tokens equal" in gpu_check.compare_generations(tokens, tokens.clone(), scores, scores + 1e-7)
+    assert "tokens equal" in compare_generations(tokens, tokens.clone(), scores, scores + 1e-7)
     with pytest.raises(AssertionError):  # equal tokens, scores apart
-        gpu_check.compare_generations(tokens, tokens.clone(), scores, scores + 1e-2)
+        compare_generations(tokens, tokens.clone(), scores, scores + 1e-2)
     with pytest.raises(AssertionError):  # a NaN never passes
-        gpu_check.compare_generations(tokens, tokens.clone(), scores, scores.clone().fill_(float("nan")))
+        compare_generations(tokens, tokens.clone(), scores, scores.clone().fill_(float("nan")))
 
     parted, other = tokens.clone(), tokens.clone()
     runner_up = scores[1, 2].topk(2).indices[1]
@@ -158,9 +161,9 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
     tied = scores.clone()
     tied[1, 2, runner_up] = tied[1, 2, parted[1, 2]] - 1e-7  # a near-tie: within the rounding between the runs
     noise = tied + 1e-6 * torch.randn_like(tied)
-    assert "near-tie" in gpu_check.compare_generations(parted, other, tied, noise)
+    assert "near-tie" in compare_generations(parted, other, tied, noise)
     with pytest.raises(AssertionError, match="not a near-tie"):  # the runner-up was far behind
-        gpu_check.compare_generations(parted, other, scores, scores + 1e-6 * torch.randn_like(scores))
+        compare_generations(parted, other, scores, scores + 1e-6 * torch.randn_like(scores))
 
 
 def test_an_unknown_check_or_the_full_check_without_cuda_is_a_user_error():
@@ -194,8 +197,8 @@ def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds
     from training.recipe import grad_accum_steps
 
     args = argparse.Namespace(smoke=False)
-    ctx = gpu_check.Context(args, torch.device("cuda"), gpu_check.GPU_SHAPE, tmp_path, {})
-    command = gpu_check.train_command(ctx, tmp_path / "run")
+    ctx = Context(args, torch.device("cuda"), GPU_SHAPE, tmp_path, {})
+    command = train_command(ctx, tmp_path / "run")
     assert command[command.index("--config_file") + 1].endswith("accelerate_configs/gpu_1.yaml")
     config = parse_config(command[command.index(str(ROOT / "train_accelerate.py")) + 1 :])
     assert (config.model, config.seq_len, config.compile, config.mixed_precision) == ("gpt2", 1024, True, "auto")
