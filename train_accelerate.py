@@ -13,9 +13,9 @@ This file builds the pieces and runs the loop, top to bottom: `main` (the config
 run folder's lock) -> `run_training` (the remote and Hub checks, the data, the checkpoint to resume, the
 memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`, `save`) -> `finish`
 (the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
-package: config, recipe (batch arithmetic, LR schedule, optimizer, precision), step, data, memory,
-metrics, checkpoints, export and model_card, remote (checkpoint_remote), paths and run_dir, hub,
-processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
+package: config, accelerator and devices (what the launch runs on), recipe (batch arithmetic, LR
+schedule, optimizer, precision), step, guard, data, evaluation, memory, metrics, checkpoints and verify,
+export and model_card, remote (checkpoint_remote), paths and run_dir (the run's record), hub, processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import remote
+from training.accelerator import build_accelerator, setup_logging
 from training.checkpoints import (
     TrainState,
     find_resume_checkpoint,
@@ -55,9 +55,9 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
+from training.config import TrainConfig, parse_config, parse_duration
 from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
-from training.devices import compile_problem, compile_supported, pick_device, precision_problem
+from training.evaluation import generate_samples, load_hellaswag
 from training.export import export_model, exported_step
 from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, push_export
@@ -67,90 +67,16 @@ from training.model_card import write_model_cards
 from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
 from training.recipe import (
     build_optimizer,
-    check_optimizer_supported,
-    grad_accum_steps,
     launcher_precision_note,
     lr_at,
-    resolve_mixed_precision,
     set_lr,
 )
-from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
+from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, launch_facts, own_store, read_run_id
 from training.step import StepResult, train_step
 from training.verify import CheckpointError
 from user_errors import run_command
 
 logger = logging.getLogger("train")
-
-
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile.
-
-    The device is `training.devices.pick_device`'s (CUDA, else Apple silicon's MPS, else the CPU), as every
-    command picks it; a precision or compile that the device cannot run is refused in one line."""
-    device = pick_device()
-    precision = resolve_mixed_precision(config.mixed_precision)
-    if problem := precision_problem(precision, device.type):  # e.g. fp16 on a CPU: Accelerate would train fp32
-        raise ConfigError(problem)
-    compile = config.compile and compile_supported(device.type)
-    if config.compile and not compile:
-        logger.warning("compile: off on %s (inductor's backend there is a prototype); training eager", device.type)
-    if compile and (problem := compile_problem(device.type)):
-        raise ConfigError(problem)
-    cpu = device.type == "cpu"
-    world_size = PartialState(cpu=cpu).num_processes  # needed before the accumulation steps are known
-    trackers = [t for t in tracker_names(config.report_to) if t != "none"]
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=precision,
-        gradient_accumulation_steps=grad_accum_steps(config, world_size),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
-        dynamo_backend="inductor" if compile else None,
-    )
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
-        # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead
-        raise ConfigError(
-            f"this launch asks for FSDP, but Accelerate runs FSDP only on GPUs (and other accelerators): here it "
-            f"would train with {accelerator.distributed_type.value} and write unsharded checkpoints; on CPU launch "
-            "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
-        )
-    check_optimizer_supported(config, accelerator.distributed_type)
-    keep_fsdp_gradients_fp32(accelerator)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
-        torch.backends.cudnn.allow_tf32 = True
-    elif accelerator.device.type == "cpu" and accelerator.mixed_precision != "no":
-        logger.warning(  # native only with AVX-512 BF16 or AMX; elsewhere about 100x slower than fp32
-            "mixed_precision=%s on CPU: fast only where the CPU has bf16 units", config.mixed_precision
-        )
-    return accelerator
-
-
-def keep_fsdp_gradients_fp32(accelerator: Accelerator) -> None:
-    """FSDP2 under bf16: the blocks compute with bf16 copies of the weights, as Accelerate sets it up,
-    but the gradients are reduced in float32 (and, torch's FSDP2 does it when the reduce dtype is wider,
-    accumulated over micro-steps in float32) and the model's outputs are left as it makes them, as
-    torchtitan does. Accelerate's policy reduces in bf16 (and 1.15's also cast the float32 loss to bf16);
-    the sums over many ranks lose less in float32 (docs/training.md, "Precision")."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin = accelerator.state.fsdp_plugin
-    policy = plugin.mixed_precision_policy
-    if plugin.fsdp_version == 2 and policy is not None and policy.param_dtype == torch.bfloat16:
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-def fsdp_precision(accelerator: Accelerator) -> dict[str, str | None] | None:
-    """The dtypes of FSDP2's mixed-precision policy as this launch runs it (run_info.json), or None."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return None
-    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
-    if policy is None:
-        return None
-    dtypes = {name: getattr(policy, name, None) for name in ("param_dtype", "reduce_dtype", "output_dtype")}
-    return {name: None if dtype is None else str(dtype).removeprefix("torch.") for name, dtype in dtypes.items()}
 
 
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:
@@ -225,61 +151,6 @@ def log_train(run: Run, step: StepResult, lr: float, problem: dict | None = None
     log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap()})
 
 
-def load_hellaswag(config: TrainConfig, accelerator: Accelerator) -> list[dict] | None:
-    """The HellaSwag examples to score at each evaluation, or None (with one log line) when unavailable.
-
-    'auto' reads eval's cached copy (fetched when online, the main process first); a missing explicit
-    path is an error, found here before training starts.
-    """
-    if config.hellaswag_path == "none":
-        logger.info("HellaSwag: off (hellaswag_path=none)")
-        return None
-    from eval.hellaswag import HellaSwagDataError, load_examples
-
-    path = None if config.hellaswag_path == "auto" else config.hellaswag_path
-    examples, error = None, None
-    with accelerator.main_process_first():
-        try:
-            examples = load_examples(path, limit=config.hellaswag_limit)
-        except HellaSwagDataError as err:
-            error = err
-    if error is not None and path is not None:
-        raise error
-    if error is not None:
-        logger.info("HellaSwag: skipped, no data (%s)", error)
-    return examples
-
-
-def generate_samples(run: Run) -> list[str]:
-    """`num_samples` top-k 50 continuations of `sample_prompt`, drawn under a fixed seed in a forked RNG so
-    that the training RNG (dropout) is the same whether or not samples were drawn. All ranks generate, so
-    sharded (FSDP) models work; the texts are the same everywhere."""
-    from data_prep.tokenizer import EOT_ID, get_encoding
-    from eval.common import inference
-
-    c, device, encoding = run.config, run.accelerator.device, get_encoding()
-    ids = encoding.encode(c.sample_prompt, allowed_special={"<|endoftext|>"})  # the separator may start a prompt
-    prompt = torch.tensor([ids] * c.num_samples, device=device)
-    devices = [device] if device.type in ("cuda", "mps") else []
-    model = run.unwrapped
-    with torch.random.fork_rng(devices=devices, device_type=device.type), inference(model):
-        torch.manual_seed(c.seed)
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            top_k=50,
-            max_new_tokens=c.sample_tokens,
-            pad_token_id=EOT_ID,
-        )
-    texts = []
-    for row in out.tolist():
-        new = row[prompt.shape[1] :]
-        end = new.index(EOT_ID) if EOT_ID in new else len(new)  # a document ended: drop the padding after it
-        texts.append(encoding.decode(row[: prompt.shape[1]] + new[:end]))
-    return texts
-
-
 def evaluate(run: Run) -> None:
     """Validation loss, HellaSwag when its data is there, and text samples; logged at the current step."""
     from eval.val_loss import evaluate_val_loss
@@ -306,7 +177,7 @@ def evaluate(run: Run) -> None:
     run.last_eval = metrics
     log_metrics(run, metrics)
     if c.num_samples:
-        samples = generate_samples(run)
+        samples = generate_samples(run.unwrapped, c, run.accelerator.device)
         if run.accelerator.is_main_process:
             append_jsonl(run.paths.samples, {"step": run.state.step, "prompt": c.sample_prompt, "samples": samples})
             logger.info("samples at step %d:\n%s", run.state.step, "\n".join(f"  > {s!r}" for s in samples))
@@ -433,20 +304,6 @@ def shut_down(run: Run) -> None:
         run.accelerator.state.destroy_process_group()  # also when a tracker failed to finish; once only
 
 
-def setup_logging(accelerator: Accelerator) -> None:
-    """Our log lines on the main process; Accelerate's per-save chatter and transformers' save bars off."""
-    from transformers.utils import logging as transformers_logging
-
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     config = parse_config(argv)
@@ -534,36 +391,12 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(run.config, accelerator)
     if accelerator.is_main_process:
-        describe_run(run.config, run.paths, run_facts(run, flops_per_token, checkpoint))
+        facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
+        describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 
     complete = train(run)
     return finish(run, complete)
-
-
-def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[str, Any]:
-    """What the config alone does not say: the launch's processes, precision, device and model size."""
-    acc = run.accelerator
-    return {
-        "processes": acc.num_processes,
-        "distributed_type": str(acc.distributed_type),
-        "device": device_name(acc.device),
-        "mixed_precision": acc.mixed_precision,
-        "fsdp_mixed_precision": fsdp_precision(acc),
-        "gradient_accumulation_steps": acc.gradient_accumulation_steps,
-        "parameters": sum(p.numel() for p in run.unwrapped.parameters()),
-        "flops_per_token": flops_per_token,
-        "peak_flops_per_device": run.meter.peak,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-    }
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or for MPS and the CPU the processor's (Apple's chips name both)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    processor = platform.processor() or platform.machine() or "cpu"
-    return f"mps ({processor})" if device.type == "mps" else processor
 
 
 def command(argv: list[str] | None = None) -> int:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-import train_accelerate
 import training.devices as devices
 from eval.common import autocast, launched_accelerator, resolve_device
+from training import accelerator as accelerator_setup
 from training.config import ConfigError, TrainConfig
 from training.devices import Availability
 from user_errors import UserError
@@ -111,15 +111,15 @@ def test_the_trainer_turns_compile_off_on_mps_with_one_log_line(on_a_mac, monkey
     from accelerate.utils import DynamoBackend
 
     picked = []
-    monkeypatch.setattr(train_accelerate, "pick_device", lambda: picked.append(1) or torch.device("mps"))
+    monkeypatch.setattr(accelerator_setup, "pick_device", lambda: picked.append(1) or torch.device("mps"))
     config = TrainConfig(compile=True, mixed_precision="no", report_to="none")
     logged = Lines()
-    train_accelerate.logger.addHandler(logged)
+    accelerator_setup.logger.addHandler(logged)
     try:
-        accelerator = train_accelerate.build_accelerator(config)
+        accelerator = accelerator_setup.build_accelerator(config)
         backend = accelerator.state.dynamo_plugin.backend
     finally:
-        train_accelerate.logger.removeHandler(logged)
+        accelerator_setup.logger.removeHandler(logged)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert picked == [1]
@@ -131,9 +131,9 @@ def test_the_trainer_turns_compile_off_on_mps_with_one_log_line(on_a_mac, monkey
 
 def test_the_trainer_refuses_a_precision_the_device_cannot_run(monkeypatch):
     monkeypatch.setattr(devices, "availability", lambda: T4)
-    monkeypatch.setattr(train_accelerate, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(accelerator_setup, "pick_device", lambda: torch.device("cuda"))
     with pytest.raises(ConfigError, match="no bf16 units"):
-        train_accelerate.build_accelerator(TrainConfig(mixed_precision="bf16"))
+        accelerator_setup.build_accelerator(TrainConfig(mixed_precision="bf16"))
 
 
 def test_free_memory_on_a_mac_is_unknown_not_a_crash(monkeypatch):

@@ -22,8 +22,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from trainer_runs import ROOT, kill_at_step, metric, nano_args, records, run_cli, train_in_process
 
-import train_accelerate
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from training import accelerator as accelerator_setup
 from training.checkpoints import latest_checkpoint
 from training.config import TrainConfig
 from training.guard import MIN_LOSS_SCALE, Guard
@@ -156,7 +156,7 @@ def cpu_scaler(monkeypatch):
     for name, value in SCALER.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(Accelerator, "__init__", fp16_on_cpu.init_with_cpu_scaler)
-    monkeypatch.setattr(train_accelerate, "precision_problem", fp16_on_cpu.precision_problem_but_cpu_fp16)
+    monkeypatch.setattr(accelerator_setup, "precision_problem", fp16_on_cpu.precision_problem_but_cpu_fp16)
 
 
 def test_fp16_run_logs_overflows_resumes_exactly_after_sigkill(cpu_scaler, data_dir, tmp_path):
@@ -200,7 +200,7 @@ def test_auto_on_a_gpu_without_bf16_trains_fp16_and_says_so(cpu_scaler, data_dir
     import training.devices as devices
 
     monkeypatch.setattr(devices, "availability", lambda: devices.Availability(cuda=True, cuda_bf16=False))
-    monkeypatch.setattr(train_accelerate, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(accelerator_setup, "pick_device", lambda: torch.device("cuda"))
     out = tmp_path / "auto"
     train_in_process(nano_args(data_dir, out, **{**FP16, "mixed_precision": "auto", "stop_at_step": 4}))
     assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "fp16"
