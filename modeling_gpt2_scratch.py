@@ -531,7 +531,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         vocab_size = self.config.vocab_size
-        if labels is not None:
+        if labels is not None and shift_labels is None:  # given both, the pre-shifted targets win, as in transformers
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
         if loss_only:
             if shift_labels is None:
