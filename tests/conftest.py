@@ -1,6 +1,7 @@
 """Tests never touch the network: every model and data set is built in the test."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def pytest_collection_modifyitems(config, items):
     keep, deselected = [], []
     for item in items:
         not_applicable = getattr(getattr(item, "module", None), "NOT_APPLICABLE", {})
-        (deselected if item.name.split("[")[0] in not_applicable else keep).append(item)
+        # `parameterized` names each case `<test>_<index>_<params>`
+        name = re.sub(r"_\d+(_.*)?$", "", item.name.split("[")[0])
+        (deselected if name in not_applicable or item.name in not_applicable else keep).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = keep
