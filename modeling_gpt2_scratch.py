@@ -460,7 +460,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
 
         As in `GPT2LMHeadModel`: `inputs_embeds` (B, T, C) instead of `input_ids`; `token_type_ids`
         embedded with `wte` and added; `output_hidden_states` gives n_layer + 1 states (the embeddings,
-        each block's output, the last after `ln_f`); `output_attentions` gives each block's weights
+        each block's output, the last after `ln_f`; given indices, only those, the others None);
+        `output_attentions` gives each block's weights
         through `eager_attention`; `return_dict=False` gives a tuple. Unset, the last three follow the config.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -478,16 +479,18 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         x, mask = self.embed(input_ids, inputs_embeds, token_type_ids, attention_mask, position_ids, past_key_values)
+        keep = kept_hidden_states(output_hidden_states, config.n_layer + 1)
         hidden_states, attentions = [], []
         eager = output_attentions or config._attn_implementation == "eager"
-        for block in self.transformer.h:
-            if output_hidden_states:
-                hidden_states.append(x)  # GPT-2's first is the embeddings, the input of block 0
+        for i, block in enumerate(self.transformer.h):
+            if keep:
+                hidden_states.append(x if i in keep else None)  # GPT-2's first is the embeddings, block 0's input
             x, weights = block(x, attention_mask=mask, past_key_values=past_key_values, eager=eager)
             attentions.append(weights)
         x = self.transformer.ln_f(x)
+        last = x if config.n_layer in keep else None  # after ln_f, as GPT-2's
         extra = dict(
-            hidden_states=(*hidden_states, x) if output_hidden_states else None,  # the last after ln_f, as GPT-2's
+            hidden_states=(*hidden_states, last) if keep else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         output = self.head(x, labels, shift_labels, logits_to_keep, num_items_in_batch, loss_only)
@@ -544,6 +547,15 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
         return dict(loss=loss, logits=logits)
+
+
+def kept_hidden_states(selection: bool | int | list[int] | None, count: int) -> set[int]:
+    """The indices of the `count` hidden states that `output_hidden_states` asks for: all (True), none
+    (False), or the given ones (an int or a list; negative ones count from the end, as in transformers)."""
+    if selection is None or isinstance(selection, bool):
+        return set(range(count)) if selection else set()
+    indices = [selection] if isinstance(selection, int) else selection
+    return {i % count for i in indices if -count <= i < count}
 
 
 def padded_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -113,6 +113,16 @@ def test_hidden_states_and_attentions_per_step(pair):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_selected_hidden_states_per_step(pair):
+    ids, mask = prompts((4, 6))
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    expected, found = both(pair, return_dict_in_generate=True, output_hidden_states=[0, -1], **kwargs)
+    assert torch.equal(found.sequences, expected.sequences)
+    for mine, theirs in zip(found.hidden_states, expected.hidden_states, strict=True):
+        assert [h is None for h in mine] == [h is None for h in theirs] == [False, True, False]
+        torch.testing.assert_close(mine[-1][:, -1], theirs[-1][:, -1], atol=1e-4, rtol=0)
+
+
 def test_inputs_embeds(pair):
     official, ours = pair
     ids, mask = prompts((5, 3))

@@ -51,6 +51,18 @@ def test_hidden_states_are_gpt2s(pair, batch):
     assert ours(**batch).hidden_states is None  # not asked for, not kept
 
 
+@pytest.mark.parametrize("selection", [[0, -1], 2, [1, 1]])
+def test_selected_hidden_states_are_gpt2s(pair, batch, selection):
+    official, ours = pair
+    with torch.no_grad():
+        expected = official(**batch, output_hidden_states=selection).hidden_states
+        found = ours(**batch, output_hidden_states=selection).hidden_states
+        every = ours(**batch, output_hidden_states=True).hidden_states
+    assert [h is None for h in found] == [h is None for h in expected] and any(h is not None for h in found)
+    for mine, all_of_them in zip(found, every, strict=True):
+        assert mine is None or torch.equal(mine, all_of_them)
+
+
 def test_attention_weights_are_gpt2s_eager_ones(pair, batch):
     official, ours = pair
     official.set_attn_implementation("eager")  # GPT-2 returns no weights from SDPA

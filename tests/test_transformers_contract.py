@@ -20,6 +20,7 @@ import transformers
 from transformers_standins import GenerationTesterMixin
 from transformers_suite import TransformersTestsUnavailable, load_transformers_tests
 
+import modeling_gpt2_scratch
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 try:
@@ -123,6 +124,13 @@ class GPT2ScratchModelTest(common.ModelTesterMixin, GenerationTesterMixin, unitt
         names = {**common.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "gpt2_scratch": "GPT2ScratchForCausalLM"}
         with mock.patch.object(common, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", names):
             super().test_causal_lm_loss_honors_shift_labels()
+
+    def test_can_capture_specific_layers_hidden_states(self):
+        # The test runs for models that declare transformers' capture hooks (`_can_record_outputs`); ours selects
+        # the hidden states in `forward` itself, so it is declared for this test only, which checks the selection.
+        hooks = {"hidden_states": modeling_gpt2_scratch.GPT2ScratchBlock}
+        with mock.patch.object(GPT2ScratchForCausalLM, "_can_record_outputs", hooks):
+            super().test_can_capture_specific_layers_hidden_states()
 
     # transformers' resize tests count the rows of the embedding matrix as `vocab_size`; ours keeps the
     # matrix padded to `pad_vocab_multiple` (64 here: 99 tokens in 128 rows). With no padding
