@@ -429,6 +429,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         self.transformer.wte.weight.requires_grad_(requires_grad)
         self.lm_head.weight.requires_grad_(requires_grad)
         self.tie_weights()
+        self.lm_head.out_features = rows  # a tied head is the old module holding the new weight
         return self.get_input_embeddings()
 
     def forward(
@@ -461,8 +462,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         As in `GPT2LMHeadModel`: `inputs_embeds` (B, T, C) instead of `input_ids`; `token_type_ids`
         embedded with `wte` and added; `output_hidden_states` gives n_layer + 1 states (the embeddings,
         each block's output, the last after `ln_f`; given indices, only those, the others None);
-        `output_attentions` gives each block's weights
-        through `eager_attention`; `return_dict=False` gives a tuple. Unset, the last three follow the config.
+        `output_attentions` gives each block's weights through `eager_attention`; `return_dict=False`
+        gives a tuple. Unset, the last three follow the config.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")

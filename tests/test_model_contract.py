@@ -222,6 +222,7 @@ def test_resize_token_embeddings_matches_gpt2_and_keeps_padding(tied, mean_resiz
     assert torch.equal(ours.transformer.wte.weight[:90], official.transformer.wte.weight[:90])
     ours.resize_token_embeddings(130, pad_to_multiple_of=32)  # sets the multiple
     assert ours.transformer.wte.weight.shape == (160, 32) and ours.config.pad_vocab_multiple == 32
+    assert ours.lm_head.out_features == 160 and ours(ids).logits.shape == (1, 5, 130)
 
 
 def test_resized_model_survives_save_load_and_the_official_export(tmp_path):
