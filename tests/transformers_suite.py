@@ -90,6 +90,15 @@ def fetch_tests(version: str = transformers.__version__) -> Path:
     return folder
 
 
+def write_file(path: Path, text: str) -> None:
+    """`text` into `path` (in the cache folder, ours) through a temporary name, so a concurrent run never
+    reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
 # `test_pipeline_mixin` reads, on import, which tiny model of each class to test from a summary of
 # transformers' tiny models on the Hub (`tests/utils/tiny_model_summary.json`, not in the sdist), or from
 # `$TRANSFORMERS_TINY_MODEL_PATH/reports/` when that names a local folder: ours names our class and GPT-2's
@@ -118,12 +127,9 @@ def load_transformers_tests() -> dict[str, types.ModuleType]:
         sys.modules.setdefault(name, transformers_standins)
     # `test_pipeline_mixin` imports transformers from the source tree beside tests/ (src/transformers), to
     # read class names off it; an empty package there makes that the installed transformers.
-    source = folder.parent / "src" / "transformers"
-    source.mkdir(parents=True, exist_ok=True)
-    (source / "__init__.py").write_text("")
+    write_file(folder.parent / "src" / "transformers" / "__init__.py", "")
     tiny_models = folder.parent / "tiny-models"
-    (tiny_models / "reports").mkdir(parents=True, exist_ok=True)
-    (tiny_models / "reports" / "tiny_model_summary.json").write_text(json.dumps(TINY_MODEL_SUMMARY))
+    write_file(tiny_models / "reports" / "tiny_model_summary.json", json.dumps(TINY_MODEL_SUMMARY))
     before = os.environ.get("TRANSFORMERS_TINY_MODEL_PATH")
     os.environ["TRANSFORMERS_TINY_MODEL_PATH"] = str(tiny_models)
     try:
