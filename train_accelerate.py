@@ -15,7 +15,8 @@ memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`,
 (the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
 package: config, accelerator and devices (what the launch runs on), recipe (batch arithmetic, LR
 schedule, optimizer, precision), step, guard, data, evaluation, memory, metrics, checkpoints and verify,
-export and model_card, remote (checkpoint_remote), paths and run_dir (the run's record), hub, processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
+export and model_card, remote (checkpoint_remote), paths and run_dir (the run's record), hub, processes.
+A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,

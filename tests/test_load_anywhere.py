@@ -231,11 +231,14 @@ print(json.dumps({"cls": type(gpt2).__name__, "logits": logits.tolist(), "error"
 
 
 @pytest.fixture(scope="module")
-def transformers_4(request) -> Path:
-    """transformers 4.57.6 installed from PyPI into pytest's cache once (kept between runs)."""
-    target = Path(request.config.cache.mkdir("transformers-4.57.6"))
+def transformers_4() -> Path:
+    """transformers 4.57.6 installed from PyPI once into the tests' cache (kept between runs)."""
+    from transformers_suite import cache_root
+
+    target = cache_root() / "transformers-4.57.6"
     if not (target / "installed").is_file():
-        shutil.rmtree(target)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
         done = subprocess.run([*pip, *TRANSFORMERS_4], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:

@@ -45,12 +45,18 @@ class TransformersTestsUnavailable(RuntimeError):
     """transformers' test files for the installed version cannot be had here; the message says why."""
 
 
-def cache_dir() -> Path:
-    """`$GPT2_SCRATCH_CACHE` or `~/.cache/gpt2-scratch` (XDG), then `transformers-tests/VERSION`."""
+def cache_root() -> Path:
+    """Where tests keep what they fetch from PyPI between runs: `$GPT2_SCRATCH_CACHE` or
+    `~/.cache/gpt2-scratch` (XDG), outside the repository."""
     base = os.environ.get("GPT2_SCRATCH_CACHE")
     if base is None:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-scratch"
-    return Path(base) / "transformers-tests" / transformers.__version__
+    return Path(base)
+
+
+def cache_dir() -> Path:
+    """`cache_root()`, then `transformers-tests/VERSION`."""
+    return cache_root() / "transformers-tests" / transformers.__version__
 
 
 def fetch_tests(version: str = transformers.__version__) -> Path:
