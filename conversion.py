@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchConfig, GPT2ScratchForCausalLM
+from modeling_gpt2_scratch import (
+    GELU_APPROXIMATION,
+    GPT2_VOCAB_SIZE,
+    GPT2ScratchConfig,
+    GPT2ScratchForCausalLM,
+    padded_rows,
+)
 from user_errors import UserError
 
 # The config fields that mean the same in GPT-2's config and ours, in both directions. Dropout is the
@@ -62,11 +68,6 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return stripped
 
 
-def pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` with zero rows appended up to `rows` (the padded vocabulary)."""
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
-
-
 def from_state_dict(config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> GPT2ScratchForCausalLM:
     """A model with exactly the weights of `state`, a state dict in this model's layout (nn.Linear
     weights) whose token embedding may lack the vocabulary padding rows; `lm_head.weight` is taken
@@ -76,7 +77,7 @@ def from_state_dict(config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -
     if "transformer.wte.weight" not in state:
         raise ValueError(f"state dict has no transformer.wte.weight; found keys {sorted(state)[:8]}")
     wte = state["transformer.wte.weight"]
-    state["transformer.wte.weight"] = state["lm_head.weight"] = pad_rows(wte, config.padded_vocab_size)
+    state["transformer.wte.weight"] = state["lm_head.weight"] = padded_rows(wte, config.padded_vocab_size)
     model = GPT2ScratchForCausalLM(config).to(wte.dtype)
     model.load_state_dict(state, strict=True)
     model.tie_weights()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from conversion import from_nanogpt
 from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchForCausalLM
+from training.files import share_as_umask
 from user_errors import UserError, run_command
 
 
@@ -36,6 +37,8 @@ def convert(
     model.save_pretrained(out_dir)
     if model.config.vocab_size == GPT2_VOCAB_SIZE:
         save_hf_tokenizer(out_dir, model_max_length=model.config.n_positions)
+    for weights in Path(out_dir).glob("model*.safetensors"):  # written 0600 by safetensors
+        share_as_umask(weights)
     return model
 
 

@@ -117,7 +117,7 @@ def load_checkpoint_weights(checkpoint: Path, config):
             f"{checkpoint} has no {CHECKPOINT_WEIGHTS}; only unsharded checkpoints can be read (an FSDP checkpoint "
             "holds sharded weights: use the run's hf/ export instead)"
         )
-    from training.checkpoints import checkpoint_problems
+    from training.verify import checkpoint_problems
 
     if (checkpoint / "checkpoint.json").is_file() and (problems := checkpoint_problems(checkpoint)):
         raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}")
@@ -197,7 +197,8 @@ def export_run_locked(run: Path, config) -> list[Path]:
 
 def newest_intact_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint folder with no problem (a damaged newer one is passed over)."""
-    from training.checkpoints import checkpoint_problems, complete_checkpoints
+    from training.checkpoints import complete_checkpoints
+    from training.verify import checkpoint_problems
 
     found = complete_checkpoints(checkpoints)
     return next((found[step] for step in sorted(found, reverse=True) if not checkpoint_problems(found[step])), None)

@@ -14,11 +14,20 @@ functions of `conversion.py`, which imports this file and never the reverse.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+import transformers
 from huggingface_hub.dataclasses import strict
 from torch import nn
+
+if int(transformers.__version__.split(".")[0]) < 5:  # strict configs, `initialization`, the v5 Cache below
+    raise ImportError(
+        f"modeling_gpt2_scratch needs transformers >= 5 (this is {transformers.__version__}); with transformers "
+        "4.x, load the same weights from the run's official GPT-2 export, hf-gpt2/ (GPT2LMHeadModel, no remote code)"
+    )
+
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -129,8 +138,13 @@ class GPT2ScratchAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
-    ) -> torch.Tensor:
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        eager: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output, and the attention weights (B, nh, T, S) when `eager` (else None)."""
         B, T, C = hidden_states.shape
         q, k, v = self.c_attn(hidden_states).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -138,17 +152,35 @@ class GPT2ScratchAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
-        # No mask means plain causal attention, which SDPA runs with its flash / fused kernels.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attention_mask is None and T > 1,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        dropout = self.dropout if self.training else 0.0
+        if eager:
+            y, weights = eager_attention(q, k, v, attention_mask, dropout)
+        else:
+            # No mask means plain causal attention, which SDPA runs with its flash / fused kernels.
+            causal = attention_mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal)
+            weights = None  # SDPA never forms them: the fast path
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble all head outputs side by side
+        return F.dropout(self.c_proj(y), self.dropout, self.training), weights
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out as GPT-2's eager path computes it, softmax(q k^T / sqrt(hs) + mask) v, which
+    also gives the weights: for `output_attentions` and `attn_implementation="eager"` only, as it holds
+    the (B, nh, T, S) scores that SDPA never forms. `attention_mask` is `attention_bias`'s: None for plain
+    causal attention, a boolean mask (True = visible) or an additive one."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, S)
+    if attention_mask is None:  # causal: the T queries are the last T of the S positions
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    weights = F.dropout(F.softmax(scores, dim=-1).to(v.dtype), dropout)  # (B, nh, T, S); GPT-2 returns them dropped
+    return weights @ v, weights  # (B, nh, T, hs)
 
 
 class GPT2ScratchMLP(nn.Module):
@@ -180,9 +212,12 @@ class GPT2ScratchBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask, past_key_values)
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+        eager: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output, and its attention weights when `eager` (else None)."""
+        attn, weights = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, eager)
+        hidden_states = hidden_states + attn
+        return hidden_states + self.mlp(self.ln_2(hidden_states)), weights
 
 
 def attention_bias(
@@ -363,9 +398,51 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source (an `AttentionInterface` dispatch); ours is the
+        # explicit choice in `forward`: "sdpa" (the default) or "eager" (`eager_attention`).
+        return True
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """transformers' resize, on the real tokens: `new_num_tokens` becomes `vocab_size`; the rows kept are
+        copied, new rows are initialised as transformers does (with `mean_resizing`, drawn from the mean
+        and covariance of the old real rows, never the padding rows). The matrix stays padded to
+        `pad_vocab_multiple` (`pad_to_multiple_of` sets it) with zero rows, so it loads back at its size."""
+        if pad_to_multiple_of is not None and not isinstance(pad_to_multiple_of, int):
+            raise ValueError(
+                f"Asking to pad the embedding matrix to a multiple of `{pad_to_multiple_of}`, which is not and integer."
+                " Please make sure to pass an integer"
+            )
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        old_vocab, vocab_size = self.config.vocab_size, new_num_tokens or self.config.vocab_size
+        self.config.pad_vocab_multiple = pad_to_multiple_of or self.config.pad_vocab_multiple
+        self.config.vocab_size = self.vocab_size = vocab_size  # transformers' resize sets both
+        rows, requires_grad = self.config.padded_vocab_size, self.transformer.wte.weight.requires_grad
+        with torch.no_grad():  # no module made here draws random numbers: new rows get transformers' draws
+            real = nn.Embedding.from_pretrained(self.transformer.wte.weight[:old_vocab], freeze=False)
+            wte = self._get_resized_embeddings(real, vocab_size, mean_resizing=mean_resizing).weight
+            self.transformer.wte = nn.Embedding.from_pretrained(padded_rows(wte, rows), freeze=False)
+            self.transformer.wte._is_hf_initialized = True  # so that `post_init` keeps it
+            if not self.config.tie_word_embeddings:
+                real = nn.Linear(self.config.n_embd, old_vocab, bias=False, device="meta")
+                real.weight = nn.Parameter(self.lm_head.weight[:old_vocab].clone())
+                head = self._get_resized_lm_head(real, vocab_size, mean_resizing=mean_resizing).weight
+                self.lm_head = nn.Linear(self.config.n_embd, rows, bias=False, device="meta")
+                self.lm_head.weight = nn.Parameter(padded_rows(head, rows))
+                self.lm_head._is_hf_initialized = True
+        self.transformer.wte.weight.requires_grad_(requires_grad)
+        self.lm_head.weight.requires_grad_(requires_grad)
+        self.tie_weights()
+        self.lm_head.out_features = rows  # a tied head is the old module holding the new weight
+        return self.get_input_embeddings()
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -375,8 +452,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         loss_only: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits over the `vocab_size` real tokens, and the loss when labels are given.
 
         `labels` are aligned with `input_ids` and shifted here (HF convention); `shift_labels` are
@@ -384,46 +466,110 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         their sum over `num_items_in_batch` when that is given (transformers' Trainer). With
         `loss_only=True` (the trainer's call) the loss comes from `linear_cross_entropy`, which never
         holds the (B, T, vocab) logits, and `logits` is None; the value is the same.
+
+        As in `GPT2LMHeadModel`: `inputs_embeds` (B, T, C) instead of `input_ids`; `token_type_ids`
+        embedded with `wte` and added; `output_hidden_states` gives n_layer + 1 states (the embeddings,
+        each block's output, the last after `ln_f`; given indices, only those, the others None);
+        `output_attentions` gives each block's weights through `eager_attention`; `return_dict=False`
+        gives a tuple. Unset, the last three follow the config.
         """
-        B, T = input_ids.shape
-        # transformers >= 5.24 passes the KV cache as `cache`, older 5.x as `past_key_values`.
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        # transformers >= 5.24 passes the KV cache as `cache`, older 5.x as `past_key_values`: warned
+        # about, as transformers' own models do, only where `cache` is the name.
         past_key_values = cache if cache is not None else kwargs.get("past_key_values")
+        if "past_key_values" in kwargs and CACHE_FIELD == "cache":
+            warnings.warn("`past_key_values` is deprecated for `forward`. Use `cache` instead.", FutureWarning, 2)
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = config.use_cache and not self.training
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = DynamicCache(config=config)
+        x, mask = self.embed(input_ids, inputs_embeds, token_type_ids, attention_mask, position_ids, past_key_values)
+        keep = kept_hidden_states(output_hidden_states, config.n_layer + 1)
+        hidden_states, attentions = [], []
+        eager = output_attentions or config._attn_implementation == "eager"
+        for i, block in enumerate(self.transformer.h):
+            if keep:
+                hidden_states.append(x if i in keep else None)  # GPT-2's first is the embeddings, block 0's input
+            x, weights = block(x, attention_mask=mask, past_key_values=past_key_values, eager=eager)
+            attentions.append(weights)
+        x = self.transformer.ln_f(x)
+        last = x if config.n_layer in keep else None  # after ln_f, as GPT-2's
+        extra = dict(
+            hidden_states=(*hidden_states, last) if keep else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        output = self.head(x, labels, shift_labels, logits_to_keep, num_items_in_batch, loss_only)
+        output = CausalLMOutputWithPast(**output, **extra, **{CACHE_FIELD: past_key_values if use_cache else None})
+        return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        token_type_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks' input (B, T, C), token plus position (plus token type) embeddings, and their mask."""
+        if inputs_embeds is None:
+            inputs_embeds = self.transformer.wte(input_ids)  # (B, T, C)
+        T, device = inputs_embeds.shape[1], inputs_embeds.device
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None  # no padding: take SDPA's fast causal path (a sync, so only in eager mode)
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, T, past_len, input_ids.device)
-        mask = attention_bias(attention_mask, T, past_len, input_ids.device)
-
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+            position_ids = positions_from_mask(attention_mask, T, past_len, device)
+        x = inputs_embeds + self.transformer.wpe(position_ids)  # (B, T, C)
+        if token_type_ids is not None:
+            x = x + self.transformer.wte(token_type_ids)  # GPT-2 embeds segment ids with the token embedding
         x = F.dropout(x, self.config.dropout, self.training)
-        for block in self.transformer.h:
-            x = block(x, attention_mask=mask, past_key_values=past_key_values)
-        x = self.transformer.ln_f(x)
+        return x, attention_bias(attention_mask, T, past_len, device)
+
+    def head(
+        self,
+        x: torch.Tensor,
+        labels: torch.LongTensor | None,
+        shift_labels: torch.LongTensor | None,
+        logits_to_keep: int,
+        num_items_in_batch: int | torch.Tensor | None,
+        loss_only: bool,
+    ) -> dict[str, torch.Tensor | None]:
+        """`loss` and `logits` from the final hidden states x (B, T, C); see `forward`."""
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        cache, vocab_size = past_key_values if use_cache else None, self.config.vocab_size
-        if labels is not None:
+        vocab_size = self.config.vocab_size
+        if labels is not None and shift_labels is None:  # given both, the pre-shifted targets win, as in transformers
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
         if loss_only:
             if shift_labels is None:
                 raise ValueError("loss_only=True needs labels or shift_labels")
+            flat_labels = shift_labels.flatten()
             loss = linear_cross_entropy(
-                x.flatten(0, 1),
-                self.lm_head.weight,
-                shift_labels.flatten(),
-                vocab_size,
-                LOSS_CHUNKS,
-                num_items_in_batch,
+                x.flatten(0, 1), self.lm_head.weight, flat_labels, vocab_size, LOSS_CHUNKS, num_items_in_batch
             )
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: cache})
+            return dict(loss=loss, logits=None)
         logits = self.lm_head(x)[..., :vocab_size]  # (B, T, vocab), a view without the padding columns
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        return dict(loss=loss, logits=logits)
+
+
+def kept_hidden_states(selection: bool | int | list[int] | None, count: int) -> set[int]:
+    """The indices of the `count` hidden states that `output_hidden_states` asks for: all (True), none
+    (False), or the given ones (an int or a list; negative ones count from the end, as in transformers)."""
+    if selection is None or isinstance(selection, bool):
+        return set(range(count)) if selection else set()
+    indices = [selection] if isinstance(selection, int) else selection
+    return {i % count for i in indices if -count <= i < count}
+
+
+def padded_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended up to `rows` (the padded vocabulary)."""
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
 def positions_from_mask(

@@ -13,9 +13,10 @@ This file builds the pieces and runs the loop, top to bottom: `main` (the config
 run folder's lock) -> `run_training` (the remote and Hub checks, the data, the checkpoint to resume, the
 memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`, `save`) -> `finish`
 (the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
-package: config, recipe (batch arithmetic, LR schedule, optimizer, precision), step, data, memory,
-metrics, checkpoints, export and model_card, remote (checkpoint_remote), paths and run_dir, hub,
-processes. A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
+package: config, accelerator and devices (what the launch runs on), recipe (batch arithmetic, LR
+schedule, optimizer, precision), step, guard, data, evaluation, memory, metrics, checkpoints and verify,
+export and model_card, remote (checkpoint_remote), paths and run_dir (the run's record), hub, processes.
+A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
@@ -32,7 +33,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,15 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from training import remote
+from training.accelerator import build_accelerator, setup_logging
 from training.checkpoints import (
-    CheckpointError,
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
@@ -56,7 +56,7 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import ConfigError, TrainConfig, parse_config, parse_duration, tracker_names
+from training.config import TrainConfig, parse_config, parse_duration
 from training.data import (
     build_loader,
     data_settings,
@@ -65,6 +65,7 @@ from training.data import (
     train_fingerprint,
     val_fingerprint,
 )
+from training.evaluation import generate_samples, load_hellaswag
 from training.export import export_model, exported_step
 from training.guard import DivergedError, Guard, roll_back, weights_finite
 from training.hub import preflight_hub, push_export
@@ -74,68 +75,16 @@ from training.model_card import write_model_cards
 from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
 from training.recipe import (
     build_optimizer,
-    check_optimizer_supported,
-    grad_accum_steps,
     launcher_precision_note,
     lr_at,
-    resolve_mixed_precision,
     set_lr,
 )
-from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, own_store, read_run_id
-from training.step import train_step
+from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, launch_facts, own_store, read_run_id
+from training.step import StepResult, train_step
+from training.verify import CheckpointError
 from user_errors import run_command
 
 logger = logging.getLogger("train")
-
-
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile."""
-    cpu = not torch.cuda.is_available()
-    if cpu and config.mixed_precision == "fp16":  # Accelerate would train in fp32 and report fp16
-        raise ConfigError("mixed_precision fp16 needs a CUDA GPU; on CPU use 'no' (fp32) or 'bf16'")
-    world_size = PartialState(cpu=cpu).num_processes  # needed before the accumulation steps are known
-    trackers = [t for t in tracker_names(config.report_to) if t != "none"]
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
-        gradient_accumulation_steps=grad_accum_steps(config, world_size),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
-        dynamo_backend="inductor" if config.compile else None,
-    )
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
-        # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead
-        raise ConfigError(
-            f"this launch asks for FSDP, but Accelerate runs FSDP only on GPUs (and other accelerators): here it "
-            f"would train with {accelerator.distributed_type.value} and write unsharded checkpoints; on CPU launch "
-            "with accelerate_configs/cpu_2proc.yaml (DDP), or run the FSDP config on GPUs"
-        )
-    check_optimizer_supported(config, accelerator.distributed_type)
-    keep_fsdp_gradients_fp32(accelerator)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever autocast leaves in fp32
-        torch.backends.cudnn.allow_tf32 = True
-    elif accelerator.mixed_precision != "no":
-        logger.warning(  # native only with AVX-512 BF16 or AMX; elsewhere about 100x slower than fp32
-            "mixed_precision=%s on CPU: fast only where the CPU has bf16 units", config.mixed_precision
-        )
-    return accelerator
-
-
-def keep_fsdp_gradients_fp32(accelerator: Accelerator) -> None:
-    """FSDP2 under bf16: the blocks compute with bf16 copies of the weights, as Accelerate sets it up,
-    but the gradients are reduced in float32 (and, torch's FSDP2 does it when the reduce dtype is wider,
-    accumulated over micro-steps in float32) and the model's outputs are left as it makes them.
-    Accelerate's policy reduces in bf16 and casts every output to bf16, the float32 loss included: the
-    logged train/loss was rounded to 8 bits (steps of 1/16 near 10; tests/test_train_bf16_cpu.py)."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin = accelerator.state.fsdp_plugin
-    policy = plugin.mixed_precision_policy
-    if plugin.fsdp_version == 2 and policy is not None and policy.param_dtype == torch.bfloat16:
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def build_model(config: TrainConfig) -> GPT2ScratchForCausalLM:
@@ -195,70 +144,19 @@ def log_metrics(run: Run, metrics: dict[str, float]) -> None:
     logger.info("step %d | %s", run.state.step, " | ".join(f"{k} {format_value(k, v)}" for k, v in metrics.items()))
 
 
-def log_train(run: Run, loss: float, grad_norm: float, lr: float, problem: dict | None = None) -> None:
+def log_train(run: Run, step: StepResult, lr: float, problem: dict | None = None) -> None:
     """A training record; a NaN or infinite loss or norm is left out (JSON has no such numbers) and the
-    guard's finding (`skipped`, `spike`) and count of skipped updates are in."""
+    guard's finding (`skipped`, `spike`, `overflow`) and count of skipped updates are in; under fp16 also
+    the loss scale after the step and the count of updates the scaler skipped."""
+    loss, grad_norm = step.loss, step.grad_norm
     if math.isfinite(loss):
         run.first_loss = loss if run.first_loss is None else run.first_loss
         run.last_loss = loss
     values = {name: v for name, v in (("train/loss", loss), ("grad_norm", grad_norm)) if math.isfinite(v)}
     guard = {**(problem or {}), "skipped_steps": run.guard.skipped}
+    if step.loss_scale is not None:
+        guard.update(loss_scale=step.loss_scale, overflow_steps=run.guard.overflows)
     log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap()})
-
-
-def load_hellaswag(config: TrainConfig, accelerator: Accelerator) -> list[dict] | None:
-    """The HellaSwag examples to score at each evaluation, or None (with one log line) when unavailable.
-
-    'auto' reads eval's cached copy (fetched when online, the main process first); a missing explicit
-    path is an error, found here before training starts.
-    """
-    if config.hellaswag_path == "none":
-        logger.info("HellaSwag: off (hellaswag_path=none)")
-        return None
-    from eval.hellaswag import HellaSwagDataError, load_examples
-
-    path = None if config.hellaswag_path == "auto" else config.hellaswag_path
-    examples, error = None, None
-    with accelerator.main_process_first():
-        try:
-            examples = load_examples(path, limit=config.hellaswag_limit)
-        except HellaSwagDataError as err:
-            error = err
-    if error is not None and path is not None:
-        raise error
-    if error is not None:
-        logger.info("HellaSwag: skipped, no data (%s)", error)
-    return examples
-
-
-def generate_samples(run: Run) -> list[str]:
-    """`num_samples` top-k 50 continuations of `sample_prompt`, drawn under a fixed seed in a forked RNG so
-    that the training RNG (dropout) is the same whether or not samples were drawn. All ranks generate, so
-    sharded (FSDP) models work; the texts are the same everywhere."""
-    from data_prep.tokenizer import EOT_ID, get_encoding
-    from eval.common import inference
-
-    c, device, encoding = run.config, run.accelerator.device, get_encoding()
-    ids = encoding.encode(c.sample_prompt, allowed_special={"<|endoftext|>"})  # the separator may start a prompt
-    prompt = torch.tensor([ids] * c.num_samples, device=device)
-    devices = [device] if device.type == "cuda" else []
-    model = run.unwrapped
-    with torch.random.fork_rng(devices=devices), inference(model):
-        torch.manual_seed(c.seed)
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            top_k=50,
-            max_new_tokens=c.sample_tokens,
-            pad_token_id=EOT_ID,
-        )
-    texts = []
-    for row in out.tolist():
-        new = row[prompt.shape[1] :]
-        end = new.index(EOT_ID) if EOT_ID in new else len(new)  # a document ended: drop the padding after it
-        texts.append(encoding.decode(row[: prompt.shape[1]] + new[:end]))
-    return texts
 
 
 def evaluate(run: Run) -> None:
@@ -287,7 +185,7 @@ def evaluate(run: Run) -> None:
     run.last_eval = metrics
     log_metrics(run, metrics)
     if c.num_samples:
-        samples = generate_samples(run)
+        samples = generate_samples(run.unwrapped, c, run.accelerator.device)
         if run.accelerator.is_main_process:
             append_jsonl(run.paths.samples, {"step": run.state.step, "prompt": c.sample_prompt, "samples": samples})
             logger.info("samples at step %d:\n%s", run.state.step, "\n".join(f"  > {s!r}" for s in samples))
@@ -331,17 +229,17 @@ def train(run: Run) -> bool:
         while state.step < end:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
-            loss, grad_norm = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            step = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
             run.meter.exclude(state.loader.take_waited())  # a late remote shard is not training time
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
-            problem = run.guard.judge(loss, grad_norm)
+            problem = run.guard.judge(*step)
             if problem is not None or state.step % c.log_interval == 0:
-                log_train(run, loss, grad_norm, lr, problem)
+                log_train(run, step, lr, problem)
             bar.update()
             if run.guard.must_roll_back:
-                why = problem.get("skipped") or f"loss {loss:.4g}, {problem['spike']:.1f}x the recent median"
+                why = problem.get("skipped") or f"loss {step.loss:.4g}, {problem['spike']:.1f}x the recent median"
                 log_metrics(run, roll_back(run.accelerator, run.paths.checkpoints, state, run.guard, why))
                 bar.n = state.step
                 run.meter.restart()
@@ -413,20 +311,6 @@ def shut_down(run: Run) -> None:
         run.accelerator.end_training()  # the trackers, then the process group
     finally:
         run.accelerator.state.destroy_process_group()  # also when a tracker failed to finish; once only
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    """Our log lines on the main process; Accelerate's per-save chatter and transformers' save bars off."""
-    from transformers.utils import logging as transformers_logging
-
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -517,28 +401,13 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(run.config, accelerator)
     if accelerator.is_main_process:
-        describe_run(run.config, run.paths, run_facts(run, flops_per_token, checkpoint))
+        facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
+        facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
+        describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 
     complete = train(run)
     return finish(run, complete)
-
-
-def run_facts(run: Run, flops_per_token: int, checkpoint: Path | None) -> dict[str, Any]:
-    """What the config alone does not say: the launch's processes, precision, device and model size."""
-    acc = run.accelerator
-    return {
-        "processes": acc.num_processes,
-        "distributed_type": str(acc.distributed_type),
-        "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
-        "mixed_precision": acc.mixed_precision,
-        "gradient_accumulation_steps": acc.gradient_accumulation_steps,
-        "parameters": sum(p.numel() for p in run.unwrapped.parameters()),
-        "flops_per_token": flops_per_token,
-        "peak_flops_per_device": run.meter.peak,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "data": run.manifest.get("stream", {"url": run.config.data_dir}),  # for a URL: the commit read, the cache
-    }
 
 
 def command(argv: list[str] | None = None) -> int:

@@ -126,7 +126,7 @@ def build(config: TrainConfig):
 
 def step(model, optimizer, loader, accelerator, config: TrainConfig, i: int) -> float:
     set_lr(optimizer, lr_at(i, config))
-    loss, _ = train_step(model, optimizer, loader, accelerator, config.grad_clip)
+    loss = train_step(model, optimizer, loader, accelerator, config.grad_clip).loss
     return loss
 
 

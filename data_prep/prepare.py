@@ -12,6 +12,7 @@ import collections
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,10 +93,8 @@ def iter_encoded(batches: Iterator[list[str]], num_proc: int) -> Iterator[tuple[
     if num_proc <= 1:
         yield from map(encode_documents, batches)
         return
-    get_encoding()  # build once here; forked workers inherit it
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(num_proc) as pool:
+    get_encoding()  # build once here; forked workers inherit it, spawned ones build their own
+    with multiprocessing.get_context(start_method()).Pool(num_proc) as pool:
         pending: collections.deque = collections.deque()
         for texts in batches:
             pending.append(pool.apply_async(encode_documents, (texts,)))
@@ -103,6 +102,14 @@ def iter_encoded(batches: Iterator[list[str]], num_proc: int) -> Iterator[tuple[
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def start_method() -> str:
+    """How worker processes start: `fork` on Linux (cheap, and the encoding is inherited); `spawn` elsewhere,
+    Python's default on macOS and Windows (macOS has fork, but forking a process that already runs threads,
+    as pyarrow and tiktoken start, can crash or hang there). The workers need nothing from the parent but
+    the importable `encode_documents`, so both give the same shards (tests/test_data_prep.py)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def describe(description: dict[str, Any]) -> str:

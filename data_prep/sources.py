@@ -52,12 +52,13 @@ class Source:
 
 
 def resolve_files(patterns: list[str]) -> list[Path]:
-    """Expand file names and glob patterns in order (each sorted), without duplicates."""
+    """Expand file names and glob patterns in order (each sorted), without duplicates. Each pattern goes to
+    `glob` as given: on Windows both `\\` and `/` separate folders there; elsewhere `\\` is part of a name."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise DataPrepError(f"--files: no file matches {pattern!r}")
+            raise DataPrepError(f"--files: no file matches '{pattern}'{separator_hint(pattern)}")
         for match in matches:
             path = Path(match).resolve()
             if path.is_dir():
@@ -65,6 +66,13 @@ def resolve_files(patterns: list[str]) -> list[Path]:
             if path not in files:
                 files.append(path)
     return files
+
+
+def separator_hint(pattern: str, sep: str = os.sep) -> str:
+    """For a pattern that matched nothing: a Windows-style path on a system whose separator is `/`."""
+    if "\\" not in pattern or sep != "/":
+        return ""
+    return f" (here '\\' is part of a file name, not a folder separator: write '{pattern.replace(chr(92), '/')}')"
 
 
 def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: str = "document") -> Source:

@@ -11,33 +11,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.devices import inference_dtype, parse_device, pick_device
 from user_errors import UserError
 
 
 def resolve_device(
     accelerator=None, device: str | torch.device | None = None, model: nn.Module | None = None
 ) -> torch.device:
-    """The accelerator's device, else `device`, else where `model` lives, else CUDA when present, else the CPU."""
+    """The accelerator's device, else `device`, else where `model` lives, else the trainer's choice
+    (`training.devices.pick_device`: CUDA, else Apple silicon's MPS, else the CPU)."""
     if accelerator is not None:
         return accelerator.device
     if device is not None:
         return parse_device(device)
     if model is not None:
         return next(model.parameters()).device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """`--device` as a torch device that this machine has; anything else is the user's input at fault."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:  # torch's own judgement of the string
-        raise UserError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from err
-    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if parsed.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device!r}: only cpu and cuda are supported")
-    return parsed
+    return pick_device()
 
 
 def check_out_file(path: str | None) -> None:
@@ -52,14 +41,15 @@ def launched_accelerator():
         return None
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return Accelerator(cpu=pick_device().type == "cpu")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA only: CPU bf16 is emulated on most CPUs and ~100x slower than fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast as `mixed_precision auto` trains on `device` (`training.devices.inference_dtype`): bf16 on a
+    GPU with bf16 units, fp16 on a CUDA GPU without (no loss scaling needed without a backward), none on
+    the CPU, where bf16 is emulated on most CPUs and ~100x slower than fp32."""
+    dtype = inference_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

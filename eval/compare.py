@@ -254,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt")
     parser.add_argument("--top_k", type=int, default=50, help="top-k sampling, as build-nanogpt; 0 for greedy decoding")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed, reset for every model and prompt")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--out_dir", default="compare", help="folder for compare.md, compare.json, compare.png")
     args = parser.parse_args(argv)
     if not args.model and not args.baseline:

@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples (default: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="examples per forward pass, 4 rows each")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument(
         "--predictions", action="store_true", help="include per-example predictions and losses in --out"

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max_batches", type=int, default=None, help="stop after this many batches per process (default: whole split)"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
     return parser.parse_args(argv)
 

@@ -86,6 +86,52 @@ def test_worker_processes_give_identical_files(jsonl: Path, tmp_path: Path) -> N
     assert file_bytes(one) == file_bytes(two)
 
 
+# `python -m data_prep` with its workers started by `spawn`, as on macOS and Windows: the start method is
+# forced (and recorded, to be sure it was used) and the command run as a user runs it.
+SPAWNED_CLI = """
+import importlib, multiprocessing, runpy, sys
+prepare_module = importlib.import_module("data_prep.prepare")  # the package's `prepare` is the function
+used = []
+get_context = multiprocessing.get_context
+multiprocessing.get_context = lambda method=None: used.append(method) or get_context(method)
+prepare_module.start_method = lambda: "spawn"
+sys.argv = ["data_prep", *sys.argv[1:]]
+try:
+    runpy.run_module("data_prep", run_name="__main__", alter_sys=True)
+finally:
+    assert used == ["spawn"], used
+"""
+
+
+def test_spawned_workers_give_the_same_shards_as_on_linux(jsonl: Path, tmp_path: Path, monkeypatch) -> None:
+    from data_prep.prepare import start_method
+
+    for platform, method in (("linux", "fork"), ("darwin", "spawn"), ("win32", "spawn")):
+        monkeypatch.setattr(sys, "platform", platform)
+        assert start_method() == method
+    monkeypatch.undo()
+    one = prepare(tmp_path / "one", files=[str(jsonl)], shard_tokens=64, num_proc=1)
+    args = ["--files", str(jsonl), "--out_dir", str(tmp_path / "spawn"), "--shard_tokens", "64", "--no_progress"]
+    args += ["--num_proc", "2", "--batch_docs", "2"]
+    done = subprocess.run([sys.executable, "-c", SPAWNED_CLI, *args], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert file_bytes(tmp_path / "spawn") == file_bytes(one)
+
+
+def test_windows_style_globs_reach_glob_as_given(jsonl: Path, tmp_path: Path) -> None:
+    """On Windows `glob` takes both separators; here `\\` is part of a name: a pattern written the Windows way
+    is quoted as given (not with doubled backslashes) and the error says how to write it here."""
+    from data_prep.sources import resolve_files, separator_hint
+
+    windows_style = str(tmp_path / "*.jsonl").replace("/", "\\")
+    with pytest.raises(DataPrepError) as err:
+        resolve_files([windows_style])
+    forward = windows_style.replace("\\", "/")
+    assert f"no file matches '{windows_style}'" in str(err.value) and f"write '{forward}'" in str(err.value)
+    assert resolve_files([forward]) == [jsonl]
+    assert separator_hint(windows_style, sep="\\") == "" and separator_hint(forward) == ""
+
+
 def test_text_and_parquet_sources(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text(DOCS[2])
     (tmp_path / "a.txt").write_text(DOCS[0])

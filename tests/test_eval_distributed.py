@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_eval_common import random_tokens, tiny_gpt2, tiny_gpt2_folder, write_hellaswag, write_shards
+from trainer_runs import reserved_port
 
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.val_loss import evaluate_val_loss
@@ -38,12 +38,6 @@ accelerator.end_training()  # the process group goes down before the interpreter
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path):
     model_dir = tiny_gpt2_folder(tmp_path / "model")
     hellaswag_file = write_hellaswag(tmp_path / "hellaswag_val.jsonl")  # 7 examples: 4 on rank 0, 3 on rank 1
@@ -52,15 +46,16 @@ def test_two_processes_equal_one(tmp_path):
     script.write_text(SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [*launch, str(script), str(model_dir), str(hellaswag_file), str(data_dir), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with reserved_port() as port:
+        proc = subprocess.run(
+            [*launch, "--main_process_port", str(port), str(script), str(model_dir), str(hellaswag_file)]
+            + [str(data_dir), str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

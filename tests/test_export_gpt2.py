@@ -213,11 +213,16 @@ def test_no_card_or_config_holds_a_local_absolute_path(run):
 
 
 def test_the_card_says_which_precision_auto_trained_in(run, tmp_path):
-    """`mixed_precision: auto` is bf16 on a GPU and fp32 on a CPU: the card's config table adds what
+    """`mixed_precision: auto` is bf16 on most GPUs, fp16 with loss scaling on CUDA GPUs without bf16 units
+    and fp32 on a CPU: the card's config table adds what
     the run's last launch trained in (run_info.json), and shows the config as given where that record
     is missing or is not a regular file."""
     assert run.config.mixed_precision == "auto"
-    cases = {"bf16": "| `mixed_precision` | `auto (bf16)` |", None: "| `mixed_precision` | `auto` |"}
+    cases = {
+        "bf16": "| `mixed_precision` | `auto (bf16)` |",
+        "fp16": "| `mixed_precision` | `auto (fp16, loss-scaled)` |",
+        None: "| `mixed_precision` | `auto` |",
+    }
     for trained, row in cases.items():
         out_dir = tmp_path / str(trained)
         shutil.copytree(run.out_dir, out_dir)
@@ -233,6 +238,9 @@ def test_the_card_says_which_precision_auto_trained_in(run, tmp_path):
 def test_data_source_names_what_the_manifest_records():
     files = {"source": {"kind": "files", "files": [{"path": "/srv/me/corpus/a.jsonl", "bytes": 3}], "text_column": "t"}}
     assert data_source(files).ref == "a.jsonl" and "/srv/me" not in data_source(files).text
+    # a manifest written by data_prep on Windows, the run trained elsewhere: still the name, never the path
+    windows = {"source": {"kind": "files", "files": [{"path": "C:\\Users\\me\\corpus\\b.jsonl", "bytes": 3}]}}
+    assert data_source(windows).ref == "b.jsonl" and "Users" not in data_source(windows).text
     builtin = {"source": {"kind": "builtin", "name": "python-stdlib-docs", "python": "3.11.7"}}
     assert data_source(builtin).ref == "python-stdlib-docs" and "Python 3.11.7" in data_source(builtin).text
     hub = data_source(HUB_MANIFEST)

@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+from gpu_checks.common import GPU_SHAPE, SMOKE_SHAPE, Context  # noqa: E402
+from gpu_checks.kernels import compare_generations  # noqa: E402
+from gpu_checks.launch import train_command  # noqa: E402
+from gpu_checks.precision import forcing_init_scale, fp16_and_bf16_runs, judge_fp16  # noqa: E402
 
 # Put on PYTHONPATH, this makes every Python process started under it look like the GPU image: `datasets`
 # and `evaluate` are not installed (their modules and their package metadata are hidden from every
@@ -108,7 +112,8 @@ def test_smoke_runs_every_check_without_datasets_evaluate_or_the_editable_instal
             assert c["detail"].startswith("skipped: ") and len(c["detail"]) > len("skipped: ") + 10
     cpu = not torch.cuda.is_available()
     # TF32 needs CUDA; Accelerate runs FSDP only on accelerators (test_gpu_check_fsdp.py tests the check's parts)
-    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32", "fsdp"} if cpu else set())
+    # and makes fp16's loss scaler only on a GPU (the check's parts are tested below)
+    assert {c["name"] for c in checks if c["ok"] is None} == ({"tf32", "fsdp", "fp16"} if cpu else set())
     assert report["finished"] and report["running"] is None and report["smoke"]
     assert report["versions"]["datasets"] is None and report["versions"]["evaluate"] is None  # seen inside
     assert "absent: datasets, evaluate" in checks[0]["detail"]
@@ -146,11 +151,11 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
     scores = torch.randn(2, 4, 10)
     scores[:, :, 3] = float("-inf")  # masked, as min_new_tokens masks the end of text
     tokens = scores.argmax(-1)
-    assert "tokens equal" in gpu_check.compare_generations(tokens, tokens.clone(), scores, scores + 1e-7)
+    assert "tokens equal" in compare_generations(tokens, tokens.clone(), scores, scores + 1e-7)
     with pytest.raises(AssertionError):  # equal tokens, scores apart
-        gpu_check.compare_generations(tokens, tokens.clone(), scores, scores + 1e-2)
+        compare_generations(tokens, tokens.clone(), scores, scores + 1e-2)
     with pytest.raises(AssertionError):  # a NaN never passes
-        gpu_check.compare_generations(tokens, tokens.clone(), scores, scores.clone().fill_(float("nan")))
+        compare_generations(tokens, tokens.clone(), scores, scores.clone().fill_(float("nan")))
 
     parted, other = tokens.clone(), tokens.clone()
     runner_up = scores[1, 2].topk(2).indices[1]
@@ -158,9 +163,9 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
     tied = scores.clone()
     tied[1, 2, runner_up] = tied[1, 2, parted[1, 2]] - 1e-7  # a near-tie: within the rounding between the runs
     noise = tied + 1e-6 * torch.randn_like(tied)
-    assert "near-tie" in gpu_check.compare_generations(parted, other, tied, noise)
+    assert "near-tie" in compare_generations(parted, other, tied, noise)
     with pytest.raises(AssertionError, match="not a near-tie"):  # the runner-up was far behind
-        gpu_check.compare_generations(parted, other, scores, scores + 1e-6 * torch.randn_like(scores))
+        compare_generations(parted, other, scores, scores + 1e-6 * torch.randn_like(scores))
 
 
 def test_an_unknown_check_or_the_full_check_without_cuda_is_a_user_error():
@@ -194,8 +199,8 @@ def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds
     from training.recipe import grad_accum_steps
 
     args = argparse.Namespace(smoke=False)
-    ctx = gpu_check.Context(args, torch.device("cuda"), gpu_check.GPU_SHAPE, tmp_path, {})
-    command = gpu_check.train_command(ctx, tmp_path / "run")
+    ctx = Context(args, torch.device("cuda"), GPU_SHAPE, tmp_path, {})
+    command = train_command(ctx, tmp_path / "run")
     assert command[command.index("--config_file") + 1].endswith("accelerate_configs/gpu_1.yaml")
     config = parse_config(command[command.index(str(ROOT / "train_accelerate.py")) + 1 :])
     assert (config.model, config.seq_len, config.compile, config.mixed_precision) == ("gpt2", 1024, True, "auto")
@@ -208,3 +213,36 @@ def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds
     assert x.shape == y.shape == (32, 1024)
     val = list(iter_val_batches(data_dir, config.micro_batch_size, config.seq_len, max_batches=config.val_batches))
     assert len(val) == config.val_batches  # the built-in val shard holds the trainer's evaluation batches
+
+
+def test_the_fp16_check_forces_overflows_and_tracks_bf16(data_dir, tmp_path, monkeypatch):
+    """The fp16 check's runs on the CPU, with a real CPU GradScaler where Accelerate keeps it on a GPU
+    (tests/fp16_on_cpu.py, which honours the check's GradScalerKwargs): the first step overflows, the scale
+    halves, fp16 ends close to bf16; and the verdict fails a run whose scale never came down (the bug of
+    issue 26: every step overflowed) or whose loss went astray."""
+    import fp16_on_cpu
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "__init__", fp16_on_cpu.init_with_cpu_scaler)
+    torch.set_num_threads(1)
+    ctx = Context(argparse.Namespace(smoke=True), torch.device("cpu"), SMOKE_SHAPE, tmp_path, {})
+    runs = fp16_and_bf16_runs(ctx, data_dir)
+    s = SMOKE_SHAPE.fp16
+    init_scale = forcing_init_scale(s["micro_batch_size"] * s["seq_len"])
+    detail = judge_fp16(runs, init_scale)
+    assert runs["fp16"][0]["overflow"] and runs["fp16"][0]["loss_scale"] == init_scale / 2, detail
+    # bf16 skips the updates fp16 overflowed on, and has no scaler
+    skipped = [i for i, r in enumerate(runs["fp16"]) if r["overflow"]]
+    assert [i for i, r in enumerate(runs["bf16"]) if r is None] == skipped
+    assert all(not r["overflow"] and r["loss_scale"] is None for r in runs["bf16"] if r is not None)
+    print(detail)
+
+    stuck = [{**r, "overflow": True, "loss_scale": init_scale} for r in runs["fp16"]]
+    with pytest.raises(AssertionError):
+        judge_fp16({**runs, "fp16": stuck}, init_scale)
+    astray = [{**r, "loss": r["loss"] * 1.05} if i == len(runs["fp16"]) // 2 else r for i, r in enumerate(runs["fp16"])]
+    with pytest.raises(AssertionError):
+        judge_fp16({**runs, "fp16": astray}, init_scale)
+    never = [{**r, "overflow": False} for r in runs["fp16"]]  # no overflow forced: the check proves nothing
+    with pytest.raises(AssertionError):
+        judge_fp16({**runs, "fp16": never}, init_scale)

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.py's fsdp check, whose launches need CUDA: its trainer commands, when it skips, and
-the judgement of its three runs (uninterrupted FSDP, FSDP killed and resumed, the same run without FSDP)
-on runs written here."""
+"""benchmarks/gpu_checks/fsdp.py, gpu_check.py's fsdp check, whose launches need CUDA: its trainer commands,
+when it skips, and the judgement of its three runs (uninterrupted FSDP, FSDP killed and resumed, the same run
+without FSDP) on runs written here."""
 
 import argparse
 import json
@@ -15,14 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu_check  # noqa: E402
+from gpu_checks.common import GPU_SHAPE, Context, Skip  # noqa: E402
+from gpu_checks.fsdp import FSDP_SECONDS, check_fsdp, compare_fsdp_runs, judge_fsdp  # noqa: E402
+from gpu_checks.launch import kill_group, train_command  # noqa: E402
 
 MAX_STEPS, VAL_STEPS = 8, (0, 4, 8)
 
 
-def context(tmp_path: Path, device: str = "cuda", budget: float = math.inf) -> gpu_check.Context:
+def context(tmp_path: Path, device: str = "cuda", budget: float = math.inf) -> Context:
     args = argparse.Namespace(smoke=False, budget=budget, out=str(tmp_path / "r.json"), md=None)
-    return gpu_check.Context(args, torch.device(device), gpu_check.GPU_SHAPE, tmp_path, {})
+    return Context(args, torch.device(device), GPU_SHAPE, tmp_path, {})
 
 
 def test_the_fsdp_commands_are_one_fsdp_process_and_the_same_run_without(data_dir, tmp_path):
@@ -34,8 +36,8 @@ def test_the_fsdp_commands_are_one_fsdp_process_and_the_same_run_without(data_di
 
     ctx = context(tmp_path)
     sizes = ctx.shape.fsdp_train
-    fsdp = gpu_check.train_command(ctx, tmp_path / "run", "--resume", "auto", sizes=sizes, fsdp=True)
-    plain = gpu_check.train_command(ctx, tmp_path / "run", "--resume", "auto", sizes=sizes)
+    fsdp = train_command(ctx, tmp_path / "run", "--resume", "auto", sizes=sizes, fsdp=True)
+    plain = train_command(ctx, tmp_path / "run", "--resume", "auto", sizes=sizes)
     script = str(ROOT / "train_accelerate.py")
     launcher = launch_command_parser().parse_args(fsdp[3 : fsdp.index(script) + 1])  # after `python -m accelerate...`
     assert Path(launcher.config_file).name == "fsdp_8gpu.yaml" and launcher.training_script == script
@@ -53,14 +55,14 @@ def test_the_fsdp_commands_are_one_fsdp_process_and_the_same_run_without(data_di
 
 
 def test_it_skips_on_a_cpu_without_the_corpus_and_past_the_budget(tmp_path):
-    with pytest.raises(gpu_check.Skip, match="only on accelerators.*tests/fsdp_on_cpu.py"):
-        gpu_check.check_fsdp(context(tmp_path, device="cpu"))
-    with pytest.raises(gpu_check.Skip, match="needs the data_prep check's corpus"):
-        gpu_check.check_fsdp(context(tmp_path))
+    with pytest.raises(Skip, match="only on accelerators.*tests/fsdp_on_cpu.py"):
+        check_fsdp(context(tmp_path, device="cpu"))
+    with pytest.raises(Skip, match="needs the data_prep check's corpus"):
+        check_fsdp(context(tmp_path))
     (tmp_path / "data-builtin").mkdir()
     (tmp_path / "data-builtin" / "manifest.json").write_text("{}")
-    with pytest.raises(gpu_check.Skip, match=f"time budget: 0 s of --budget 60 s spent.*{gpu_check.FSDP_SECONDS} s"):
-        gpu_check.check_fsdp(context(tmp_path, budget=60))
+    with pytest.raises(Skip, match=f"time budget: 0 s of --budget 60 s spent.*{FSDP_SECONDS} s"):
+        check_fsdp(context(tmp_path, budget=60))
 
 
 def write_run(out: Path, train: dict, val: dict, distributed: str = "FSDP", resumed_from: int | None = None) -> None:
@@ -88,8 +90,8 @@ def judge(tmp_path: Path, killed=None, plain=None, val_killed=None, val_plain=No
     write_run(runs / "uninterrupted", losses(10.0), val)
     write_run(runs / "killed", killed or losses(10.0), val_killed or val, resumed_from=resumed_from)
     write_run(runs / "plain", plain or losses(10.0), val_plain or val, distributed=kw.pop("distributed", "NO"))
-    result = gpu_check.compare_fsdp_runs(runs, killed_at, MAX_STEPS, "bf16")
-    return result, gpu_check.judge_fsdp(result, resume_tolerance=1e-2)
+    result = compare_fsdp_runs(runs, killed_at, MAX_STEPS, "bf16")
+    return result, judge_fsdp(result, resume_tolerance=1e-2)
 
 
 def test_runs_that_agree_pass_with_their_differences_reported(tmp_path):
@@ -143,7 +145,7 @@ def test_a_launch_is_killed_with_the_workers_that_left_its_process_group(tmp_pat
     worker = psutil.Process(int(proc.stdout.readline()))
     proc.stdout.close()
     assert worker.is_running() and os.getpgid(worker.pid) != os.getpgid(proc.pid)  # outside the launcher's group
-    gpu_check.kill_group(proc)
+    kill_group(proc)
     assert proc.returncode == -9
     worker.wait(timeout=10)  # gone (it is the launcher's child: reaped by init once the launcher died)
     assert not worker.is_running()

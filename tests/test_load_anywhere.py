@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,3 +205,56 @@ def test_export_gpt2_refreshes_both_exports_of_an_older_run(run, tmp_path):
     for folder in (out / "hf", out / "hf-gpt2"):
         assert found[folder].length == 64 and (folder / "vocab.json").is_file()
         torch.testing.assert_close(found[folder].logits, logits(run.model, TOKENS), rtol=0, atol=1e-5)
+
+
+# The last transformers 4.x, with the huggingface_hub and tokenizers releases it requires.
+TRANSFORMERS_4 = ("transformers==4.57.6", "huggingface_hub==0.36.0", "tokenizers==0.22.1")
+
+ON_TRANSFORMERS_4 = """
+sys.path.insert(0, sys.argv[1])  # before the venv's transformers 5
+import json
+import transformers
+import torch
+from transformers import AutoModelForCausalLM
+
+assert transformers.__version__ == "4.57.6", transformers.__version__
+gpt2 = AutoModelForCausalLM.from_pretrained(sys.argv[2]).eval()
+with torch.no_grad():
+    logits = gpt2(torch.tensor(json.loads(sys.argv[4]))).logits
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[3], trust_remote_code=True)
+    error = None
+except ImportError as err:
+    error = str(err)
+print(json.dumps({"cls": type(gpt2).__name__, "logits": logits.tolist(), "error": error}))
+"""
+
+
+@pytest.fixture(scope="module")
+def transformers_4() -> Path:
+    """transformers 4.57.6 installed from PyPI once into the tests' cache (kept between runs)."""
+    from transformers_suite import cache_root
+
+    target = cache_root() / "transformers-4.57.6"
+    if not (target / "installed").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+        done = subprocess.run([*pip, *TRANSFORMERS_4], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.skip(f"could not install {' '.join(TRANSFORMERS_4)} from PyPI: {done.stderr.strip()[-300:]}")
+        (target / "installed").write_text("\n".join(TRANSFORMERS_4) + "\n")
+    return target
+
+
+def test_on_transformers_4_hf_gpt2_loads_and_hf_says_what_to_do(run, transformers_4, tmp_path):
+    """hf/ needs transformers >= 5 (its model file is written against the v5 API); on 4.57.6, the last
+    4.x (still needed by Optimum's ONNX exporter), hf-gpt2/ loads with the same logits and hf/ refuses
+    with an ImportError that points to it."""
+    folders = (str(run.out_dir / "hf-gpt2"), str(run.out_dir / "hf"))
+    done = run_clean(ON_TRANSFORMERS_4, str(transformers_4), *folders, json.dumps(TOKENS), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["cls"] == "GPT2LMHeadModel"
+    torch.testing.assert_close(torch.tensor(found["logits"]), logits(run.model, TOKENS), rtol=0, atol=1e-5)
+    assert "needs transformers >= 5 (this is 4.57.6)" in found["error"] and "hf-gpt2/" in found["error"]

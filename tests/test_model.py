@@ -133,8 +133,8 @@ def test_cached_forward_matches_uncached(pair):
     with torch.no_grad():
         full = ours(ids).logits
         first = ours(ids[:, :10], use_cache=True)
-        step = ours(ids[:, 10:13], past_key_values=first.past_key_values, use_cache=True)  # chunked prefill
-        last = ours(ids[:, 13:14], past_key_values=step.past_key_values, use_cache=True)
+        step = ours(ids[:, 10:13], cache=first.past_key_values, use_cache=True)  # chunked prefill
+        last = ours(ids[:, 13:14], cache=step.past_key_values, use_cache=True)
         official_last = official(ids[:, :14]).logits[:, -1]
     torch.testing.assert_close(step.logits, full[:, 10:13], atol=1e-5, rtol=0)
     torch.testing.assert_close(last.logits[:, -1], full[:, 13], atol=1e-5, rtol=0)

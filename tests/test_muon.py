@@ -12,16 +12,10 @@ from accelerate.utils import DistributedType
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process, train_two_processes
 
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.checkpoints import (
-    CheckpointError,
-    checkpoint_problems,
-    latest_checkpoint,
-    optimizer_problems,
-    run_settings,
-    settings_changes,
-)
+from training.checkpoints import latest_checkpoint, run_settings
 from training.config import ConfigError, TrainConfig, parse_config
 from training.recipe import build_optimizer, check_optimizer_supported, lr_at, set_lr
+from training.verify import CheckpointError, checkpoint_problems, optimizer_problems, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process
 
 from training import remote as cr
-from training.checkpoints import CheckpointError, find_resume_checkpoint, write_manifest
+from training.checkpoints import find_resume_checkpoint, write_manifest
 from training.config import ConfigError, TrainConfig
 from training.paths import RunPaths, local_files
+from training.verify import CheckpointError
 from user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

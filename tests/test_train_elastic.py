@@ -9,17 +9,16 @@ fixed (2 for one process, 1 each for two).
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, run_cli, train_in_process
+from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, reserved_port, run_cli, train_in_process
 
 from data_prep import ShardLoader
-from training.checkpoints import process_count_problem
+from training.verify import process_count_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,37 +93,32 @@ def test_the_loader_cuts_the_same_steps_for_any_number_of_processes_across_epoch
     assert resumed.next_batch()[0].tolist() == single.next_batch()[0].tolist()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_machines_on_the_loopback_address_match_one_process(runs, data_dir):
     """The multinode launcher config, as two machines of one CPU process each (gloo over 127.0.0.1),
     started the way docs/training.md tells: the same command on each, with its --machine_rank. Not
     with `--cpu`: that flag makes `accelerate launch` start one plain process, not a torchrun agent;
     hiding the GPUs keeps the processes on the CPU where there are some."""
-    out, port = runs.tmp / "two_machines", free_port()
+    out = runs.tmp / "two_machines"
     config = ROOT / "accelerate_configs" / "multinode_2x8.yaml"
-    flags = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
-    flags += ["--main_process_port", str(port), "--mixed_precision", "no"]
     argv = nano_args(data_dir, out, **COMMON, val_batches=1)
-    machines = [
-        subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
-            + ["--machine_rank", str(rank), str(ROOT / "train_accelerate.py"), *argv],
-            cwd=ROOT,
-            env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    for machine in machines:
-        _, stderr = machine.communicate(timeout=400)
-        assert machine.returncode == 0, stderr[-3000:]
+    with reserved_port() as port:
+        flags = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+        flags += ["--main_process_port", str(port), "--mixed_precision", "no"]
+        machines = [
+            subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
+                + ["--machine_rank", str(rank), str(ROOT / "train_accelerate.py"), *argv],
+                cwd=ROOT,
+                env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        for machine in machines:
+            _, stderr = machine.communicate(timeout=400)
+            assert machine.returncode == 0, stderr[-3000:]
     info = json.loads((out / "run_info.json").read_text())
     assert info["processes"] == 2
     assert sorted(metric(out, "train/loss")) == list(range(1, 9))

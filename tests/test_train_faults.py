@@ -22,16 +22,11 @@ from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, t
 
 from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
 from training import run_dir
-from training.checkpoints import (
-    CheckpointError,
-    check_resumable,
-    checkpoint_problems,
-    newest_intact,
-    read_train_state,
-)
+from training.checkpoints import newest_intact
 from training.config import ConfigError
 from training.paths import RunPaths
 from training.run_dir import RunLock, claim_out_dir
+from training.verify import CheckpointError, check_resumable, checkpoint_problems, read_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

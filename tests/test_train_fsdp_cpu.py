@@ -20,7 +20,7 @@ from trainer_runs import launch_fsdp, metric, nano_args, train_in_process
 from transformers import GPT2LMHeadModel
 
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import CheckpointError, sharding_problem
+from training.verify import CheckpointError, sharding_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

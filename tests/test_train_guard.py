@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,16 +23,10 @@ from trainer_runs import ROOT, nano_args, records, run_cli, train_in_process
 from data_prep.shards import load_tokens, read_manifest, write_shard
 from data_prep.shards import write_manifest as write_data_manifest
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import (
-    STATE_FILE,
-    checkpoint_problems,
-    load_weights,
-    newest_finite_checkpoint,
-    prune_checkpoints,
-    write_manifest,
-)
+from training.checkpoints import load_weights, newest_finite_checkpoint, prune_checkpoints, write_manifest
 from training.config import ConfigError, TrainConfig
 from training.guard import Guard, weights_finite
+from training.verify import STATE_FILE, checkpoint_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,6 +98,7 @@ def test_the_guard_judges_non_finite_steps_and_spikes():
     assert guard.judge(4.0, 1.0) is None
     assert guard.judge(9.5, 1.0) == {"spike": pytest.approx(9.5 / 4.25), "median_loss": 4.25}
     assert not guard.must_roll_back and guard.streak == 1
+    assert list(guard.recent) == [4.0, 9.0, 4.5, 4.0]  # the spike is not one of the healthy losses
     assert guard.judge(4.0, math.inf) == {"skipped": "non-finite grad_norm"}
     assert guard.must_roll_back and (guard.skipped, guard.spikes) == (1, 1)
     assert guard.judge(math.nan, 1.0) == {"skipped": "non-finite loss"} and guard.streak == 3
@@ -212,7 +208,12 @@ def test_a_crafted_data_window_spikes_and_is_rolled_back_past(spiked_runs):
     before, after = logged[: logged.index(rollback)], logged[logged.index(rollback) + 1 :]
     spikes = [r for r in before if "spike" in r]
     assert [r["step"] for r in spikes] == [17, 18, 19]
-    assert all(r["spike"] > 1.3 and r["train/loss"] == pytest.approx(r["spike"] * r["median_loss"]) for r in spikes)
+    # Every spike is judged against the median of the 8 (spike_window) healthy losses logged before it,
+    # recomputed here from the log: the spikes themselves never join that window.
+    healthy = [r["train/loss"] for r in before if "train/loss" in r and "spike" not in r and 9 <= r["step"] <= 16]
+    median = statistics.median(healthy)
+    assert len(healthy) == 8 and all(r["median_loss"] == pytest.approx(median, rel=1e-12) for r in spikes)
+    assert all(r["train/loss"] > 1.3 * median for r in spikes)
     assert rollback == {"step": 16, "tokens": 4096, "rollback": 1, "from_step": 19, "skipped_data_steps": 3}
     # The crafted window is skipped: no spike afterwards, and step 17 is the step-16 weights on the
     # batches of step 20.
@@ -233,6 +234,17 @@ def test_two_identical_runs_roll_back_identically(spiked_runs):
         assert all_finite(tmp / name / "hf" / "model.safetensors")
     first, second = (load_file(tmp / name / "hf" / "model.safetensors") for name in ("first", "second"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_run_of_spikes_stays_visible():
+    """Spikes never enter the window of healthy losses: otherwise the median would creep up with them
+    and a long run of high losses would stop counting as spikes."""
+    guard = Guard(TrainConfig(spike_factor=1.5, spike_window=5, max_bad_steps=0))
+    healthy = [4.0, 4.2, 3.9, 4.1, 4.0]
+    assert [guard.judge(loss, 1.0) for loss in healthy] == [None] * 5
+    judged = [guard.judge(7.0, 1.0) for _ in range(10)]
+    assert judged == [{"spike": pytest.approx(7.0 / 4.0), "median_loss": 4.0}] * 10
+    assert list(guard.recent) == healthy and guard.spikes == 10 and guard.streak == 10
 
 
 def test_a_spike_factor_of_one_or_less_is_refused():

@@ -94,13 +94,21 @@ def test_optimizer_is_the_gpt3_adamw():
         assert group["fused"]  # torch's fused kernel exists for CPU and CUDA, and is the faster CPU step
 
 
-def test_precision_is_fp32_on_cpu_and_bf16_on_capable_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_mixed_precision("auto") == "no"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_mixed_precision("auto") == "bf16"
-    assert resolve_mixed_precision("no") == "no"
+def test_auto_precision_follows_the_device_that_every_command_picks(monkeypatch):
+    """`resolve_mixed_precision` (what run_settings records and the trainer passes to Accelerate) asks
+    `training.devices` about this machine; the choice per machine is tested in test_devices.py."""
+    import training.devices as devices
+
+    machines = {
+        devices.Availability(cuda=False): "no",
+        devices.Availability(cuda=True, cuda_bf16=True): "bf16",
+        devices.Availability(cuda=True, cuda_bf16=False): "fp16",  # T4, V100
+        devices.Availability(cuda=False, mps=True, mps_bf16=True): "bf16",
+    }
+    for found, expected in machines.items():
+        monkeypatch.setattr(devices, "availability", lambda found=found: found)
+        assert resolve_mixed_precision("auto") == expected, found
+        assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("fp16") == "fp16"
 
 
 def test_the_trainers_fused_adamw_equals_the_plain_loop_adamw():

@@ -39,7 +39,7 @@ def one_step(base, inputs, targets, micro_batch: int, accumulation_steps: int):
     model.register_forward_pre_hook(lambda module, args: synced.append(accelerator.sync_gradients))
     rows = range(0, len(inputs), micro_batch)
     loader = ListLoader((inputs[i : i + micro_batch], targets[i : i + micro_batch]) for i in rows)
-    loss, grad_norm = train_step(model, optimizer, loader, accelerator, grad_clip=1.0)
+    loss, grad_norm, _, _ = train_step(model, optimizer, loader, accelerator, grad_clip=1.0)
     assert not loader.batches, "train_step must consume exactly gradient_accumulation_steps micro-batches"
     return loss, grad_norm, [p.detach().clone() for p in model.parameters()], synced
 

@@ -3,14 +3,22 @@ end) checkpoint, export and exit with status 75, which a requeue script tests; `
 continues with the same losses. Real `cpu-nano` runs, launched as a user (or srun) launches them."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, run_cli, train_in_process, wait_for_step
+from trainer_runs import (
+    ONE_THREAD,
+    ROOT,
+    launch,
+    metric,
+    nano_args,
+    reserved_port,
+    run_cli,
+    train_in_process,
+    wait_for_step,
+)
 
 from training.checkpoints import latest_checkpoint
 from training.config import ConfigError, TrainConfig, parse_duration
@@ -18,7 +26,8 @@ from training.processes import REQUEUE_STATUS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LONG = dict(max_steps=400, save_interval=1000, eval_interval=1000, num_samples=0)
+# A schedule no machine finishes in a test: only the time limit or the signal can end these runs.
+LONG = dict(max_steps=10**7, save_interval=10**7, eval_interval=10**7, num_samples=0)
 
 
 def test_durations_read_as_a_scheduler_writes_them():
@@ -32,13 +41,11 @@ def test_durations_read_as_a_scheduler_writes_them():
 
 def test_the_time_limit_checkpoints_and_exits_with_the_requeue_status(data_dir, tmp_path):
     out = tmp_path / "limited"
-    started = time.monotonic()
     done = run_cli(nano_args(data_dir, out, **LONG, time_limit="4s"))
     assert done.returncode == REQUEUE_STATUS == 75, done.stderr[-3000:]
     assert "time_limit reached" in done.stderr
-    assert time.monotonic() - started < 120  # long before 400 steps
     last = max(metric(out, "train/loss"))
-    assert 1 <= last < 400 and latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"
+    assert last >= 1 and latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"
     assert json.loads((out / "hf" / "export.json").read_text())["step"] == last
     summary = train_in_process([*nano_args(data_dir, out, **LONG), "--resume", "auto", "--stop_at_step", str(last + 2)])
     assert summary["step"] == last + 2 and not summary["requeue"]
@@ -46,7 +53,7 @@ def test_the_time_limit_checkpoints_and_exits_with_the_requeue_status(data_dir, 
 
 
 def test_sigusr1_checkpoints_exits_75_and_the_resumed_run_logs_the_same_losses(data_dir, tmp_path):
-    common = dict(max_steps=14, save_interval=1000, eval_interval=7, num_samples=0)
+    common = dict(max_steps=60, save_interval=1000, eval_interval=7, num_samples=0)  # far more than a signal takes
     train_in_process(nano_args(data_dir, tmp_path / "reference", **common))
     out = tmp_path / "signalled"
     proc = launch(nano_args(data_dir, out, **common))
@@ -55,7 +62,7 @@ def test_sigusr1_checkpoints_exits_75_and_the_resumed_run_logs_the_same_losses(d
     assert proc.wait(timeout=120) == REQUEUE_STATUS, proc.stderr.read()[-3000:]
     assert "SIGUSR1 received" in proc.stderr.read()
     last = max(metric(out, "train/loss"))
-    assert last < 14 and latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"
+    assert last < 60 and latest_checkpoint(out / "checkpoints").name == f"step_{last:06d}"
     summary = train_in_process(nano_args(data_dir, out, **common, resume="auto"))
     assert summary["complete"] and not summary["requeue"]
     assert metric(out, "train/loss") == metric(tmp_path / "reference", "train/loss")
@@ -65,18 +72,24 @@ def test_sigusr1_checkpoints_exits_75_and_the_resumed_run_logs_the_same_losses(d
 def test_sigusr1_to_every_task_of_an_srun_style_launch_exits_75_on_each(data_dir, tmp_path):
     """As the SLURM script in docs/training.md runs it: one plain process per rank, told its place by
     the environment (what srun's task variables become), each signalled by the scheduler itself."""
-    out, port = tmp_path / "srun", 29000 + os.getpid() % 1000
-    tasks = []
-    for rank in (0, 1):
-        env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
-        argv = [sys.executable, str(ROOT / "train_accelerate.py"), *nano_args(data_dir, out, **LONG, val_batches=1)]
-        pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tasks.append(subprocess.Popen(argv, cwd=ROOT, env=env, **pipes))
-    wait_for_step(out, tasks[0], 2)
-    for task in tasks:
-        task.send_signal(signal.SIGUSR1)
-    assert [task.wait(timeout=120) for task in tasks] == [REQUEUE_STATUS] * 2
+    out, tasks = tmp_path / "srun", []
+    with reserved_port() as port:
+        try:
+            for rank in (0, 1):
+                env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+                argv = [sys.executable, str(ROOT / "train_accelerate.py")]
+                argv += nano_args(data_dir, out, **LONG, val_batches=1)
+                pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                tasks.append(subprocess.Popen(argv, cwd=ROOT, env=env, **pipes))
+            wait_for_step(out, tasks[0], 2)
+            for task in tasks:
+                task.send_signal(signal.SIGUSR1)
+            assert [task.wait(timeout=120) for task in tasks] == [REQUEUE_STATUS] * 2
+        finally:
+            for task in tasks:  # a run the signal did not stop would otherwise train on for good
+                task.kill()
+                task.wait()
     info = json.loads((out / "run_info.json").read_text())
     last = latest_checkpoint(out / "checkpoints")
     assert info["processes"] == 2 and sorted(p.name for p in last.glob("random_states_*.pkl")) == [

@@ -21,16 +21,11 @@ import torch
 from trainer_runs import nano_args, train_in_process
 
 from training import remote
-from training.checkpoints import (
-    checkpoint_problems,
-    find_resume_checkpoint,
-    read_train_state,
-    unsafe_pickle_problems,
-    write_manifest,
-)
+from training.checkpoints import find_resume_checkpoint, write_manifest
 from training.config import TrainConfig
 from training.export import exported_step
 from training.paths import parse_step, step_name
+from training.verify import checkpoint_problems, read_train_state, unsafe_pickle_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

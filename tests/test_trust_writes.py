@@ -21,12 +21,13 @@ import export_gpt2
 from data_prep import prepare
 from data_prep.shards import read_manifest, write_manifest, write_shard
 from training import remote
-from training.checkpoints import CheckpointError, find_resume_checkpoint, read_train_state
+from training.checkpoints import find_resume_checkpoint
 from training.config import ConfigError, TrainConfig, parse_config
 from training.export import read_record
 from training.metrics import keep_records_through
 from training.model_card import write_model_cards
 from training.paths import step_name
+from training.verify import CheckpointError, read_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,7 +265,7 @@ def test_the_loss_plot_is_replaced_in_the_export_never_rewritten_in_place(stoppe
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is real on CUDA")
 def test_fp16_on_a_cpu_is_refused_before_anything_is_written(data_dir, tmp_path):
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         train_in_process(nano_args(data_dir, tmp_path / "run", mixed_precision="fp16", **COMMON))
     assert not (tmp_path / "run" / "run_info.json").exists()
 

@@ -1,10 +1,13 @@
 """Helpers for tests that run the trainer: the tiny run's flags, running it in this process or as a
 real launch, and reading what it logged. The `data_dir` and `one_thread` fixtures are in conftest.py."""
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,11 +56,12 @@ def train_in_process(argv: list[str]) -> dict:
         GradientState._reset_state()
 
 
-def launch(argv: list[str]) -> subprocess.Popen:
+def launch(argv: list[str], script: Path = ROOT / "train_accelerate.py", env: dict | None = None) -> subprocess.Popen:
+    """`python SCRIPT ARGV` (the trainer, or a test wrapper that runs it), `env` added to the environment."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train_accelerate.py"), *argv],
+        [sys.executable, str(script), *argv],
         cwd=ROOT,
-        env=ONE_THREAD,
+        env={**ONE_THREAD, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -121,9 +125,22 @@ def run_cli(
     )
 
 
-def kill_at_step(argv: list[str], out_dir: Path, step: int) -> None:
-    """Launch the trainer, SIGKILL it once it has logged `step`, and wait for it to be gone."""
-    proc = launch(argv)
+def kill_at_step(argv: list[str], out_dir: Path, step: int, **launch_args) -> None:
+    """Launch the trainer (`launch_args`: see `launch`), SIGKILL it once it has logged `step`, and wait for it
+    to be gone."""
+    proc = launch(argv, **launch_args)
     wait_for_step(out_dir, proc, step)
     proc.kill()
     proc.wait()
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A port on 127.0.0.1 for a launch's rendezvous, held for as long as the launch runs: bound but not
+    listening, with SO_REUSEADDR, which torch's TCPStore also sets, so the store can listen on it while
+    no other bind to it succeeds and no `bind(0)` (in another test, say) is given it. A port found free
+    and released before the launch could be taken by someone else in between."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]

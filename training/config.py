@@ -113,7 +113,11 @@ class TrainConfig:
     gradient_checkpointing: bool = arg(
         False, "recompute each block's activations in backward: less memory, ~1/3 more block compute (large models)"
     )
-    mixed_precision: str = arg("auto", "'auto' (bf16 on CUDA that has it, else fp32), 'no', 'bf16', 'fp16' (CUDA only)")
+    mixed_precision: str = arg(
+        "auto",
+        "'auto' (bf16 on GPUs with bf16 units, fp16 loss-scaled on CUDA GPUs without, fp32 on CPU), 'no', 'bf16', "
+        "'fp16' (GPU only)",
+    )
     peak_flops: float | None = arg(None, "peak FLOP/s per device for MFU (None: datasheet bf16 / measured fp32)")
     # Hugging Face Hub
     push_to_hub: bool = arg(False, "push the HF export with a model card to the Hub at the end")
@@ -192,10 +196,7 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
     yield from optimizer_problems(c)
     if c.mixed_precision not in PRECISIONS:
         yield f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
-    trackers = {t.value for t in LoggerType} | {"none"}
-    for name in tracker_names(c.report_to):
-        if name not in trackers:
-            yield f"report_to: unknown tracker {name!r}; choose from {sorted(trackers)}"
+    yield from tracker_problems(c.report_to)
     if c.micro_batch_size > 0 and c.seq_len > 0 and (problem := batch_problem(c, world_size=1)):
         yield problem
     if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
@@ -257,6 +258,21 @@ def optimizer_problems(c: TrainConfig) -> Iterator[str]:
 
 def tracker_names(report_to: str) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def tracker_problems(report_to: str) -> Iterator[str]:
+    """An unknown tracker, or one whose package is not installed: Accelerate would only warn and train
+    to the end with nothing logged where the user looks. 'all' (whatever is installed) and 'none' need
+    no package."""
+    from accelerate.tracking import get_available_trackers
+
+    known = {t.value for t in LoggerType} | {"none"}
+    installed = {t.value for t in get_available_trackers()} | {"all", "none"}
+    for name in tracker_names(report_to):
+        if name not in known:
+            yield f"report_to: unknown tracker {name!r}; choose from {sorted(known)}"
+        elif name not in installed:  # each tracker's package has the tracker's name
+            yield f"report_to: the {name} tracker needs its package, which is not installed: pip install {name}"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from conversion import gpt2_layout, gpt2_model
-from training.files import read_regular
+from training.files import read_regular, share_as_umask
 
 SCRATCH_EXPORT = "hf"
 GPT2_EXPORT = "hf-gpt2"
@@ -94,8 +94,8 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     write(tmp)
+    share_as_umask(tmp)  # readable by whoever may read the user's other files, not by this uid alone
     if folder.exists():
         old = Path(tempfile.mkdtemp(prefix=f".old_{folder.name}.", dir=folder.parent))
         os.replace(folder, old / folder.name)

@@ -73,9 +73,35 @@ def replace_with(path: Path, write) -> None:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the records private to this user
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make the records private to this user
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """This process's umask. Linux shows it in /proc; elsewhere it is read by setting it and back
+    (Python has no getter), which a file created by another thread in between would see."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(path: Path) -> None:
+    """Give `path`, a file or a folder that we just wrote, and everything in it, the modes the umask
+    gives any new file and folder (0644 and 0755 under the usual 022). safetensors 0.8 writes weights
+    0600, and mkdtemp and mkstemp make 0700 and 0600: a serving account or a container with another uid
+    could not read the model. Links are left alone (never followed)."""
+    mask = umask()
+    path = Path(path)
+    for item in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)

@@ -2,6 +2,11 @@
 
 - A step whose loss or gradient norm is NaN or infinite is skipped: `training.step.train_step` does not
   apply its update, and the guard counts it (`skipped_steps` in log.jsonl).
+- Under fp16 the loss scaler handles overflowing gradients itself: it skips the update and halves the
+  scale, which is normal in the first steps of fp16 training. Such a step is logged as `overflow` with
+  the new `loss_scale` and counted (`overflow_steps`), not judged bad; only a non-finite loss, or a scale
+  that keeps collapsing (an overflow that leaves it below `MIN_LOSS_SCALE`: gradients that overflow even
+  unscaled), counts as a bad step.
 - A loss above `spike_factor` times the median of the last `spike_window` healthy losses is a spike:
   logged and counted; its update is applied (as in llm.c, a spike alone is no reason to stop).
 - After `max_bad_steps` bad steps (skipped or spiking) in a row the run rolls back to the newest
@@ -34,6 +39,9 @@ from training.processes import on_main_process
 logger = logging.getLogger("train")
 
 MIN_HISTORY = 5  # healthy losses needed before a spike can be judged
+# Below this the scale no longer scales up small gradients (the point of it) but shrinks them: gradients
+# that overflow even so have diverged (fp16 training starts at 65536 and settles in the thousands).
+MIN_LOSS_SCALE = 1.0
 
 
 class DivergedError(UserError):
@@ -53,9 +61,20 @@ class Guard:
         self.streak = 0  # bad steps in a row
         self.skipped = 0  # updates skipped, over the whole run
         self.spikes = 0
+        self.overflows = 0  # updates the fp16 loss scaler skipped, over the whole run
 
-    def judge(self, loss: float, grad_norm: float) -> dict[str, float | str] | None:
-        """None for a healthy step; else what was wrong, as fields of its log record."""
+    def judge(
+        self, loss: float, grad_norm: float, overflow: bool = False, loss_scale: float | None = None
+    ) -> dict[str, float | str | bool] | None:
+        """None for a healthy step; else what was wrong (or, for a loss-scale overflow, what the scaler
+        did), as fields of its log record. `overflow` and `loss_scale`: `training.step.StepResult`'s."""
+        if overflow and math.isfinite(loss):
+            self.overflows += 1
+            if loss_scale is not None and loss_scale < MIN_LOSS_SCALE:
+                self.streak += 1
+                self.skipped += 1
+                return {"skipped": f"loss scale collapsed to {loss_scale:.3g} (gradients overflow unscaled)"}
+            return {"overflow": True}  # the scaler's own handling: neither bad nor a loss to judge spikes by
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.streak += 1
             self.skipped += 1
@@ -72,20 +91,27 @@ class Guard:
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps (in train_state.json), so that a resumed run judges as this one would."""
-        return {"recent": list(self.recent), "streak": self.streak, "skipped": self.skipped, "spikes": self.spikes}
+        return {
+            "recent": list(self.recent),
+            "streak": self.streak,
+            "skipped": self.skipped,
+            "spikes": self.spikes,
+            "overflows": self.overflows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`; an empty one (a checkpoint from before the guard) changes nothing."""
         if not state:
             return
-        recent, counts = state.get("recent"), [state.get(key) for key in ("streak", "skipped", "spikes")]
+        recent = state.get("recent")
+        counts = [state.get(key) for key in ("streak", "skipped", "spikes")] + [state.get("overflows", 0)]
         if not isinstance(recent, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in recent):
             raise ValueError(f"guard: recent losses must be finite numbers, got {recent!r}")
         if not all(type(n) is int and n >= 0 for n in counts):
             raise ValueError(f"guard: counts must be non-negative integers, got {counts!r}")
         self.recent.clear()
         self.recent.extend(recent)
-        self.streak, self.skipped, self.spikes = counts
+        self.streak, self.skipped, self.spikes, self.overflows = counts
 
     @property
     def must_roll_back(self) -> bool:

@@ -25,8 +25,8 @@ def parameter_count(config: GPT2ScratchConfig) -> int:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory free for tensors on `device`: the GPU's free memory, or the host's MemAvailable; None when
-    unknown."""
+    """Memory free for tensors on `device`: the GPU's free memory, or the host's MemAvailable (MPS shares
+    it: unified memory); None when unknown (macOS and Windows: then the check is skipped)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -34,8 +34,12 @@ def available_bytes(device: torch.device) -> int | None:
             fields = dict(line.split(":", 1) for line in f)
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else -1
+        pass
+    try:  # no /proc: other Unixes; macOS has no SC_AVPHYS_PAGES (ValueError) and Windows no sysconf
+        pages = os.sysconf("SC_AVPHYS_PAGES")
         return pages * os.sysconf("SC_PAGE_SIZE") if pages > 0 else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def gib(n: float) -> str:

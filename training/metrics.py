@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from training.config import TrainConfig
+from training.devices import synchronize
 from training.files import replace_text
 from training.recipe import resolve_mixed_precision
 
 # Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
-# device name (more specific names first). fp32 means TF32 tensor cores, which we enable on CUDA.
+# device name (more specific names first). fp32 means TF32 tensor cores, which we enable on CUDA; fp16's dense
+# peak is bf16's wherever both exist. T4 and V100 have no bf16 (nor TF32) units: their 16-bit peak is fp16's.
 DATASHEET_PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp32": 494.5e12},
     "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
@@ -28,6 +30,8 @@ DATASHEET_PEAK_FLOPS = {
     "L4": {"bf16": 121e12, "fp32": 60e12},
     "A10G": {"bf16": 70e12, "fp32": 35e12},
     "RTX 4090": {"bf16": 165e12, "fp32": 83e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},  # SXM2 (PCIe: 112e12, 14e12)
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
 }
 
 
@@ -35,19 +39,20 @@ def peak_flops(config: TrainConfig, device: torch.device) -> float:
     """Peak FLOP/s of one device for MFU: the config value, else `device_peak_flops` for the run's precision."""
     if config.peak_flops:
         return config.peak_flops
-    precision = "bf16" if resolve_mixed_precision(config.mixed_precision) in ("bf16", "fp16") else "fp32"
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(resolve_mixed_precision(config.mixed_precision), "fp32")
     return device_peak_flops(device, precision)[0]
 
 
 def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """The FLOP/s that MFU divides by ("bf16" or "fp32" matmuls), and where the number comes from:
+    """The FLOP/s that MFU divides by ("bf16", "fp16" or "fp32" matmuls), and where the number comes from:
     a GPU's datasheet peak, else the best matmul throughput measured here and now."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peaks in DATASHEET_PEAK_FLOPS.items():
-            if key in name:
-                return peaks[precision], f"datasheet dense {precision} peak of {key}"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            peak = peaks.get(precision) or (peaks.get("bf16") if precision == "fp16" else None)
+            if key in name and peak:
+                return peak, f"datasheet dense {precision} peak of {key}"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return measure_matmul_flops(device, dtype), f"measured: best {precision} 1024x1024 matmul on this device"
 
 
@@ -62,8 +67,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
     while repeats < 3 or time.perf_counter() - start < seconds:
         tick = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best, repeats = min(best, time.perf_counter() - tick), repeats + 1
     return 2 * n**3 / best
 

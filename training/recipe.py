@@ -5,12 +5,16 @@ with `--optimizer muon`, Muon (Jordan et al. 2024, `torch.optim.Muon`) for the b
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from accelerate.utils import DistributedType
 
 from training.config import ConfigError, TrainConfig, batch_problem
+from training.devices import fused_adamw_supported, resolve_precision
+
+logger = logging.getLogger("train")
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
@@ -85,14 +89,17 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 
 
 def adamw(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the GPT-3 betas and epsilon; the fused kernel on CUDA and on CPU (both in torch >= 2.4),
-    which the benchmark measured as the faster CPU step too."""
+    """AdamW with the GPT-3 betas and epsilon; the fused kernel wherever PyTorch has it for the device (CUDA,
+    CPU and MPS in torch 2.13; the benchmark measured it as the faster CPU step too), else the foreach one."""
+    fused = fused_adamw_supported(device)
+    if not fused:
+        logger.info("AdamW: this PyTorch has no fused kernel for %s; using its foreach kernel", device.type)
     return torch.optim.AdamW(
         groups,
         lr=lr_at(0, config),
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
-        fused=device.type in ("cuda", "cpu"),
+        fused=fused,
     )
 
 
@@ -152,15 +159,15 @@ def launcher_precision_note(launcher: str | None, resolved: str) -> str | None:
         return None
     return (
         f"the launcher asked for mixed_precision {launcher!r}, but this run trains with {resolved!r} (the trainer's "
-        f"own --mixed_precision decides; 'auto' is bf16 on a CUDA GPU that has it, else 'no'): to change it, "
-        f"pass --mixed_precision to train_accelerate.py"
+        f"own --mixed_precision decides; 'auto' is bf16 on a CUDA GPU that has it, fp16 on one without, else "
+        "'no'): to change it, pass --mixed_precision to train_accelerate.py"
     )
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """'auto' becomes bf16 on CUDA that runs it natively, else 'no': on CPUs without AVX-512 BF16 or AMX
-    bf16 matmuls are emulated (~100x slower), and where they are native (measured 1.5x faster than fp32
-    on a Zen 4 in docs/benchmarks.md) `--mixed_precision bf16` is an explicit choice."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    """'auto' becomes what it trains with on the device this machine's commands use
+    (`training.devices.auto_precision`): bf16 on a CUDA GPU with bf16 units, fp16 (loss-scaled) on one
+    without, bf16 on MPS under macOS 14+, else 'no'. On CPUs without AVX-512 BF16 or AMX bf16 matmuls are
+    emulated (~100x slower), and where they are native (measured 1.5x faster than fp32 on a Zen 4 in
+    docs/benchmarks.md) `--mixed_precision bf16` is an explicit choice."""
+    return resolve_precision(setting)

@@ -20,7 +20,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+
 from training import remote
+from training.accelerator import fsdp_precision
 from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
 from training.files import NotRegularFileError, check_regular_or_absent, read_regular, replace_text
 from training.paths import RunPaths
@@ -188,3 +192,30 @@ def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
         if made_dir:
             paths.out_dir.rmdir()
         raise
+
+
+def launch_facts(
+    acc: Accelerator, model: torch.nn.Module, flops_per_token: int, peak_flops: float, checkpoint: Path | None
+) -> dict[str, Any]:
+    """What the config alone does not say (run_info.json): the launch's processes, precision, device and
+    model size."""
+    return {
+        "processes": acc.num_processes,
+        "distributed_type": str(acc.distributed_type),
+        "device": device_name(acc.device),
+        "mixed_precision": acc.mixed_precision,
+        "fsdp_mixed_precision": fsdp_precision(acc),
+        "gradient_accumulation_steps": acc.gradient_accumulation_steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_token": flops_per_token,
+        "peak_flops_per_device": peak_flops,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or for MPS and the CPU the processor's (Apple's chips name both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    processor = platform.processor() or platform.machine() or "cpu"
+    return f"mps ({processor})" if device.type == "mps" else processor
