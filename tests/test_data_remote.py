@@ -82,6 +82,12 @@ def test_the_loader_reads_the_same_batches_from_s3_and_keeps_the_cache_within_it
     assert torch.equal(remote.next_batch()[0], local.next_batch()[0])
 
 
+def test_a_cache_bound_below_two_training_shards_is_refused_at_the_start(on_s3, tmp_path):
+    config = TrainConfig(data_dir=on_s3, out_dir=str(tmp_path), data_cache_gb=8e-6)  # val + 1.6 shards
+    with pytest.raises(StoreError, match=r"cannot hold the validation shards .* and two of the largest training"):
+        prepare_remote_data(config)
+
+
 def test_a_run_on_s3_logs_the_losses_of_the_local_run_through_a_kill_and_resume(
     local_run,
     on_s3,
@@ -101,6 +107,7 @@ def test_a_run_on_s3_logs_the_losses_of_the_local_run_through_a_kill_and_resume(
     assert metric(out, "val/loss") == metric(local_run, "val/loss")
     info = json.loads((out / "run_info.json").read_text())
     assert info["resumed_from"].endswith("step_000004") and info["data"]["url"] == on_s3
+    assert 1 in metric(out, "data_wait_s")  # step 1 waited for its first shard, and the log says how long
     cache = out / "data_cache"
     assert sum(p.stat().st_size for p in cache.rglob("*.bin")) <= LIMIT_GB * 1e9
 
