@@ -57,7 +57,14 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.config import TrainConfig, parse_config, parse_duration
-from training.data import build_loader, prepare_data, train_fingerprint, val_fingerprint
+from training.data import (
+    build_loader,
+    data_settings,
+    local_data_dir,
+    prepare_data,
+    train_fingerprint,
+    val_fingerprint,
+)
 from training.evaluation import generate_samples, load_hellaswag
 from training.export import export_model, exported_step
 from training.guard import DivergedError, Guard, roll_back, weights_finite
@@ -160,7 +167,7 @@ def evaluate(run: Run) -> None:
     metrics = {
         "val/loss": evaluate_val_loss(
             run.model,
-            c.data_dir,
+            local_data_dir(c, run.manifest),
             batch_size=c.micro_batch_size,
             seq_len=c.seq_len,
             max_batches=c.val_batches,
@@ -223,6 +230,7 @@ def train(run: Run) -> bool:
             lr = lr_at(state.step, c)
             set_lr(run.optimizer, lr)
             step = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
+            run.meter.exclude(state.loader.take_waited())  # a late remote shard is not training time
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
@@ -330,6 +338,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     preflight_hub(config, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
     settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest))
+    settings |= data_settings(manifest)  # a hf:// data_dir's commit
     run_id = None
     if store is not None:  # a store belongs to one run: refused before anything is downloaded
         run_id = on_main_process(accelerator, lambda: remote.store_run(store, read_run_id(paths), config.resume))
@@ -346,7 +355,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
     optimizer = build_optimizer(model, config, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(config.seed, device_specific=True)  # then different dropout masks per rank
-    state = TrainState(build_loader(config, accelerator))
+    state = TrainState(build_loader(config, accelerator, manifest))
     flops_per_token = config.model_config().flops_per_token(config.seq_len)
     meter = Meter(flops_per_token, peak_flops(config, accelerator.device), accelerator.num_processes)
     run = Run(
@@ -393,6 +402,7 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
     run.hellaswag = load_hellaswag(run.config, accelerator)
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
+        facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
         describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 

@@ -12,12 +12,22 @@ Loader: `ShardLoader.next_batch()` from memory-mapped shards with torch on one t
 `iter_val_batches`, in batches/s and tokens/s.
 
     python benchmarks/bench_data.py --out runs/bench_data.json
+
+Remote shards (`--remote`, instead of the above): the default training run (`python train_accelerate.py`,
+the cpu-micro model on the built-in corpus) reading its shards from the local folder, and the same run
+with `--data_dir s3://...` reading the same shards from moto's S3 server on 127.0.0.1 through the cache
+(`--data_cache_gb`), the runs interleaved. Steps/s count each step's time including any wait for a
+shard (log.jsonl's step_time plus data_wait_s); "cached" leaves out step 1, which waits for the first
+training shard. The cache folder's size is sampled every 5 ms during each remote run; its peak is reported.
+
+    python benchmarks/bench_data.py --remote --repeats 2 --out runs/bench_data_remote.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -137,6 +147,97 @@ def bench_loader(work: Path, shapes: list[tuple[int, int]], steps: int) -> list[
     return rows
 
 
+def run_steps(out_dir: Path) -> tuple[list[float], float]:
+    """Each training step's seconds, waits for shards included, and the waits' sum, from a run's log."""
+    records = [r for r in (json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines())]
+    train = [r for r in records if "train/loss" in r]
+    steps = [r["step_time"] + r.get("data_wait_s", 0.0) for r in train]  # log_interval 1: one step per record
+    return steps, sum(r.get("data_wait_s", 0.0) for r in train)
+
+
+def folder_size(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*.bin*") if folder.is_dir() else ():
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def bench_remote(work: Path, repeats: int, cache_gb: float, max_steps: int) -> list[dict]:
+    """The default run on local shards and on the same shards via an S3 server on loopback, interleaved."""
+    import subprocess
+    import threading
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from data_prep import prepare_builtin
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
+    data = prepare_builtin(work / "builtin")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    fs = fsspec.filesystem("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], key="bench", secret="bench")
+    fs.mkdir("bench")
+    for path in sorted(data.iterdir()):
+        fs.put_file(str(path), f"bench/builtin/{path.name}")
+    root = Path(__file__).resolve().parents[1]
+    common = ["--log_interval", "1", "--report_to", "none", "--max_steps", str(max_steps), "--hellaswag_path", "none"]
+    rows = []
+    try:
+        for repeat in range(repeats):
+            for where, data_dir in (("local", str(data)), ("s3", "s3://bench/builtin")):
+                out = work / f"{where}_{repeat}"
+                cache = work / f"cache_{repeat}"
+                argv = [sys.executable, str(root / "train_accelerate.py"), "--data_dir", data_dir]
+                argv += ["--out_dir", str(out), *common]
+                argv += ["--data_cache_dir", str(cache), "--data_cache_gb", str(cache_gb)]
+                peak, done = [0], threading.Event()
+
+                def sample(cache=cache, peak=peak, done=done) -> None:
+                    while not done.is_set():
+                        peak[0] = max(peak[0], folder_size(cache))
+                        time.sleep(0.005)
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                t0 = time.perf_counter()
+                result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                done.set()
+                sampler.join()
+                if result.returncode != 0:
+                    raise RuntimeError(f"{where} run failed:\n{result.stderr[-3000:]}")
+                steps, waited = run_steps(out)
+                rows.append(
+                    {
+                        "bench": f"train/{where}",
+                        "repeat": repeat,
+                        "steps": len(steps),
+                        "steps_per_s": len(steps) / sum(steps),
+                        "steps_per_s_cached": (len(steps) - 1) / sum(steps[1:]),  # step 1 waits for shard 1
+                        "data_wait_s": waited,
+                        "run_wall_s": wall,
+                        "cache_peak_bytes": peak[0] if where == "s3" else None,
+                        "cache_limit_bytes": int(cache_gb * 1e9) if where == "s3" else None,
+                    }
+                )
+                print(json.dumps(rows[-1]))
+    finally:
+        server.stop()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=3_000_000, help="about this many tokens per tokenization run")
@@ -145,9 +246,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per tokenization method; the best is kept")
     parser.add_argument("--steps", type=int, default=1000, help="loader batches timed per shape")
     parser.add_argument("--out", default="runs/bench_data.json", help="JSON file for the results")
+    parser.add_argument("--remote", action="store_true", help="only the local vs S3 (loopback) training comparison")
+    parser.add_argument("--data_cache_gb", type=float, default=0.0004, help="--remote: the run's cache limit")
+    parser.add_argument("--max_steps", type=int, default=80, help="--remote: steps of each run (80: the default run)")
     args = parser.parse_args(argv)
     flags = {f"--{name}": value for name, value in vars(args).items()}
     check_at_least(flags, dict.fromkeys(("--tokens", "--num_proc", "--batch_docs", "--repeats", "--steps"), 1))
+    if args.remote:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_remote(Path(tmp), args.repeats, args.data_cache_gb, args.max_steps)
+        for where in ("local", "s3"):
+            mine = [r for r in rows if r["bench"] == f"train/{where}"]
+            print(
+                f"{where:>6}: steps/s {max(r['steps_per_s'] for r in mine):.2f} (best of {len(mine)}), cached "
+                f"{max(r['steps_per_s_cached'] for r in mine):.2f}, waited {min(r['data_wait_s'] for r in mine):.3f}s"
+            )
+        peaks = [r["cache_peak_bytes"] for r in rows if r["cache_peak_bytes"] is not None]
+        print(f"cache peak {max(peaks):,} bytes, limit {int(args.data_cache_gb * 1e9):,}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "args": vars(args), "results": rows}
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
 
     corpus, docs = load_documents(args.tokens)
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--val_tokens", type=int, help="tokens in the val shard (shard 0) [default: --shard_tokens]")
     out.add_argument("--overwrite", action="store_true", help="replace an out_dir made from another source/layout")
     out.add_argument("--verify", action="store_true", help="only check an existing out_dir's shards (sha256) and exit")
+    publish = parser.add_argument_group("publish (shards first, manifest.json last; an interrupted upload resumes)")
+    publish.add_argument(
+        "--upload",
+        metavar="URL",
+        help="only upload an existing out_dir to URL (hf://datasets/user/name[@branch][/dir], s3://, gs://, file://) "
+        "and exit; train on it with --data_dir URL",
+    )
+    publish.add_argument(
+        "--push_to_hub",
+        metavar="USER/NAME",
+        help="after making the shards, upload them to the Hub dataset repository USER/NAME (private unless --public)",
+    )
+    publish.add_argument("--public", action="store_true", help="create the Hub dataset repository as public")
     run = parser.add_argument_group("speed")
     run.add_argument("--num_proc", type=int, default=None, help="tokenizer processes [default: all cores]")
     run.add_argument("--batch_docs", type=int, default=DEFAULT_BATCH_DOCS, help="documents per tokenizer task")
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         totals = verify_shards(out_dir)
         print(f"{out_dir}: all shards match manifest.json; tokens {totals}")
         return 0
+    if args.upload:
+        return upload(out_dir, args.upload, private=not args.public)
     default_shard = BUILTIN_SHARD_TOKENS if args.builtin and not args.files else DEFAULT_SHARD_TOKENS
     prepare(
         out_dir,
@@ -94,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{out_dir}: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, "
         f"{splits['val']:,} val + {splits['train']:,} train tokens"
     )
+    if args.push_to_hub:
+        return upload(out_dir, f"hf://datasets/{args.push_to_hub}", private=not args.public)
+    return 0
+
+
+def upload(out_dir: str, url: str, private: bool) -> int:
+    from data_prep.store import upload_folder
+
+    sent = upload_folder(out_dir, url, private=private)
+    print(f"{out_dir} -> {url}: sent {len(sent)} files (the others were there); train on it with --data_dir {url}")
     return 0
 
 

@@ -15,12 +15,15 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from data_prep.shards import DataPrepError, check_shard, load_tokens, read_manifest
+
+if TYPE_CHECKING:
+    from data_prep.cache import ShardCache
 
 STATE_FORMAT_VERSION = 1
 
@@ -88,20 +91,24 @@ class ShardLoader:
         verify: bool = True,
         vocab_size: int | None = None,
         sequences_per_step: int | None = None,
+        cache: ShardCache | None = None,
     ) -> None:
         """`verify` checks each shard's sha256 against the manifest the first time it is used, and with
         `vocab_size` that its token ids are below it. `sequences_per_step` (a multiple of batch_size x
         world_size; default: one global batch) is what one optimizer step takes over all ranks and
         micro-steps: epochs end on a whole step, so the order of steps is the same on any number of
-        processes and a position can be resumed with another world size."""
+        processes and a position can be resumed with another world size. With `cache` (a remote store's
+        shards, `data_prep.cache`), `data_dir` is the cache folder and each shard is fetched (and its sha256
+        checked) when first needed, the next one in the background; the order is the same as from a local
+        folder holding the same manifest: it depends on the manifest alone."""
         check_batch_shape(batch_size, seq_len, rank, world_size)
         self.data_dir = Path(data_dir)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.entries = split_entries(data_dir, split)
-        self.verify, self.vocab_size = verify, vocab_size
+        self.verify, self.vocab_size, self.cache = verify, vocab_size, cache
         self._shards: list[np.ndarray | None] = [None] * len(self.entries)
-        for entry in self.entries:  # cheap header and size checks now, hashes when first read
+        for entry in self.entries if cache is None else ():  # cheap header and size checks now, hashes when first read
             check_shard(self.data_dir, entry, verify_hash=False)
         self.chunks_per_shard = np.array([num_chunks(e["tokens"], seq_len) for e in self.entries], dtype=np.int64)
         self.global_batch = batch_size * world_size
@@ -125,16 +132,39 @@ class ShardLoader:
         self._set_epoch(0)
 
     def _shard(self, index: int) -> np.ndarray:
-        if self._shards[index] is None:
+        if self._shards[index] is None and self.cache is not None:  # fetched and its sha256 checked first
+            self._shards[index] = self.cache.open(self.entries[index], vocab_size=self.vocab_size)
+        elif self._shards[index] is None:
             path = check_shard(self.data_dir, self.entries[index], verify_hash=self.verify, vocab_size=self.vocab_size)
             self._shards[index] = load_tokens(path, mmap=True)
         return self._shards[index]
 
-    def _set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _use_cache(self, needed: set[int]) -> None:
+        """Remote shards: map only the shards of this batch (the others may leave the cache), and fetch the
+        one after this global batch's last in the background."""
+        for index in range(len(self._shards)):
+            if index not in needed:
+                self._shards[index] = None
+        last = (self.batch_index + 1) * self.global_batch - 1
+        k = int(np.searchsorted(self._order_ends, last, side="right"))
+        if k + 1 < len(self._shard_order):
+            upcoming = int(self._shard_order[k + 1])
+        else:  # the next epoch's first shard
+            upcoming = int(self._epoch_shard_order(self.epoch + 1)[0])
+        self.cache.use([self.entries[i]["file"] for i in needed], self.entries[upcoming]["file"])
+
+    def take_waited(self) -> float:
+        """Seconds spent waiting for remote shards since the last call (0 for a local folder)."""
+        return self.cache.take_waited() if self.cache is not None else 0.0
+
+    def _epoch_shard_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.entries)
-        self._shard_order = rng.permutation(n) if self.shuffle else np.arange(n)
+        return rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._shard_order = self._epoch_shard_order(epoch)
         self._order_ends = np.cumsum(self.chunks_per_shard[self._shard_order])
         self._chunk_orders: dict[int, np.ndarray] = {}
 
@@ -165,8 +195,13 @@ class ShardLoader:
             self.batch_index = 0
         first = self.batch_index * self.global_batch + self.rank * self.batch_size
         rows = [self._locate(first + i) for i in range(self.batch_size)]
-        for shard in {shard for shard, _ in rows}:
+        needed = {shard for shard, _ in rows}
+        if self.cache is not None:
+            self._use_cache(needed)
+        for shard in needed:
             self._shard(shard)
+        if self.cache is not None:
+            self.cache.fetch_ahead()
         self.batch_index += 1
         return gather(self._shards, rows, self.seq_len)
 

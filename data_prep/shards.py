@@ -171,8 +171,13 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataPrepError(
             f"no {MANIFEST_NAME} in {Path(data_dir)}; make the shards with `python -m data_prep --out_dir {data_dir}`"
         )
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(content: bytes, path: str) -> dict[str, Any]:
+    """The manifest in `content` (the bytes of `path`, a local file or a URL), checked as `read_manifest` says."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(content.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise DataPrepError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:

@@ -43,7 +43,14 @@ class TrainConfig:
     """Everything a training run depends on. The defaults are the embedded CPU run."""
 
     # data and output
-    data_dir: str = arg("data/builtin", "folder of token shards and manifest.json written by data_prep")
+    data_dir: str = arg(
+        "data/builtin",
+        "shards and manifest.json written by data_prep: a folder, or a URL (hf://datasets/user/name[@rev][/dir], "
+        "s3://, gs://, file://) whose shards are fetched into data_cache_dir",
+    )
+    data_cache_dir: str | None = arg(None, "where shards of a data_dir URL are kept (None: out_dir/data_cache)")
+    data_cache_gb: float = arg(0.0, "most GB of shards in data_cache_dir, least recently used removed (0: no limit)")
+    data_retries: int = arg(5, "retries of a failing data store request, with exponential backoff, then stop")
     prepare_builtin: bool | None = arg(
         None, "tokenize the built-in corpus into an absent or empty data_dir (None: only into the default data_dir)"
     )
@@ -154,6 +161,8 @@ AT_LEAST_ZERO = ("warmup_steps", "stop_at_step", "keep_checkpoints", "num_sample
 
 AT_LEAST_ZERO += ("remote_keep_last",)
 
+AT_LEAST_ZERO += ("data_cache_gb", "data_retries")
+
 AT_LEAST_ONE += ("spike_window",)
 
 AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
@@ -199,6 +208,13 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
             remote.open_store(c.checkpoint_remote)  # the URL's form and protocol; no network is touched
         except remote.RemoteError as err:
             yield str(err)
+    if "://" in c.data_dir:
+        from data_prep.store import StoreError, open_data_store
+
+        try:
+            open_data_store(c.data_dir, resolve=False)  # the URL's form and protocol; no network is touched
+        except StoreError as err:
+            yield f"data_dir: {err}"
     if c.hub_format not in HUB_FORMATS:
         yield f"hub_format must be one of {HUB_FORMATS}, got {c.hub_format!r}"
     if c.num_samples and not c.sample_prompt:

@@ -1,7 +1,9 @@
-"""The run's data: token shards in `data_dir`, checked before training, and the training loader."""
+"""The run's data: token shards in `data_dir` (a folder, or a store's URL whose shards are fetched into a
+local cache), checked before training, and the training loader."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,7 +11,9 @@ from accelerate import Accelerator
 
 from data_prep.loader import data_fingerprint
 from data_prep.shards import MANIFEST_NAME, check_shard
+from data_prep.store import is_url
 from training.config import FIELDS, ConfigError, TrainConfig
+from training.paths import RunPaths
 
 logger = logging.getLogger("train")
 
@@ -24,6 +28,8 @@ def prepare_data(config: TrainConfig) -> dict:
     """
     from data_prep import prepare_builtin, read_manifest
 
+    if is_url(config.data_dir):
+        return prepare_remote_data(config)
     data_dir = Path(config.data_dir)
     if not (data_dir / MANIFEST_NAME).is_file():
         default = config.data_dir == FIELDS["data_dir"].default
@@ -48,6 +54,60 @@ def prepare_data(config: TrainConfig) -> dict:
     return manifest
 
 
+STREAM = "stream"  # the manifest's key, added here, that says where a remote run's shards come from
+
+
+def prepare_remote_data(config: TrainConfig) -> dict:
+    """A data_dir URL: the store opened (a Hub revision resolved to its commit), its manifest read and
+    checked, every listed shard found in it with the right size, and the validation shards fetched into the
+    cache and verified; main process only. The manifest returned says where the cache is (`STREAM`)."""
+    store, cache = open_remote(config, resolve=True)
+    logger.info("data: %s (%s), shards cached in %s", config.data_dir, store.revision or "no revision", cache.folder)
+    from data_prep.store import check_listing
+
+    check_listing(store, cache.manifest, cache.retrying)
+    cache.prepare()
+    vocab_size = config.model_config().vocab_size
+    for entry in cache.manifest["shards"]:
+        if entry["split"] == "val":
+            check_shard(cache.folder, entry, verify_hash=False, vocab_size=vocab_size)  # sha256: by the cache
+    stream = {"url": config.data_dir, "pinned_url": store.pinned_url, "revision": store.revision}
+    return {**cache.manifest, STREAM: {**stream, "cache": str(cache.folder)}}
+
+
+def open_remote(config: TrainConfig, resolve: bool, manifest: dict | None = None):
+    """The store of a data_dir URL and the cache of its shards. With `manifest` (what the main process
+    read, `STREAM` included), the same store and commit are opened without a request."""
+    import hashlib
+
+    from data_prep.cache import ShardCache
+    from data_prep.store import Retrying, open_data_store, read_store_manifest
+
+    retrying = Retrying(retries=config.data_retries, log=logger.warning)
+    url = manifest[STREAM]["pinned_url"] if manifest else config.data_dir
+    store = open_data_store(url, retrying, resolve=resolve)
+    if manifest is None:
+        manifest = read_store_manifest(store, retrying)
+    else:
+        manifest = {key: value for key, value in manifest.items() if key != STREAM}
+    # One folder per set of shards, named by their hashes: another data set never shares it
+    key = hashlib.sha256(json.dumps([(e["file"], e["sha256"]) for e in manifest["shards"]]).encode()).hexdigest()
+    root = Path(config.data_cache_dir) if config.data_cache_dir else RunPaths(config.out_dir).data_cache
+    limit = int(config.data_cache_gb * 1e9) if config.data_cache_gb else None
+    return store, ShardCache(store, manifest, root / f"shards-{key[:16]}", limit, retrying, log=logger)
+
+
+def local_data_dir(config: TrainConfig, manifest: dict) -> str:
+    """The folder the shards are read from: data_dir, or for a URL the cache (which holds the validation shards)."""
+    return manifest[STREAM]["cache"] if STREAM in manifest else config.data_dir
+
+
+def data_settings(manifest: dict) -> dict:
+    """What a resume must find unchanged beyond the shards' hashes: the Hub commit a hf:// data_dir read."""
+    revision = manifest.get(STREAM, {}).get("revision")
+    return {"data_revision": revision} if revision else {}
+
+
 def train_fingerprint(manifest: dict) -> str:
     """The fingerprint of the training shards, the one the loader's state carries."""
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "train"])
@@ -58,12 +118,18 @@ def val_fingerprint(manifest: dict) -> str:
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "val"])
 
 
-def build_loader(config: TrainConfig, accelerator: Accelerator):
-    """The training loader; each shard's sha256 and token ids are checked the first time it is read."""
+def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict | None = None):
+    """The training loader; each shard's sha256 and token ids are checked the first time it is read. For a
+    data_dir URL (`manifest` from `prepare_data`), each rank reads through the shared cache."""
     from data_prep import ShardLoader
 
+    cache = None
+    if manifest and STREAM in manifest:
+        cache = open_remote(config, resolve=False, manifest=manifest)[1]
+        cache.prepare()  # on every rank: another machine's ranks need the validation shards on their disk too
     return ShardLoader(
-        config.data_dir,
+        cache.folder if cache else config.data_dir,
+        cache=cache,
         split="train",
         batch_size=config.micro_batch_size,
         seq_len=config.seq_len,

@@ -80,7 +80,12 @@ class Meter:
         self.restart()
 
     def restart(self) -> None:
-        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.start, self.steps, self.tokens, self.waited = time.perf_counter(), 0, 0, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (waiting for data) out of the lap's time; the lap reports them as data_wait_s."""
+        self.start += seconds
+        self.waited += seconds
 
     def add(self, tokens: int) -> None:
         self.steps += 1
@@ -92,6 +97,8 @@ class Meter:
         tokens_per_s = self.tokens / elapsed
         mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
         stats = {"tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed / max(1, self.steps)}
+        if self.waited:
+            stats["data_wait_s"] = self.waited
         self.restart()
         return stats
 

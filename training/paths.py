@@ -28,6 +28,7 @@ class RunPaths:
         self.hf = self.out_dir / "hf"
         self.upload_staging = self.out_dir / ".upload_staging"  # what the background upload reads
         self.lock = self.out_dir / ".lock"
+        self.data_cache = self.out_dir / "data_cache"  # shards of a data_dir URL, unless data_cache_dir says
         self.run_id = self.out_dir / "run_id"  # the run's identity, which its checkpoint_remote store records
 
     def records(self) -> tuple[Path, ...]:

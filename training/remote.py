@@ -97,19 +97,14 @@ def open_store(url: str) -> RemoteStore:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's filesystem and path for `url`, with an error that names the package a protocol needs."""
-    from fsspec.registry import known_implementations
+    """fsspec's filesystem and path for `url` (`data_prep.store.filesystem`, which the data URLs use too)."""
+    from data_prep.store import StoreError
+    from data_prep.store import filesystem as store_filesystem
 
-    protocol = url.split("://", 1)[0] if "://" in url else ""
-    if not protocol:
-        raise RemoteError(f"{url!r} is not a URL: give the protocol, e.g. file:///abs/path, hf://user/name, s3://b/p")
     try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as err:
-        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
-        raise RemoteError(f"{url}: {protocol}:// needs the {package} package: pip install {package}") from err
-    except ValueError as err:
-        raise RemoteError(f"{url}: unknown protocol {protocol!r} ({err}); use file://, hf://, s3:// or gs://") from err
+        return store_filesystem(url)
+    except StoreError as err:
+        raise RemoteError(str(err)) from err
 
 
 def open_hub_store(url: str) -> RemoteStore:

@@ -71,7 +71,8 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
     """out_dir must be a folder this trainer can own: absent, empty, or (when resuming) a run folder of
     ours. A fresh run never writes into a folder holding anything, so a mistyped path loses nothing."""
     out = paths.out_dir
-    if not out.is_dir() or not any(p != paths.lock for p in out.iterdir()):  # a failed launch leaves the lock file
+    leftovers = (paths.lock, paths.data_cache)  # what a launch refused before training leaves: the lock, shards
+    if not out.is_dir() or not any(p not in leftovers for p in out.iterdir()):
         return
     ours = paths.config.is_file() or paths.checkpoints.is_dir()
     if resume == "" or not ours:

@@ -43,7 +43,7 @@ MAX_JSON_BYTES = 64_000_000
 # Settings that checkpoints written before them lack, with the value those runs had.
 ADDED_SETTINGS = {"optimizer": "adamw"}
 # Settings that checkpoints saved before they were recorded do not hold: not compared for those.
-ADDED_LATER = ("val_batches", "val_data")
+ADDED_LATER = ("val_batches", "val_data", "data_revision")
 
 
 class CheckpointError(UserError):
@@ -204,6 +204,11 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
     other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
+    if "data_revision" in saved and "data_revision" in current:
+        other["data_revision"] = (
+            f"data_revision: the data repository changed, commit {saved['data_revision']} -> "
+            f"{current['data_revision']} (pin the old one with --data_dir hf://datasets/NAME@{saved['data_revision']})"
+        )
     saved = {**ADDED_SETTINGS, **saved}
     if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
         saved["mixed_precision"] = resolve_mixed_precision("auto")

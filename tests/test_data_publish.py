@@ -1,0 +1,88 @@
+"""Publishing a folder of shards (`python -m data_prep --upload URL`, `--push_to_hub`): shards first, the
+manifest last, an interrupted upload resumed; through file:// and moto's S3 server (tests/stores.py). Hub
+uploads are not run against a server here: olah, the local Hub mirror, has no upload routes."""
+
+import subprocess
+import sys
+
+import fsspec
+import pytest
+from stores import s3_server  # noqa: F401  (fixture)
+from trainer_runs import ONE_THREAD, ROOT
+
+from data_prep import prepare
+from data_prep.shards import MANIFEST_NAME, read_manifest
+from data_prep.store import CARD_NAME, Retrying, StoreError, open_data_store, read_store_manifest, upload_folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("shards"), builtin=True, shard_tokens=4096, max_docs=40, num_proc=1)
+
+
+@pytest.fixture(params=["file", "s3"])
+def url(request, tmp_path):
+    if request.param == "file":
+        return f"file://{tmp_path}/published"
+    request.getfixturevalue("s3_server")
+    return f"s3://data/published-{tmp_path.name}"
+
+
+def test_an_upload_sends_the_manifest_last_and_resumes_where_it_was_cut(shards, url, monkeypatch):
+    manifest = read_manifest(shards)
+    names = [entry["file"] for entry in manifest["shards"]]
+    fs = open_data_store(url).fs  # fsspec gives the upload this same instance
+    put_file = fs.put_file
+    sent = []
+
+    def cut_after_three(local, remote, **kwargs):  # the connection drops for good at the fourth shard
+        if len(sent) == 3:
+            raise PermissionError("connection closed")
+        sent.append(remote)
+        return put_file(local, remote, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", cut_after_three)
+    with pytest.raises(PermissionError):
+        upload_folder(shards, url)
+    monkeypatch.undo()
+    store = open_data_store(url)
+    store.fs.invalidate_cache()
+    there = {p.rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False)}
+    assert there == set(names[:3])  # no manifest names shards that are not there
+    with pytest.raises(StoreError, match="no manifest.json at"):
+        read_store_manifest(store, Retrying(retries=0))
+
+    again = upload_folder(shards, url)
+    assert again == [*names[3:], CARD_NAME, MANIFEST_NAME]  # the first three were not sent twice
+    store.fs.invalidate_cache()
+    for name in [*names, MANIFEST_NAME]:
+        assert store.fs.cat_file(store.path(name)) == (shards / name).read_bytes()
+    card = store.fs.cat_file(store.path(CARD_NAME)).decode()
+    train_tokens = sum(e["tokens"] for e in manifest["shards"] if e["split"] == "train")
+    assert "python-stdlib-docs" in card and "`gpt2`" in card and f"| training tokens | {train_tokens:,} |" in card
+    assert upload_folder(shards, url) == [CARD_NAME, MANIFEST_NAME]  # complete: nothing sent again
+
+
+def test_a_store_holding_another_data_set_is_not_mixed_into(shards, tmp_path):
+    other = prepare(tmp_path / "other", builtin=True, shard_tokens=8192, max_docs=40, num_proc=1)
+    url = f"file://{tmp_path}/published"
+    upload_folder(other, url)
+    with pytest.raises(StoreError, match="already holds another data set"):
+        upload_folder(shards, url)
+
+
+def run_data_prep(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "data_prep", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env={**ONE_THREAD, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_uploads_a_folder_and_refuses_a_hub_push_offline(shards, tmp_path):
+    done = run_data_prep("--upload", f"file://{tmp_path}/up", "--out_dir", str(shards))
+    assert done.returncode == 0, done.stderr
+    assert f"train on it with --data_dir file://{tmp_path}/up" in done.stdout
+    assert fsspec.filesystem("file").cat_file(f"{tmp_path}/up/{MANIFEST_NAME}") == (shards / MANIFEST_NAME).read_bytes()
+    out = tmp_path / "made"
+    args = ["--builtin", "--max_docs", "20", "--shard_tokens", "4096", "--num_proc", "1", "--no_progress"]
+    done = run_data_prep(*args, "--out_dir", str(out), "--push_to_hub", "me/shards", env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and (out / MANIFEST_NAME).is_file()  # the shards are made, then the push refused
+    assert done.stderr.strip().splitlines()[-1].startswith("error: hf://datasets/me/shards: publishing needs the Hub")
