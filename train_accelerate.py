@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths, started: float) -> dict[str, Any]:
     check_training_fits(config.model_config(), accelerator)  # a model too large: one line now, not an OOM later
-    store = remote.preflight_remote(config, accelerator)
-    preflight_hub(config, accelerator)
+    store = remote.preflight_remote(config.checkpoint_remote, config.hub_private, accelerator)
+    preflight_hub(config.hub_model_id if config.push_to_hub else None, config.hub_private, accelerator)
     manifest = on_main_process(accelerator, lambda: prepare_data(config))
     settings = run_settings(config, train_fingerprint(manifest), accelerator.num_processes, val_fingerprint(manifest))
     settings |= data_settings(manifest)  # a hf:// data_dir's commit

@@ -123,3 +123,17 @@ def test_the_graph_sees_imports_inside_functions():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_store_and_hub_modules_take_values_not_the_training_config():
+    """`training.config` validates a checkpoint_remote URL by calling `training.remote`: remote (and the
+    hub module it uses) take the values they need, and import the config not even for type hints."""
+    for module in ("training.remote", "training.hub"):
+        path = project_modules()[module]
+        named = {
+            target
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for target in imported(node, module, False)
+        }
+        assert not {name for name in named if name.startswith("training.config")}, module

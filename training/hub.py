@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
 from training import UserError
 from training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record
 from training.processes import on_main_process
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 logger = logging.getLogger("train")
 
@@ -65,10 +61,10 @@ def offline_reason() -> str | None:
     return None if hub_reachable() else f"{constants.ENDPOINT} cannot be reached"
 
 
-def preflight_hub(config: TrainConfig, accelerator: Accelerator) -> None:
-    """`check_hub_access` for push_to_hub, before any training."""
-    if config.push_to_hub:
-        user = on_main_process(accelerator, lambda: check_hub_access(config.hub_model_id, config.hub_private))
+def preflight_hub(repo_id: str | None, private: bool, accelerator: Accelerator) -> None:
+    """`check_hub_access` for push_to_hub's `repo_id` (None: no push), before any training."""
+    if repo_id is not None:
+        user = on_main_process(accelerator, lambda: check_hub_access(repo_id, private))
         logger.info("push_to_hub: logged in as %s", user)
 
 

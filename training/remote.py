@@ -44,8 +44,6 @@ from training.processes import on_main_process
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from training.config import TrainConfig
-
 logger = logging.getLogger("train.remote")
 
 MARKER = "COMPLETE"
@@ -193,16 +191,16 @@ def check_writable(store: RemoteStore) -> None:
         ) from err
 
 
-def preflight_remote(config: TrainConfig, accelerator: Accelerator) -> RemoteStore | None:
+def preflight_remote(url: str | None, hub_private: bool, accelerator: Accelerator) -> RemoteStore | None:
     """The checkpoint_remote store, checked before any training: for hf://, login and write access to the
     repository (`check_hub_access`); for every store, a probe file written and deleted."""
-    if config.checkpoint_remote is None:
+    if url is None:
         return None
-    store = open_store(config.checkpoint_remote)  # a bad URL fails on every rank alike
+    store = open_store(url)  # a bad URL fails on every rank alike
 
     def check() -> None:
         if store.hub_repo is not None:
-            check_hub_access(store.hub_repo, config.hub_private, purpose="checkpoint_remote")
+            check_hub_access(store.hub_repo, hub_private, purpose="checkpoint_remote")
         check_writable(store)
 
     on_main_process(accelerator, check)
