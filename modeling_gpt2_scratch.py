@@ -8,7 +8,7 @@ This file imports only torch, transformers, huggingface_hub and the standard lib
 too: `save_pretrained` copies it next to the weights, and transformers reads all of its import statements
 before it loads it, so a saved or pushed folder loads with `trust_remote_code=True` on a machine without
 this project. Conversions from and to other layouts (official GPT-2, nanoGPT, raw state dicts) are
-functions of `conversion.py`, which imports this file and never the reverse.
+functions of `gpt2_scratch/conversion.py`, which imports this file and never the reverse.
 """
 
 from __future__ import annotations

@@ -6,23 +6,23 @@
 With no arguments it trains the small `cpu-micro` model on the built-in corpus (tokenized on the
 first run) in a few minutes on a laptop CPU. `configs/gpt2-124m-fineweb-edu.yaml` is the GPT-2 124M
 reproduction of build-nanogpt (10B FineWeb-Edu tokens, 524,288 tokens per step). Every field of
-`training.config.TrainConfig` can be set in a YAML preset and overridden on the command line; `--help`
+`gpt2_scratch.training.config.TrainConfig` can be set in a YAML preset and overridden on the command line; `--help`
 lists them.
 
 This file builds the pieces and runs the loop, top to bottom: `main` (the config, the accelerator, the
 run folder's lock) -> `run_training` (the remote and Hub checks, the data, the checkpoint to resume, the
 memory check, model, optimizer and loader) -> `train` (`train_step`, `evaluate`, `save`) -> `finish`
-(the last checkpoint, the exports, plots, model cards, push). The pieces live in the `training/`
+(the last checkpoint, the exports, plots, model cards, push). The pieces live in the `gpt2_scratch/training/`
 package: config, accelerator and devices (what the launch runs on), recipe (batch arithmetic, LR
 schedule, optimizer, precision), step, guard, data, evaluation, memory, metrics, checkpoints and verify,
 export and model_card, remote (checkpoint_remote), paths and run_dir (the run's record), hub, processes.
-A user error anywhere is one `error:` line and exit status 2 (`user_errors.run_command`).
+A user error anywhere is one `error:` line and exit status 2 (`gpt2_scratch.user_errors.run_command`).
 
 The run directory (`out_dir`) describes itself: `config.yaml` (the resolved config, loadable with
 `--config`), `run_info.json` (world size, precision, package versions, git revision), `log.jsonl`,
 `samples.jsonl`, `plots/loss.png`, `tensorboard/`, `checkpoints/step_NNNNNN/` and the two Hugging Face
 exports, `hf/` (our class) and `hf-gpt2/` (the official GPT-2 layout), each with its model card. With
-`--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`training/remote.py`).
+`--checkpoint_remote URL` every checkpoint is also mirrored to a remote store (`gpt2_scratch/training/remote.py`).
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training import remote
-from training.accelerator import build_accelerator, setup_logging
-from training.checkpoints import (
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.accelerator import build_accelerator, setup_logging
+from gpt2_scratch.training.checkpoints import (
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
@@ -56,8 +55,8 @@ from training.checkpoints import (
     run_settings,
     save_checkpoint,
 )
-from training.config import TrainConfig, parse_config, parse_duration
-from training.data import (
+from gpt2_scratch.training.config import TrainConfig, parse_config, parse_duration
+from gpt2_scratch.training.data import (
     build_loader,
     data_settings,
     local_data_dir,
@@ -65,24 +64,33 @@ from training.data import (
     train_fingerprint,
     val_fingerprint,
 )
-from training.evaluation import generate_samples, load_hellaswag
-from training.export import export_model, exported_step
-from training.guard import DivergedError, Guard, roll_back, weights_finite
-from training.hub import preflight_hub, push_export
-from training.memory import check_training_fits
-from training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
-from training.model_card import write_model_cards
-from training.processes import REQUEUE_STATUS, StopRequest, on_main_process
-from training.recipe import (
+from gpt2_scratch.training.evaluation import generate_samples, load_hellaswag
+from gpt2_scratch.training.export import export_model, exported_step
+from gpt2_scratch.training.guard import DivergedError, Guard, roll_back, weights_finite
+from gpt2_scratch.training.hub import preflight_hub, push_export
+from gpt2_scratch.training.memory import check_training_fits
+from gpt2_scratch.training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
+from gpt2_scratch.training.model_card import write_model_cards
+from gpt2_scratch.training.processes import REQUEUE_STATUS, StopRequest, on_main_process
+from gpt2_scratch.training.recipe import (
     build_optimizer,
     launcher_precision_note,
     lr_at,
     set_lr,
 )
-from training.run_dir import RunLock, RunPaths, claim_out_dir, describe_run, launch_facts, own_store, read_run_id
-from training.step import StepResult, train_step
-from training.verify import CheckpointError
-from user_errors import run_command
+from gpt2_scratch.training.run_dir import (
+    RunLock,
+    RunPaths,
+    claim_out_dir,
+    describe_run,
+    launch_facts,
+    own_store,
+    read_run_id,
+)
+from gpt2_scratch.training.step import StepResult, train_step
+from gpt2_scratch.training.verify import CheckpointError
+from gpt2_scratch.user_errors import run_command
+from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
 logger = logging.getLogger("train")
 
@@ -107,7 +115,7 @@ class Run:
     meter: Meter
     settings: dict[str, Any]  # what a checkpoint must be resumed with (training.checkpoints.run_settings)
     manifest: dict  # the data's manifest.json: the model card names the data by it
-    guard: Guard  # skipped updates, spikes and rollbacks (training/guard.py)
+    guard: Guard  # skipped updates, spikes and rollbacks (gpt2_scratch/training/guard.py)
     hellaswag: list[dict] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     first_loss: float | None = None
@@ -248,7 +256,7 @@ def train(run: Run) -> bool:
                 evaluate(run)
                 run.meter.restart()  # evaluation time is not training throughput
             if state.step % c.save_interval == 0 and state.step < end and not run.guard.streak:
-                # finish() saves the last step; during a bad streak the save waits (see training/guard.py)
+                # finish() saves the last step; during a bad streak the save waits (see gpt2_scratch/training/guard.py)
                 save(run)
                 run.meter.restart()
             if stop.requested(run.accelerator):

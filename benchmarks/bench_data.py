@@ -46,7 +46,7 @@ from data_prep.sources import (
     shared_corpus,  # noqa: E402
 )
 from data_prep.tokenizer import EOT_ID, get_encoding  # noqa: E402
-from user_errors import check_at_least, run_command  # noqa: E402
+from gpt2_scratch.user_errors import check_at_least, run_command  # noqa: E402
 
 SHAKESPEARE = shared_corpus("tinyshakespeare.txt")
 

@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench_train import check_shape  # noqa: E402  (this folder is on the path, as for any script)
 
+from gpt2_scratch.training.config import TrainConfig  # noqa: E402
+from gpt2_scratch.training.metrics import device_peak_flops  # noqa: E402
+from gpt2_scratch.training.recipe import build_optimizer, lr_at, param_groups  # noqa: E402
+from gpt2_scratch.user_errors import UserError, check_at_least, run_command  # noqa: E402
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.metrics import device_peak_flops  # noqa: E402
-from training.recipe import build_optimizer, lr_at, param_groups  # noqa: E402
-from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 CPU_SHAPE = dict(preset="cpu-mini", seq_len=256, batch_size=8)  # bench_train.py's CPU shape
 GPU_SHAPE = dict(preset="gpt2", seq_len=1024, batch_size=16)  # the reproduction's single-GPU ladder

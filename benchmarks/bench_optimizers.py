@@ -1,7 +1,7 @@
 """AdamW (the GPT-3 recipe) against `--optimizer muon`: the same model, data, seed and token budget.
 
 1. Curves: each run trains the same initial weights on the same batches for `--steps` optimizer steps
-   with the trainer's own step (`training.step.train_step`), schedule and optimizer, and measures the
+   with the trainer's own step (`gpt2_scratch.training.step.train_step`), schedule and optimizer, and measures the
    validation loss every `--eval-interval` steps on the same validation batches. First AdamW at each
    LR of `--adamw-lrs`; the best (lowest final validation loss) sets the target and the AdamW LR that
    the Muon runs keep for the embeddings, head, LayerNorms and biases; then Muon at each `--muon-lrs`.
@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import machine, peak_memory_bytes, receive  # noqa: E402
+from gpt2_scratch.training.config import TrainConfig  # noqa: E402
+from gpt2_scratch.training.recipe import build_optimizer, lr_at, set_lr  # noqa: E402
+from gpt2_scratch.training.step import train_step  # noqa: E402
+from gpt2_scratch.user_errors import UserError, check_at_least, run_command  # noqa: E402
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.recipe import build_optimizer, lr_at, set_lr  # noqa: E402
-from training.step import train_step  # noqa: E402
-from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conversion import to_gpt2  # noqa: E402
+from gpt2_scratch.conversion import to_gpt2  # noqa: E402
+from gpt2_scratch.training.config import TrainConfig  # noqa: E402
+from gpt2_scratch.training.metrics import device_peak_flops  # noqa: E402  (the trainer's own)
+from gpt2_scratch.training.recipe import build_optimizer  # noqa: E402
+from gpt2_scratch.user_errors import UserError, check_at_least, run_command  # noqa: E402
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.metrics import device_peak_flops  # noqa: E402  (the trainer's own)
-from training.recipe import build_optimizer  # noqa: E402
-from user_errors import UserError, check_at_least, run_command  # noqa: E402
 
 MODELS = ("ours", "transformers")
 

@@ -75,7 +75,7 @@ from gpu_checks.precision import check_fp16  # noqa: E402
 from gpu_checks.report import markdown, markdown_path  # noqa: E402
 from gpu_checks.trainer import check_data_prep, check_trainer  # noqa: E402
 
-from user_errors import UserError, run_command  # noqa: E402
+from gpt2_scratch.user_errors import UserError, run_command  # noqa: E402
 
 CHECK_NAMES = (
     "environment",

@@ -7,7 +7,7 @@ import argparse
 from data_prep.prepare import BUILTIN_SHARD_TOKENS, DEFAULT_BATCH_DOCS, DEFAULT_SHARD_TOKENS, prepare
 from data_prep.shards import read_manifest, verify_shards
 from data_prep.sources import DEFAULT_CONFIG, DEFAULT_DATASET, TXT_SAMPLE_BY
-from user_errors import run_command
+from gpt2_scratch.user_errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 MAGIC = 20240520
 VERSION = 1

@@ -22,7 +22,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 EOT_TOKEN = "<|endoftext|>"
 # The model file declares the same two numbers (GPT2_VOCAB_SIZE, EOT_TOKEN_ID) because it must load alone;

@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.devices import inference_dtype, parse_device, pick_device
-from user_errors import UserError
+from gpt2_scratch.training.devices import inference_dtype, parse_device, pick_device
+from gpt2_scratch.user_errors import UserError
 
 
 def resolve_device(
     accelerator=None, device: str | torch.device | None = None, model: nn.Module | None = None
 ) -> torch.device:
     """The accelerator's device, else `device`, else where `model` lives, else the trainer's choice
-    (`training.devices.pick_device`: CUDA, else Apple silicon's MPS, else the CPU)."""
+    (`gpt2_scratch.training.devices.pick_device`: CUDA, else Apple silicon's MPS, else the CPU)."""
     if accelerator is not None:
         return accelerator.device
     if device is not None:
@@ -45,9 +45,10 @@ def launched_accelerator():
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast as `mixed_precision auto` trains on `device` (`training.devices.inference_dtype`): bf16 on a
-    GPU with bf16 units, fp16 on a CUDA GPU without (no loss scaling needed without a backward), none on
-    the CPU, where bf16 is emulated on most CPUs and ~100x slower than fp32."""
+    """Autocast as `mixed_precision auto` trains on `device`
+    (`gpt2_scratch.training.devices.inference_dtype`): bf16 on a GPU with bf16 units, fp16 on a CUDA GPU
+    without (no loss scaling needed without a backward), none on the CPU, where bf16 is emulated on most
+    CPUs and ~100x slower than fp32."""
     dtype = inference_dtype(device)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 

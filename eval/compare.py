@@ -32,7 +32,7 @@ from eval.common import (
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM
 from eval.val_loss import evaluate_val_loss
-from user_errors import UserError, run_command
+from gpt2_scratch.user_errors import UserError, run_command
 
 DEFAULT_PROMPTS = ["Hello, I'm a language model,", "The meaning of life is", "In 1905, Albert Einstein"]
 

@@ -32,7 +32,7 @@ from eval.common import (
     max_positions,
     resolve_device,
 )
-from user_errors import UserError, run_command
+from gpt2_scratch.user_errors import UserError, run_command
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_CACHE = Path(os.environ.get("GPT2_SCRATCH_CACHE", Path.home() / ".cache" / "gpt2_scratch"))

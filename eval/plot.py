@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM, Reference
-from user_errors import UserError, run_command
+from gpt2_scratch.user_errors import UserError, run_command
 
 LOG_NAME = "log.jsonl"
 

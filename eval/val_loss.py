@@ -23,7 +23,7 @@ from eval.common import (
     max_positions,
     resolve_device,
 )
-from user_errors import UserError, run_command
+from gpt2_scratch.user_errors import UserError, run_command
 
 
 def evaluate_val_loss(

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-import training.devices
+from gpt2_scratch.training import devices
 
 _accelerator_init = Accelerator.__init__
-_precision_problem = training.devices.precision_problem
+_precision_problem = devices.precision_problem
 
 
 def scaler_settings() -> dict:
@@ -56,7 +56,7 @@ def precision_problem_but_cpu_fp16(setting: str, device_type: str, found=None) -
 def install() -> None:
     """Patch Accelerate and the trainer's precision check as described above (this process only)."""
     Accelerator.__init__ = init_with_cpu_scaler
-    training.devices.precision_problem = precision_problem_but_cpu_fp16
+    devices.precision_problem = precision_problem_but_cpu_fp16
 
 
 if __name__ == "__main__":

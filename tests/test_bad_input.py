@@ -11,18 +11,17 @@ import pytest
 import torch
 from trainer_runs import ROOT, nano_args, train_in_process
 
-import convert_nanogpt
-import export_gpt2
-from conversion import NanoGPTCheckpointError, from_nanogpt
 from data_prep import DataPrepError, iter_val_batches, read_manifest, verify_shards
 from eval.common import check_out_file, parse_device
 from eval.hellaswag import HellaSwagDataError, load_examples, parse_example
+from gpt2_scratch import convert_nanogpt, export_gpt2
+from gpt2_scratch.conversion import NanoGPTCheckpointError, from_nanogpt
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.config import ConfigError, parse_config
+from gpt2_scratch.training.data import prepare_data
+from gpt2_scratch.training.memory import TRAINING_BYTES_PER_PARAMETER, check_fits, parameter_count
+from gpt2_scratch.user_errors import UserError
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training import remote
-from training.config import ConfigError, parse_config
-from training.data import prepare_data
-from training.memory import TRAINING_BYTES_PER_PARAMETER, check_fits, parameter_count
-from user_errors import UserError
 
 MANIFESTS = {
     "not UTF-8": (b'{"shards": "\xff\xfe"}', "is not UTF-8 text"),

@@ -10,8 +10,8 @@ import warnings
 import pytest
 from trainer_runs import ROOT
 
-import export_gpt2
-from user_errors import UserError, run_command
+from gpt2_scratch import export_gpt2
+from gpt2_scratch.user_errors import UserError, run_command
 
 SCRIPTS = (
     "train_accelerate.py",
@@ -23,8 +23,8 @@ SCRIPTS = (
 )
 MODULES = (
     "data_prep",
-    "export_gpt2",
-    "convert_nanogpt",
+    "gpt2_scratch.export_gpt2",
+    "gpt2_scratch.convert_nanogpt",
     "eval.val_loss",
     "eval.hellaswag",
     "eval.compare",
@@ -41,8 +41,8 @@ def commands(tmp):
     return {
         "train_accelerate.py": (["--max_steps", "0"], "max_steps must be >= 1"),
         "data_prep": (["--verify", "--out_dir", missing], "no manifest.json in"),
-        "export_gpt2": ([missing], "no folder at"),
-        "convert_nanogpt": ([f"{missing}.pt", str(tmp / "out")], "no checkpoint file at"),
+        "gpt2_scratch.export_gpt2": ([missing], "no folder at"),
+        "gpt2_scratch.convert_nanogpt": ([f"{missing}.pt", str(tmp / "out")], "no checkpoint file at"),
         "eval.val_loss": (["--model", missing, "--data_dir", missing, "--device", "bogus"], "not a torch device"),
         "eval.hellaswag": (["--model", missing, "--data", str(binary)], "is not UTF-8 text"),
         "eval.compare": (["--model", missing, "--device", "bogus"], "not a torch device"),
@@ -88,6 +88,7 @@ def test_every_command_is_in_the_list(tmp_path):
         *ROOT.glob("*.py"),
         *ROOT.glob("benchmarks/*.py"),
         *ROOT.glob("eval/*.py"),
+        *ROOT.glob("gpt2_scratch/*.py"),
         ROOT / "data_prep/__main__.py",
     ]:
         if 'if __name__ == "__main__":' in path.read_text():
@@ -127,7 +128,8 @@ def test_an_unexpected_exception_is_not_turned_into_error(monkeypatch, tmp_path)
     with pytest.raises(KeyError, match="a bug"):
         run_command(export_gpt2.main, [str(tmp_path)])
     # and as a process: Python's traceback and exit status 1, no `error:` line
-    script = "from user_errors import run_command\ndef main(argv):\n    return {}['missing']\nrun_command(main)\n"
+    script = "from gpt2_scratch.user_errors import run_command\n"
+    script += "def main(argv):\n    return {}['missing']\nrun_command(main)\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "KeyError: 'missing'" in done.stderr

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import convert_nanogpt
-from conversion import (
+from gpt2_scratch import convert_nanogpt
+from gpt2_scratch.conversion import (
     NanoGPTCheckpointError,
     from_gpt2_model,
     from_nanogpt,
@@ -27,8 +27,8 @@ from conversion import (
     strip_wrapper_prefixes,
     to_gpt2,
 )
+from gpt2_scratch.user_errors import run_command
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from user_errors import run_command
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE = 2, 2, 32, 16
 GPT2_VOCAB = 50257

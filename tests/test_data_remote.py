@@ -21,10 +21,10 @@ from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, run_cli, train_in_
 from data_prep import ShardLoader, prepare
 from data_prep.shards import MANIFEST_NAME
 from data_prep.store import Retrying, StoreError
-from training.checkpoints import checkpoint_problems
-from training.config import TrainConfig
-from training.data import open_remote, prepare_remote_data
-from user_errors import UserError
+from gpt2_scratch.training.checkpoints import checkpoint_problems
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.data import open_remote, prepare_remote_data
+from gpt2_scratch.user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

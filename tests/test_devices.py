@@ -1,5 +1,5 @@
-"""training/devices.py: the one device choice of the trainer and every `eval.*` command, and what each device
-runs, for machines this one is not (a CUDA GPU with and without bf16 units, Apple silicon), with the
+"""gpt2_scratch/training/devices.py: the one device choice of the trainer and every `eval.*` command, and
+what each device runs, for machines this one is not (a CUDA GPU with and without bf16 units, Apple silicon), with the
 availability injected; and the trainer and the eval commands asking it rather than choosing on their own."""
 
 import logging
@@ -8,12 +8,12 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-import training.devices as devices
+import gpt2_scratch.training.devices as devices
 from eval.common import autocast, launched_accelerator, resolve_device
-from training import accelerator as accelerator_setup
-from training.config import ConfigError, TrainConfig
-from training.devices import Availability
-from user_errors import UserError
+from gpt2_scratch.training import accelerator as accelerator_setup
+from gpt2_scratch.training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.devices import Availability
+from gpt2_scratch.user_errors import UserError
 
 CPU = Availability(cuda=False)
 AMPERE = Availability(cuda=True, cuda_bf16=True)  # A100, H100, RTX 30xx+
@@ -85,7 +85,7 @@ def test_parse_device_accepts_only_what_the_machine_has():
 
 @pytest.fixture
 def on_a_mac(monkeypatch):
-    """This machine as Apple silicon to `training.devices` (Accelerate still sees the CPU it is)."""
+    """This machine as Apple silicon to `gpt2_scratch.training.devices` (Accelerate still sees the CPU it is)."""
     monkeypatch.setattr(devices, "availability", lambda: MAC)
 
 
@@ -141,7 +141,7 @@ def test_free_memory_on_a_mac_is_unknown_not_a_crash(monkeypatch):
     before training gets None (and skips) instead of the traceback that stopped every run there."""
     import os
 
-    import training.memory as memory
+    import gpt2_scratch.training.memory as memory
 
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/meminfo")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conversion import from_gpt2_model
 from eval.common import count_parameters, load_model
-from user_errors import UserError
+from gpt2_scratch.conversion import from_gpt2_model
+from gpt2_scratch.user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,13 @@ import json
 import pytest
 from test_eval_common import random_tokens, tiny_gpt2, write_hellaswag, write_shards
 
-from conversion import from_gpt2_model
 from eval import compare
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.val_loss import evaluate_val_loss
+from gpt2_scratch.conversion import from_gpt2_model
+from gpt2_scratch.training.export import write_exports
+from gpt2_scratch.user_errors import UserError
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.export import write_exports
-from user_errors import UserError
 
 
 def test_compare_writes_markdown_json_and_chart(tmp_path, capsys):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_eval_common import hellaswag_records, tiny_gpt2, tiny_gpt2_folder, write_hellaswag
 
-from conversion import from_gpt2_model
 from data_prep.tokenizer import load_hf_tokenizer
 from eval import hellaswag
 from eval.hellaswag import HellaSwagDataError, evaluate_hellaswag, load_examples, render_example
+from gpt2_scratch.conversion import from_gpt2_model
 
 
 def reference_scores(model, examples) -> list[dict]:

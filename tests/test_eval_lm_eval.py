@@ -12,10 +12,10 @@ import pytest
 from clean_interpreter import run_clean
 from test_eval_common import hellaswag_records, tiny_gpt2
 
-from conversion import from_gpt2_model
 from data_prep.tokenizer import save_hf_tokenizer
 from eval.common import load_model
 from eval.hellaswag import evaluate_hellaswag
+from gpt2_scratch.conversion import from_gpt2_model
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
 

@@ -9,7 +9,7 @@ import pytest
 
 from eval import plot
 from eval.plot import plot_training, read_log, series
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_eval_common import random_tokens, tiny_gpt2, tiny_gpt2_folder, write_shards
 
-from conversion import from_gpt2_model
 from data_prep import DataPrepError
 from eval import val_loss
 from eval.val_loss import evaluate_val_loss
-from user_errors import UserError
+from gpt2_scratch.conversion import from_gpt2_model
+from gpt2_scratch.user_errors import UserError
 
 SEQ_LEN, BATCH = 16, 4
 

@@ -1,5 +1,5 @@
 """The official-layout export `hf-gpt2/` beside ours, the export records, the model cards, the Hub push
-per `hub_format`, and `python -m export_gpt2` on runs, exports and checkpoints."""
+per `hub_format`, and `python -m gpt2_scratch.export_gpt2` on runs, exports and checkpoints."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from clean_interpreter import run_clean
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import export_gpt2
+from gpt2_scratch import export_gpt2
+from gpt2_scratch.training.config import TrainConfig, config_to_yaml
+from gpt2_scratch.training.export import export_model, exported_step, write_exports, write_folder
+from gpt2_scratch.training.hub import push_export
+from gpt2_scratch.training.model_card import data_source, run_results, write_model_cards
+from gpt2_scratch.user_errors import UserError
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.config import TrainConfig, config_to_yaml
-from training.export import export_model, exported_step, write_exports, write_folder
-from training.hub import push_export
-from training.model_card import data_source, run_results, write_model_cards
-from user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MANIFEST = {
@@ -353,7 +353,7 @@ def test_cli_errors_are_one_line(run, tmp_path):
     with pytest.raises(UserError, match="--out is for an export or a checkpoint"):
         export_gpt2.export(tmp_path / "run", out=tmp_path / "elsewhere")
     done = subprocess.run(
-        [sys.executable, "-m", "export_gpt2", str(run.out_dir / "hf-gpt2")],
+        [sys.executable, "-m", "gpt2_scratch.export_gpt2", str(run.out_dir / "hf-gpt2")],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,

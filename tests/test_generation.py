@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conversion import from_gpt2_model
+from gpt2_scratch.conversion import from_gpt2_model
 
 VOCAB, PAD = 99, 98
 SIZES = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, bos_token_id=PAD, eos_token_id=PAD)

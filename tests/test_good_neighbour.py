@@ -4,11 +4,14 @@ read, and an output that holds no warning the project did not decide to print.""
 import importlib.util
 import os
 import re
+import shutil
 import stat
+import subprocess
 import sys
+import zipfile
 
 import pytest
-from trainer_runs import run_cli
+from trainer_runs import ROOT, run_cli
 
 # The main job's own lines: our log lines (time-stamped), tqdm's bar, and the text samples.
 OURS = re.compile(r"\d\d:\d\d:\d\d |train: +\d+%\|| {2}> ")
@@ -53,7 +56,7 @@ def test_main_job_prints_nothing_unasked_and_writes_files_the_umask_shares(data_
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_share_as_umask_follows_the_umask_and_never_a_link(tmp_path, mask):
-    from training.files import share_as_umask
+    from gpt2_scratch.training.files import share_as_umask
 
     folder = tmp_path / "export"
     (folder / "sub").mkdir(parents=True)
@@ -91,6 +94,39 @@ def test_a_tracker_asked_for_and_not_installed_is_one_line_before_training(data_
 
 @pytest.mark.parametrize("report_to", ["none", "all", "tensorboard"])
 def test_trackers_that_need_no_missing_package_keep_working(report_to):
-    from training.config import parse_config
+    from gpt2_scratch.training.config import parse_config
 
     assert parse_config(["--report_to", report_to]).report_to == report_to
+
+
+# What an install of this project puts at the top of site-packages: the names the design fixes, and
+# everything else under one package named for the project.
+OUR_TOP_LEVEL = {"modeling_gpt2_scratch", "train_accelerate", "data_prep", "eval", "gpt2_scratch"}
+# Names we once installed at the top, which other projects use (llama.cpp's converter imports `conversion`).
+GENERIC = ("conversion", "training", "user_errors", "export_gpt2", "convert_nanogpt")
+
+
+def test_the_wheel_installs_only_names_that_are_ours(tmp_path):
+    """The built wheel's RECORD lists every file an install writes: its top-level names are ours alone."""
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "runs", "data", ".*cache")
+    shutil.copytree(ROOT, source, ignore=skip)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    done = subprocess.run([*build, "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("gpt2_scratch-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (record,) = [name for name in archive.namelist() if name.endswith(".dist-info/RECORD")]
+        rows = archive.read(record).decode().splitlines()
+    top = {row.split(",")[0].split("/")[0] for row in rows if row}
+    installed = {name.removesuffix(".py") for name in top if not name.endswith(".dist-info")}
+    assert installed == OUR_TOP_LEVEL
+
+
+def test_no_generic_name_of_ours_is_importable_in_the_environment(tmp_path):
+    """With the project installed (editable, as the README does), a script elsewhere that imports a
+    module named `conversion` or `training` finds none of ours."""
+    probe = f"import importlib.util as u; print([n for n in {GENERIC!r} if u.find_spec(n)])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert importlib.util.find_spec("gpt2_scratch.conversion") is not None  # the project is installed here

@@ -77,7 +77,7 @@ except ImportError:
     pass
 finders = [getattr(f, "inner", f) for f in sys.meta_path]  # unwrapped
 assert not any("__editable__" in getattr(f, "__module__", "") for f in finders), finders
-import user_errors
+from gpt2_scratch import user_errors
 print(user_errors.__file__)
 """
 
@@ -93,7 +93,7 @@ def test_smoke_runs_every_check_without_datasets_evaluate_or_the_editable_instal
     env = blocked_env(tmp_path)
     probe = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
-    assert Path(probe.stdout.strip()) == ROOT / "user_errors.py"  # found through PYTHONPATH alone
+    assert Path(probe.stdout.strip()) == ROOT / "gpt2_scratch" / "user_errors.py"  # found through PYTHONPATH alone
 
     out = tmp_path / "report" / "gpu_check.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)]
@@ -169,7 +169,7 @@ def test_generations_agree_only_when_equal_or_parted_at_a_near_tie():
 
 
 def test_an_unknown_check_or_the_full_check_without_cuda_is_a_user_error():
-    from user_errors import UserError
+    from gpt2_scratch.user_errors import UserError
 
     with pytest.raises(UserError, match="unknown check.*bogus"):
         gpu_check.parse_args(["--smoke", "--only", "bogus"])
@@ -195,8 +195,8 @@ def test_the_builtin_corpus_stream_skips_and_batches_as_datasets_does(skip, take
 def test_the_gpu_trainer_command_is_a_valid_config_that_the_builtin_corpus_feeds(data_dir, tmp_path):
     # The CUDA path cannot run here; its trainer command can be parsed, and its batches drawn from the corpus.
     from data_prep import ShardLoader, iter_val_batches
-    from training.config import parse_config
-    from training.recipe import grad_accum_steps
+    from gpt2_scratch.training.config import parse_config
+    from gpt2_scratch.training.recipe import grad_accum_steps
 
     args = argparse.Namespace(smoke=False)
     ctx = Context(args, torch.device("cuda"), GPU_SHAPE, tmp_path, {})

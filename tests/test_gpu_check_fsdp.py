@@ -31,8 +31,8 @@ def test_the_fsdp_commands_are_one_fsdp_process_and_the_same_run_without(data_di
     from accelerate.commands.launch import launch_command_parser
 
     from data_prep import iter_val_batches
-    from training.config import parse_config
-    from training.recipe import grad_accum_steps
+    from gpt2_scratch.training.config import parse_config
+    from gpt2_scratch.training.recipe import grad_accum_steps
 
     ctx = context(tmp_path)
     sizes = ctx.shape.fsdp_train

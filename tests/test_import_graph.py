@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer_runs import ROOT
 
-PACKAGES = ("training", "data_prep", "eval", "benchmarks")
+PACKAGES = ("gpt2_scratch", "data_prep", "eval", "benchmarks")
 
 
 def module_name(path: Path) -> str:
@@ -110,9 +110,9 @@ def test_find_cycle_names_a_cycle_and_passes_a_tree():
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     # write_scratch_export imports the tokenizer inside the function; the trainer imports training.* at the top.
-    assert "data_prep.tokenizer" in graph["training.export"]
-    assert {"training.config", "training.checkpoints"} <= graph["train_accelerate"]
-    assert "user_errors" in graph["training"]
+    assert "data_prep.tokenizer" in graph["gpt2_scratch.training.export"]
+    assert {"gpt2_scratch.training.config", "gpt2_scratch.training.checkpoints"} <= graph["train_accelerate"]
+    assert "gpt2_scratch.user_errors" in graph["gpt2_scratch.training"]
     # gpu_check.py's package, imported from benchmarks/ on the path and relatively inside it, and bench_ladder,
     # imported inside a function of one of its modules
     assert {"benchmarks.gpu_checks", "benchmarks.gpu_checks.fsdp"} <= graph["benchmarks.gpu_check"]
@@ -126,9 +126,10 @@ def test_no_import_cycle():
 
 
 def test_the_store_and_hub_modules_take_values_not_the_training_config():
-    """`training.config` validates a checkpoint_remote URL by calling `training.remote`: remote (and the
-    hub module it uses) take the values they need, and import the config not even for type hints."""
-    for module in ("training.remote", "training.hub"):
+    """`gpt2_scratch.training.config` validates a checkpoint_remote URL by calling
+    `gpt2_scratch.training.remote`: remote (and the hub module it uses) take the values they need, and
+    import the config not even for type hints."""
+    for module in ("gpt2_scratch.training.remote", "gpt2_scratch.training.hub"):
         path = project_modules()[module]
         named = {
             target
@@ -136,4 +137,4 @@ def test_the_store_and_hub_modules_take_values_not_the_training_config():
             if isinstance(node, (ast.Import, ast.ImportFrom))
             for target in imported(node, module, False)
         }
-        assert not {name for name in named if name.startswith("training.config")}, module
+        assert not {name for name in named if name.startswith("gpt2_scratch.training.config")}, module

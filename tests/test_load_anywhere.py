@@ -17,9 +17,9 @@ from clean_interpreter import ROOT, project_modules, run_clean
 from safetensors.torch import load_file
 from transformers.dynamic_module_utils import get_imports
 
+from gpt2_scratch.training.export import write_exports
+from gpt2_scratch.training.hub import push_export
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.export import write_exports
-from training.hub import push_export
 
 # What the shipped model file may import (STYLE.md 13), besides the standard library.
 ALLOWED_IMPORTS = {"torch", "transformers", "huggingface_hub", "safetensors"}
@@ -91,9 +91,7 @@ def test_the_shipped_model_file_imports_only_what_remote_code_may(run, tmp_path)
 
 
 def test_the_clean_interpreter_cannot_import_the_project(tmp_path):
-    assert {"modeling_gpt2_scratch", "conversion", "training", "data_prep", "eval", "user_errors"} <= set(
-        project_modules()
-    )
+    assert {"modeling_gpt2_scratch", "train_accelerate", "gpt2_scratch", "data_prep", "eval"} <= set(project_modules())
     done = run_clean("print('clean')", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr
     with_project = run_clean("print('clean')", cwd=tmp_path, extra_path=[str(ROOT)])  # the check can fail
@@ -188,8 +186,8 @@ def make_stale(out_dir: Path) -> None:
 
 
 def test_export_gpt2_refreshes_both_exports_of_an_older_run(run, tmp_path):
-    import export_gpt2
-    from training.config import TrainConfig, config_to_yaml
+    from gpt2_scratch import export_gpt2
+    from gpt2_scratch.training.config import TrainConfig, config_to_yaml
 
     out = Path(shutil.copytree(run.out_dir, tmp_path / "old-run"))
     config = TrainConfig(model="cpu-nano", seq_len=32, out_dir=str(out), data_dir=str(tmp_path / "elsewhere"))

@@ -10,7 +10,7 @@ import torch
 from clean_interpreter import run_clean
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conversion import from_gpt2, from_gpt2_model, to_gpt2
+from gpt2_scratch.conversion import from_gpt2, from_gpt2_model, to_gpt2
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)

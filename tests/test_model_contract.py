@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import export_gpt2
 import modeling_gpt2_scratch
-from conversion import from_gpt2_model, to_gpt2
+from gpt2_scratch import export_gpt2
+from gpt2_scratch.conversion import from_gpt2_model, to_gpt2
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 VOCAB = 99  # GPT-2's model tester's; padded to 128 rows in ours

@@ -11,11 +11,11 @@ import torch
 from accelerate.utils import DistributedType
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process, train_two_processes
 
+from gpt2_scratch.training.checkpoints import latest_checkpoint, run_settings
+from gpt2_scratch.training.config import ConfigError, TrainConfig, parse_config
+from gpt2_scratch.training.recipe import build_optimizer, check_optimizer_supported, lr_at, set_lr
+from gpt2_scratch.training.verify import CheckpointError, checkpoint_problems, optimizer_problems, settings_changes
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.checkpoints import latest_checkpoint, run_settings
-from training.config import ConfigError, TrainConfig, parse_config
-from training.recipe import build_optimizer, check_optimizer_supported, lr_at, set_lr
-from training.verify import CheckpointError, checkpoint_problems, optimizer_problems, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

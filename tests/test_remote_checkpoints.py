@@ -1,4 +1,4 @@
-"""Checkpoints mirrored to a remote store (training/remote.py), on real fsspec filesystems (`memory://`,
+"""Checkpoints mirrored to a remote store (gpt2_scratch/training/remote.py), on real fsspec filesystems (`memory://`,
 `file://`): the layout and marker, resume from remote on an empty out_dir (exactly, after SIGKILL), partial
 uploads, pruning, the pre-flight, and the hf:// layout without the network."""
 
@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process
 
-from training import remote as cr
-from training.checkpoints import find_resume_checkpoint, write_manifest
-from training.config import ConfigError, TrainConfig
-from training.paths import RunPaths, local_files
-from training.verify import CheckpointError
-from user_errors import UserError
+from gpt2_scratch.training import remote as cr
+from gpt2_scratch.training.checkpoints import find_resume_checkpoint, write_manifest
+from gpt2_scratch.training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.paths import RunPaths, local_files
+from gpt2_scratch.training.verify import CheckpointError
+from gpt2_scratch.user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

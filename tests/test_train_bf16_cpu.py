@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from trainer_runs import kill_at_step, launch_fsdp, metric, nano_args, train_in_process, train_two_processes
 from transformers import GPT2LMHeadModel
 
+from gpt2_scratch.training.checkpoints import latest_checkpoint, run_settings
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.recipe import resolve_mixed_precision
+from gpt2_scratch.training.verify import CheckpointError, settings_changes
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import latest_checkpoint, run_settings
-from training.config import TrainConfig
-from training.recipe import resolve_mixed_precision
-from training.verify import CheckpointError, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

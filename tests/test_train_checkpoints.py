@@ -1,10 +1,10 @@
-"""training/checkpoints.py bookkeeping without training: which folders count, what is pruned. (The
+"""gpt2_scratch/training/checkpoints.py bookkeeping without training: which folders count, what is pruned. (The
 judgement of damaged checkpoints is in test_train_faults.py.)"""
 
 import pytest
 
-from training.checkpoints import find_resume_checkpoint, latest_checkpoint, prune_checkpoints
-from training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.checkpoints import find_resume_checkpoint, latest_checkpoint, prune_checkpoints
+from gpt2_scratch.training.config import ConfigError, TrainConfig
 
 
 def test_resume_takes_only_complete_checkpoints(tmp_path):

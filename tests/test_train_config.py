@@ -1,10 +1,10 @@
-"""training/config.py: the typed config, YAML presets, command-line overrides and the errors in them."""
+"""gpt2_scratch/training/config.py: the typed config, YAML presets, command-line overrides and the errors in them."""
 
 import pytest
 from trainer_runs import ROOT
 
-from training.config import FIELDS, ConfigError, TrainConfig, parse_config
-from training.recipe import grad_accum_steps
+from gpt2_scratch.training.config import FIELDS, ConfigError, TrainConfig, parse_config
+from gpt2_scratch.training.recipe import grad_accum_steps
 
 PRESET_124M = ROOT / "configs" / "gpt2-124m-fineweb-edu.yaml"
 

@@ -18,7 +18,7 @@ import pytest
 from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, reserved_port, run_cli, train_in_process
 
 from data_prep import ShardLoader
-from training.verify import process_count_problem
+from gpt2_scratch.training.verify import process_count_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

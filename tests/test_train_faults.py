@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, records, train_in_process
 
 from data_prep.shards import ShardError, file_sha256, read_manifest, write_manifest
-from training import run_dir
-from training.checkpoints import newest_intact
-from training.config import ConfigError
-from training.paths import RunPaths
-from training.run_dir import RunLock, claim_out_dir
-from training.verify import CheckpointError, check_resumable, checkpoint_problems, read_train_state
+from gpt2_scratch.training import run_dir
+from gpt2_scratch.training.checkpoints import newest_intact
+from gpt2_scratch.training.config import ConfigError
+from gpt2_scratch.training.paths import RunPaths
+from gpt2_scratch.training.run_dir import RunLock, claim_out_dir
+from gpt2_scratch.training.verify import CheckpointError, check_resumable, checkpoint_problems, read_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +214,7 @@ def test_resume_path_on_a_tampered_checkpoint_is_one_line_and_runs_no_code(data_
 
 
 def test_a_remote_checkpoint_with_a_planted_pickle_is_refused_and_runs_no_code(data_dir, stopped, tmp_path):
-    from training import remote
+    from gpt2_scratch.training import remote
 
     proof, remote_dir = tmp_path / "code_ran", tmp_path / "remote"
     store = remote.open_store(f"file://{remote_dir}")

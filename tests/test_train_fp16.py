@@ -22,13 +22,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from trainer_runs import ROOT, kill_at_step, metric, nano_args, records, run_cli, train_in_process
 
+from gpt2_scratch.training import accelerator as accelerator_setup
+from gpt2_scratch.training.checkpoints import latest_checkpoint
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.guard import MIN_LOSS_SCALE, Guard
+from gpt2_scratch.training.recipe import build_optimizer
+from gpt2_scratch.training.step import train_step
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training import accelerator as accelerator_setup
-from training.checkpoints import latest_checkpoint
-from training.config import TrainConfig
-from training.guard import MIN_LOSS_SCALE, Guard
-from training.recipe import build_optimizer
-from training.step import train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,9 +195,9 @@ def test_fp16_run_logs_overflows_resumes_exactly_after_sigkill(cpu_scaler, data_
 
 def test_auto_on_a_gpu_without_bf16_trains_fp16_and_says_so(cpu_scaler, data_dir, tmp_path, monkeypatch):
     """`--mixed_precision auto` (the default) on a CUDA GPU without bf16 units (a T4 or V100, injected
-    into `training.devices`; Accelerate still runs on this CPU, with the CPU GradScaler): the run trains
+    into `gpt2_scratch.training.devices`; Accelerate still runs on this CPU, with the CPU GradScaler): the run trains
     fp16 with loss scaling, and run_info.json, the checkpoint's settings and the model card say so."""
-    import training.devices as devices
+    import gpt2_scratch.training.devices as devices
 
     monkeypatch.setattr(devices, "availability", lambda: devices.Availability(cuda=True, cuda_bf16=False))
     monkeypatch.setattr(accelerator_setup, "pick_device", lambda: torch.device("cuda"))

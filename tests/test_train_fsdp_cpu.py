@@ -19,8 +19,8 @@ from safetensors import safe_open
 from trainer_runs import launch_fsdp, metric, nano_args, train_in_process
 from transformers import GPT2LMHeadModel
 
+from gpt2_scratch.training.verify import CheckpointError, sharding_problem
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.verify import CheckpointError, sharding_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The divergence guard (training/guard.py) in real runs of the tiny `cpu-nano` model: an absurd learning
+"""The divergence guard (gpt2_scratch/training/guard.py) in real runs of the tiny `cpu-nano` model: an absurd learning
 rate (`--max_lr 50`) whose updates overflow, and a window of training data crafted to make the loss
 spike. Each is checked against what a user relies on: no NaN or infinity ever reaches a checkpoint or
 an export, the rollback lands on the newest finite checkpoint and continues from the data after the
@@ -22,11 +22,11 @@ from trainer_runs import ROOT, nano_args, records, run_cli, train_in_process
 
 from data_prep.shards import load_tokens, read_manifest, write_shard
 from data_prep.shards import write_manifest as write_data_manifest
+from gpt2_scratch.training.checkpoints import load_weights, newest_finite_checkpoint, prune_checkpoints, write_manifest
+from gpt2_scratch.training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.guard import Guard, weights_finite
+from gpt2_scratch.training.verify import STATE_FILE, checkpoint_problems
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from training.checkpoints import load_weights, newest_finite_checkpoint, prune_checkpoints, write_manifest
-from training.config import ConfigError, TrainConfig
-from training.guard import Guard, weights_finite
-from training.verify import STATE_FILE, checkpoint_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

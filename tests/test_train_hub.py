@@ -1,11 +1,11 @@
-"""training/hub.py: the access check before training fails fast and says what to do."""
+"""gpt2_scratch/training/hub.py: the access check before training fails fast and says what to do."""
 
 import time
 
 import pytest
 
-from training.hub import check_hub_access
-from user_errors import UserError
+from gpt2_scratch.training.hub import check_hub_access
+from gpt2_scratch.user_errors import UserError
 
 
 def test_push_preflight_fails_fast_offline():

@@ -1,10 +1,10 @@
-"""training/metrics.py: FLOPs per token, MFU and the throughput meter."""
+"""gpt2_scratch/training/metrics.py: FLOPs per token, MFU and the throughput meter."""
 
 import pytest
 import torch
 
+from gpt2_scratch.training.metrics import Meter, measure_matmul_flops
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.metrics import Meter, measure_matmul_flops
 
 
 def test_mfu_uses_the_models_flops_per_token():

@@ -1,11 +1,10 @@
-"""training/recipe.py: batch arithmetic, the LR schedule, AdamW's parameter groups, precision."""
+"""gpt2_scratch/training/recipe.py: batch arithmetic, the LR schedule, AdamW's parameter groups, precision."""
 
 import pytest
 import torch
 
-from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.config import ConfigError, TrainConfig
-from training.recipe import (
+from gpt2_scratch.training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.recipe import (
     build_optimizer,
     grad_accum_steps,
     launcher_precision_note,
@@ -13,6 +12,7 @@ from training.recipe import (
     param_groups,
     resolve_mixed_precision,
 )
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 
 def test_batch_that_does_not_divide_over_processes_is_an_error():
@@ -96,8 +96,8 @@ def test_optimizer_is_the_gpt3_adamw():
 
 def test_auto_precision_follows_the_device_that_every_command_picks(monkeypatch):
     """`resolve_mixed_precision` (what run_settings records and the trainer passes to Accelerate) asks
-    `training.devices` about this machine; the choice per machine is tested in test_devices.py."""
-    import training.devices as devices
+    `gpt2_scratch.training.devices` about this machine; the choice per machine is tested in test_devices.py."""
+    import gpt2_scratch.training.devices as devices
 
     machines = {
         devices.Availability(cuda=False): "no",

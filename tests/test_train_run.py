@@ -19,9 +19,9 @@ from trainer_runs import (
 )
 
 from data_prep.sources import BUILTIN_NAME
-from training.checkpoints import latest_checkpoint
-from training.config import TrainConfig, parse_config
-from user_errors import UserError
+from gpt2_scratch.training.checkpoints import latest_checkpoint
+from gpt2_scratch.training.config import TrainConfig, parse_config
+from gpt2_scratch.user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.recipe import build_optimizer
+from gpt2_scratch.training.step import train_step
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.config import TrainConfig
-from training.recipe import build_optimizer
-from training.step import train_step
 
 
 class ListLoader:

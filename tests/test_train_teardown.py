@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from trainer_runs import nano_args, train_in_process
 
 import train_accelerate
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,9 +20,9 @@ from trainer_runs import (
     wait_for_step,
 )
 
-from training.checkpoints import latest_checkpoint
-from training.config import ConfigError, TrainConfig, parse_duration
-from training.processes import REQUEUE_STATUS
+from gpt2_scratch.training.checkpoints import latest_checkpoint
+from gpt2_scratch.training.config import ConfigError, TrainConfig, parse_duration
+from gpt2_scratch.training.processes import REQUEUE_STATUS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

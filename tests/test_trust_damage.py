@@ -20,12 +20,12 @@ import pytest
 import torch
 from trainer_runs import nano_args, train_in_process
 
-from training import remote
-from training.checkpoints import find_resume_checkpoint, write_manifest
-from training.config import TrainConfig
-from training.export import exported_step
-from training.paths import parse_step, step_name
-from training.verify import checkpoint_problems, read_train_state, unsafe_pickle_problems
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.checkpoints import find_resume_checkpoint, write_manifest
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.export import exported_step
+from gpt2_scratch.training.paths import parse_step, step_name
+from gpt2_scratch.training.verify import checkpoint_problems, read_train_state, unsafe_pickle_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,17 +17,17 @@ import torch
 from safetensors.torch import load_file
 from trainer_runs import ONE_THREAD, ROOT, launch, nano_args, train_in_process, wait_for_step
 
-import export_gpt2
 from data_prep import prepare
 from data_prep.shards import read_manifest, write_manifest, write_shard
-from training import remote
-from training.checkpoints import find_resume_checkpoint
-from training.config import ConfigError, TrainConfig, parse_config
-from training.export import read_record
-from training.metrics import keep_records_through
-from training.model_card import write_model_cards
-from training.paths import step_name
-from training.verify import CheckpointError, read_train_state
+from gpt2_scratch import export_gpt2
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.checkpoints import find_resume_checkpoint
+from gpt2_scratch.training.config import ConfigError, TrainConfig, parse_config
+from gpt2_scratch.training.export import read_record
+from gpt2_scratch.training.metrics import keep_records_through
+from gpt2_scratch.training.model_card import write_model_cards
+from gpt2_scratch.training.paths import step_name
+from gpt2_scratch.training.verify import CheckpointError, read_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

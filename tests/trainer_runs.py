@@ -14,8 +14,8 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 import train_accelerate as ta
-from training.metrics import logged_metric as metric
-from training.metrics import read_records as records  # noqa: F401  (the tests read logs through this module)
+from gpt2_scratch.training.metrics import logged_metric as metric
+from gpt2_scratch.training.metrics import read_records as records  # noqa: F401  (the tests read logs through this module)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,21 @@ ABSENT_ON_GPU_IMAGE = ("datasets", "evaluate")
 
 def check_environment(ctx: Context) -> str:
     """Every module the check and the trainer use imports here, whether or not `datasets`/`evaluate` exist."""
-    for module in ("modeling_gpt2_scratch", "conversion", "data_prep", "data_prep.loader", "training.metrics"):
+    for module in (
+        "modeling_gpt2_scratch",
+        "gpt2_scratch.conversion",
+        "data_prep",
+        "data_prep.loader",
+        "gpt2_scratch.training.metrics",
+    ):
         importlib.import_module(module)
-    for module in ("train_accelerate", "eval.val_loss", "eval.hellaswag", "training.export", "bench_ladder"):
+    for module in (
+        "train_accelerate",
+        "eval.val_loss",
+        "eval.hellaswag",
+        "gpt2_scratch.training.export",
+        "bench_ladder",
+    ):
         importlib.import_module(module)
     absent = [name for name in ABSENT_ON_GPU_IMAGE if importlib.util.find_spec(name) is None]
     differ = ctx.report["version_differences"]

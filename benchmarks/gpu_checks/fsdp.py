@@ -41,7 +41,7 @@ def check_fsdp(ctx: Context) -> str:
             f"time budget: {ctx.elapsed():.0f} s of --budget {ctx.args.budget:.0f} s spent, and it takes about "
             f"{FSDP_SECONDS} s"
         )
-    from training.recipe import resolve_mixed_precision
+    from gpt2_scratch.training.recipe import resolve_mixed_precision
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     runs = ctx.work / f"fsdp-{stamp}"

@@ -64,7 +64,7 @@ def check_tf32(ctx: Context) -> str:
 def check_model_vs_gpt2(ctx: Context) -> str:
     """fp32 logits within 1e-4 of transformers' GPT-2 with the same weights; under bf16 autocast, our error
     against the fp32 logits no more than twice transformers' own (the same kernels make the same rounding)."""
-    from conversion import to_gpt2
+    from gpt2_scratch.conversion import to_gpt2
 
     ours = tiny_model(ctx).eval()
     theirs = to_gpt2(ours).to(ctx.device).eval()
@@ -144,8 +144,8 @@ def check_chunked_loss(ctx: Context) -> str:
 
 def check_fused_adamw(ctx: Context) -> str:
     """torch's fused AdamW (the trainer's) against its single-tensor loop: the same gradients, 5 steps."""
-    from training.config import TrainConfig
-    from training.recipe import build_optimizer, param_groups
+    from gpt2_scratch.training.config import TrainConfig
+    from gpt2_scratch.training.recipe import build_optimizer, param_groups
 
     recipe = TrainConfig(warmup_steps=0)
     fused_model, loop_model = tiny_model(ctx), tiny_model(ctx)

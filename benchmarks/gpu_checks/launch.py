@@ -66,13 +66,13 @@ def train_command(
 
 
 def records(out_dir: Path) -> list[dict]:
-    from training.metrics import read_records
+    from gpt2_scratch.training.metrics import read_records
 
     return read_records(out_dir)
 
 
 def metric(out_dir: Path, name: str) -> dict[int, float]:
-    from training.metrics import logged_metric
+    from gpt2_scratch.training.metrics import logged_metric
 
     return logged_metric(out_dir, name)
 

@@ -42,10 +42,10 @@ def fp16_and_bf16_runs(ctx: Context, data: Path) -> dict[str, list[dict[str, Any
     from accelerate.utils import GradScalerKwargs
 
     from data_prep import ShardLoader
+    from gpt2_scratch.training.config import TrainConfig
+    from gpt2_scratch.training.recipe import build_optimizer, lr_at, set_lr
+    from gpt2_scratch.training.step import train_step
     from modeling_gpt2_scratch import GPT2ScratchForCausalLM
-    from training.config import TrainConfig
-    from training.recipe import build_optimizer, lr_at, set_lr
-    from training.step import train_step
 
     s = ctx.shape.fp16
     config = TrainConfig(

@@ -6,7 +6,7 @@ Dependencies point one way: this module imports the model, never the reverse. `m
 keeps only what loading and running the model needs (it is shipped alone as remote code, and transformers
 refuses a remote file that imports anything its machine lacks), so the conversions are functions here:
 
-    from conversion import from_gpt2, from_nanogpt, from_state_dict, to_gpt2
+    from gpt2_scratch.conversion import from_gpt2, from_nanogpt, from_state_dict, to_gpt2
 
     model = from_gpt2("openai-community/gpt2")   # a Hub id or a GPT2LMHeadModel folder
     official = to_gpt2(model)                    # back to a transformers.GPT2LMHeadModel
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpt2_scratch.user_errors import UserError
 from modeling_gpt2_scratch import (
     GELU_APPROXIMATION,
     GPT2_VOCAB_SIZE,
@@ -26,7 +27,6 @@ from modeling_gpt2_scratch import (
     GPT2ScratchForCausalLM,
     padded_rows,
 )
-from user_errors import UserError
 
 # The config fields that mean the same in GPT-2's config and ours, in both directions. Dropout is the
 # one field with different names: ours is one probability, GPT-2 has three (see `gpt2_config`).

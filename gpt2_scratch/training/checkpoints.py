@@ -1,5 +1,5 @@
 """Local checkpoints that can be trusted: written completely or not at all, hashed, checked before use
-(the checks are in `training.verify`).
+(the checks are in `gpt2_scratch.training.verify`).
 
 A checkpoint is `checkpoints/step_NNNNNN/`: Accelerate's `save_state` files (model.safetensors,
 optimizer.bin, one random_states_R.pkl per rank), our own `train_state.json` (step, tokens, loader
@@ -24,12 +24,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, id_tensor_storage
 
 from data_prep.shards import file_sha256
-from training import remote
-from training.config import ConfigError, TrainConfig
-from training.files import remove_ours, share_as_umask
-from training.paths import parse_step, step_name
-from training.recipe import resolve_mixed_precision
-from training.verify import (
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.config import ConfigError, TrainConfig
+from gpt2_scratch.training.files import remove_ours, share_as_umask
+from gpt2_scratch.training.paths import parse_step, step_name
+from gpt2_scratch.training.recipe import resolve_mixed_precision
+from gpt2_scratch.training.verify import (
     MANIFEST,
     MANIFEST_FORMAT,
     STATE_FILE,
@@ -400,7 +400,7 @@ def load_weights(model, folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Finite weights (the divergence guard, training/guard.py)
+# Finite weights (the divergence guard, gpt2_scratch/training/guard.py)
 
 
 def newest_finite_checkpoint(checkpoints: Path) -> Path | None:

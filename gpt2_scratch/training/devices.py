@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import logging
 import torch
 from accelerate import Accelerator
 
-from training.config import TrainConfig
+from gpt2_scratch.training.config import TrainConfig
 
 logger = logging.getLogger("train")
 

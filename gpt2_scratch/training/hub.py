@@ -1,5 +1,5 @@
 """The Hugging Face Hub: access checks before training, and the push of the exports (their model cards
-are `training.model_card`'s)."""
+are `gpt2_scratch.training.model_card`'s)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from training import UserError
-from training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record
-from training.processes import on_main_process
+from gpt2_scratch.training import UserError
+from gpt2_scratch.training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record
+from gpt2_scratch.training.processes import on_main_process
 
 logger = logging.getLogger("train")
 
@@ -82,11 +82,13 @@ def push_export(out_dir: Path, repo_id: str, hub_format: str, message: str, api=
     out_dir = Path(out_dir)
     gpt2, scratch = out_dir / GPT2_EXPORT, out_dir / SCRATCH_EXPORT
     if read_record(scratch, "scratch") is None:
-        raise UserError(f"push_to_hub: {scratch} is not a complete export; rebuild it with python -m export_gpt2")
+        raise UserError(
+            f"push_to_hub: {scratch} is not a complete export; rebuild it with python -m gpt2_scratch.export_gpt2"
+        )
     if hub_format != "scratch" and read_record(gpt2, "gpt2") is None:
         raise UserError(
             f"push_to_hub: no complete official-layout export at {gpt2}; rebuild it with "
-            f"`python -m export_gpt2 {out_dir.name}`, or push ours alone with --hub_format scratch"
+            f"`python -m gpt2_scratch.export_gpt2 {out_dir.name}`, or push ours alone with --hub_format scratch"
         )
     api = api or HfApi()
     urls = []

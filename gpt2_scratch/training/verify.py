@@ -1,6 +1,6 @@
 """Judging a checkpoint before any of it is loaded: intact, safe to read, and resumable exactly.
 
-A checkpoint (written by `training.checkpoints`) lists the sha256 and size of every file in its
+A checkpoint (written by `gpt2_scratch.training.checkpoints`) lists the sha256 and size of every file in its
 `checkpoint.json`, written last. Here every file is checked against it, no link, FIFO or device is
 followed, every pickled file (Accelerate's `optimizer.bin` and `random_states_R.pkl`) is scanned for
 anything beyond tensors, plain values and numpy arrays before `torch.load(weights_only=True)` ever
@@ -16,10 +16,10 @@ from typing import Any
 from accelerate.utils.constants import FSDP_MODEL_NAME
 
 from data_prep.shards import file_sha256
-from training import UserError
-from training.files import read_regular
-from training.paths import local_files, parse_step
-from training.recipe import resolve_mixed_precision
+from gpt2_scratch.training import UserError
+from gpt2_scratch.training.files import read_regular
+from gpt2_scratch.training.paths import local_files, parse_step
+from gpt2_scratch.training.recipe import resolve_mixed_precision
 
 MANIFEST = "checkpoint.json"
 STATE_FILE = "train_state.json"
@@ -117,7 +117,7 @@ def safetensors_problems(path: Path, rel: str) -> list[str]:
 def optimizer_problems(path: Path, rel: str) -> list[str]:
     """A problem when `path` (already scanned: tensors and plain values only) is not an optimizer state
     that `load_state_dict` can take: one optimizer's state, or a dict of named ones (`--optimizer muon`
-    saves `{"adamw": ..., "muon": ...}`, see `training.recipe.MuonWithAdamW`)."""
+    saves `{"adamw": ..., "muon": ...}`, see `gpt2_scratch.training.recipe.MuonWithAdamW`)."""
     import torch
 
     try:

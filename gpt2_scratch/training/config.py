@@ -21,11 +21,11 @@ import yaml
 from accelerate.utils import LoggerType
 from huggingface_hub.errors import StrictDataclassError
 
+from gpt2_scratch.training import UserError
+from gpt2_scratch.training.hub import HUB_FORMATS
 from modeling_gpt2_scratch import PRESETS, GPT2ScratchConfig
-from training import UserError
-from training.hub import HUB_FORMATS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = ROOT / "configs"
 
 
@@ -126,7 +126,7 @@ class TrainConfig:
     hub_format: str = arg(
         "gpt2", "what push_to_hub uploads: 'gpt2' (official GPT2LMHeadModel layout), 'scratch' (ours), 'both'"
     )
-    # divergence guard (training/guard.py)
+    # divergence guard (gpt2_scratch/training/guard.py)
     spike_factor: float = arg(3.0, "a loss above this multiple of the median of the recent ones is a spike (0: off)")
     spike_window: int = arg(20, "how many recent healthy losses the spike median is taken over")
     max_bad_steps: int = arg(
@@ -202,7 +202,7 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
     if c.checkpoint_remote is not None and "://" not in c.checkpoint_remote:
         yield f"checkpoint_remote must be a URL such as file:///abs/path or hf://user/name, got {c.checkpoint_remote!r}"
     elif c.checkpoint_remote is not None:
-        from training import remote
+        from gpt2_scratch.training import remote
 
         try:
             remote.open_store(c.checkpoint_remote)  # the URL's form and protocol; no network is touched

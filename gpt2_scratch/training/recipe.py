@@ -11,8 +11,8 @@ import math
 import torch
 from accelerate.utils import DistributedType
 
-from training.config import ConfigError, TrainConfig, batch_problem
-from training.devices import fused_adamw_supported, resolve_precision
+from gpt2_scratch.training.config import ConfigError, TrainConfig, batch_problem
+from gpt2_scratch.training.devices import fused_adamw_supported, resolve_precision
 
 logger = logging.getLogger("train")
 
@@ -166,7 +166,7 @@ def launcher_precision_note(launcher: str | None, resolved: str) -> str | None:
 
 def resolve_mixed_precision(setting: str) -> str:
     """'auto' becomes what it trains with on the device this machine's commands use
-    (`training.devices.auto_precision`): bf16 on a CUDA GPU with bf16 units, fp16 (loss-scaled) on one
+    (`gpt2_scratch.training.devices.auto_precision`): bf16 on a CUDA GPU with bf16 units, fp16 (loss-scaled) on one
     without, bf16 on MPS under macOS 14+, else 'no'. On CPUs without AVX-512 BF16 or AMX bf16 matmuls are
     emulated (~100x slower), and where they are native (measured 1.5x faster than fp32 on a Zen 4 in
     docs/benchmarks.md) `--mixed_precision bf16` is an explicit choice."""

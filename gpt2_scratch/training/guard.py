@@ -1,6 +1,6 @@
 """The divergence guard of long unattended runs.
 
-- A step whose loss or gradient norm is NaN or infinite is skipped: `training.step.train_step` does not
+- A step whose loss or gradient norm is NaN or infinite is skipped: `gpt2_scratch.training.step.train_step` does not
   apply its update, and the guard counts it (`skipped_steps` in log.jsonl).
 - Under fp16 the loss scaler handles overflowing gradients itself: it skips the update and halves the
   scale, which is normal in the first steps of fp16 training. Such a step is logged as `overflow` with
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from training import UserError
-from training.checkpoints import TrainState, load_checkpoint, newest_finite_checkpoint
-from training.config import TrainConfig
-from training.processes import on_main_process
+from gpt2_scratch.training import UserError
+from gpt2_scratch.training.checkpoints import TrainState, load_checkpoint, newest_finite_checkpoint
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.processes import on_main_process
 
 logger = logging.getLogger("train")
 
@@ -67,7 +67,7 @@ class Guard:
         self, loss: float, grad_norm: float, overflow: bool = False, loss_scale: float | None = None
     ) -> dict[str, float | str | bool] | None:
         """None for a healthy step; else what was wrong (or, for a loss-scale overflow, what the scaler
-        did), as fields of its log record. `overflow` and `loss_scale`: `training.step.StepResult`'s."""
+        did), as fields of its log record. `overflow` and `loss_scale`: `gpt2_scratch.training.step.StepResult`'s."""
         if overflow and math.isfinite(loss):
             self.overflows += 1
             if loss_scale is not None and loss_scale < MIN_LOSS_SCALE:

@@ -35,11 +35,11 @@ from urllib.parse import quote
 import fsspec
 
 from data_prep.shards import file_sha256
-from training import UserError
-from training.files import remove_ours
-from training.hub import check_hub_access, offline_reason
-from training.paths import local_files, parse_step, step_name
-from training.processes import on_main_process
+from gpt2_scratch.training import UserError
+from gpt2_scratch.training.files import remove_ours
+from gpt2_scratch.training.hub import check_hub_access, offline_reason
+from gpt2_scratch.training.paths import local_files, parse_step, step_name
+from gpt2_scratch.training.processes import on_main_process
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -3,6 +3,6 @@
 runs the loop; everything here takes the pieces it needs, so tests and benchmarks import it directly.
 """
 
-from user_errors import UserError
+from gpt2_scratch.user_errors import UserError
 
 __all__ = ["UserError"]

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 
 class StepResult(NamedTuple):
-    """What one optimizer step did, as the guard (`training.guard.Guard.judge`) and the log read it."""
+    """What one optimizer step did, as the guard (`gpt2_scratch.training.guard.Guard.judge`) and the log read it."""
 
     loss: float  # the mean loss over the whole batch, all ranks
     grad_norm: float  # before clipping, of the unscaled gradients; inf or NaN when they overflowed

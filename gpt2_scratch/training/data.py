@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from data_prep.loader import data_fingerprint
 from data_prep.shards import MANIFEST_NAME, check_shard
 from data_prep.store import is_url
-from training.config import FIELDS, ConfigError, TrainConfig
-from training.paths import RunPaths
+from gpt2_scratch.training.config import FIELDS, ConfigError, TrainConfig
+from gpt2_scratch.training.paths import RunPaths
 
 logger = logging.getLogger("train")
 

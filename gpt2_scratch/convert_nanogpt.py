@@ -1,7 +1,7 @@
 """Turn a nanoGPT or build-nanogpt checkpoint into a Hugging Face model folder.
 
-    python -m convert_nanogpt out/ckpt.pt runs/nanogpt-hf
-    python -m convert_nanogpt log/model_19072.pt runs/build-nanogpt-hf
+    python -m gpt2_scratch.convert_nanogpt out/ckpt.pt runs/nanogpt-hf
+    python -m gpt2_scratch.convert_nanogpt log/model_19072.pt runs/build-nanogpt-hf
 
 The folder holds `config.json`, `model.safetensors`, `modeling_gpt2_scratch.py` and, for GPT-2's
 vocabulary, the GPT-2 tokenizer, so that `AutoModelForCausalLM.from_pretrained(folder,
@@ -15,10 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
-from conversion import from_nanogpt
+from gpt2_scratch.conversion import from_nanogpt
+from gpt2_scratch.training.files import share_as_umask
+from gpt2_scratch.user_errors import UserError, run_command
 from modeling_gpt2_scratch import GELU_APPROXIMATION, GPT2_VOCAB_SIZE, GPT2ScratchForCausalLM
-from training.files import share_as_umask
-from user_errors import UserError, run_command
 
 
 def convert(
@@ -44,7 +44,7 @@ def convert(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m convert_nanogpt",
+        prog="python -m gpt2_scratch.convert_nanogpt",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("checkpoint", help="nanoGPT ckpt.pt or build-nanogpt model_XXXXX.pt")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig
-from training.devices import synchronize
-from training.files import replace_text
-from training.recipe import resolve_mixed_precision
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.devices import synchronize
+from gpt2_scratch.training.files import replace_text
+from gpt2_scratch.training.recipe import resolve_mixed_precision
 
 # Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
 # device name (more specific names first). fp32 means TF32 tensor cores, which we enable on CUDA; fp16's dense

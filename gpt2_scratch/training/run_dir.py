@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from training import remote
-from training.accelerator import fsdp_precision
-from training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
-from training.files import NotRegularFileError, check_regular_or_absent, read_regular, replace_text
-from training.paths import RunPaths
+from gpt2_scratch.training import remote
+from gpt2_scratch.training.accelerator import fsdp_precision
+from gpt2_scratch.training.config import ROOT, ConfigError, TrainConfig, config_to_yaml
+from gpt2_scratch.training.files import NotRegularFileError, check_regular_or_absent, read_regular, replace_text
+from gpt2_scratch.training.paths import RunPaths
 
 
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:

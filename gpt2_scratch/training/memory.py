@@ -8,8 +8,8 @@ import os
 
 import torch
 
+from gpt2_scratch.training.config import ConfigError
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-from training.config import ConfigError
 
 # fp32 weights, their gradients, and AdamW's two moments: 4 + 4 + 8 bytes per parameter. Activations
 # come on top, so this is the least a training step needs.

@@ -11,9 +11,9 @@ from pathlib import Path, PureWindowsPath
 
 import yaml
 
-from training.export import GPT2_EXPORT, PLOTS, SCRATCH_EXPORT, read_record, write_text
-from training.files import copy_replacing, read_regular
-from training.hub import SCRATCH_BRANCH
+from gpt2_scratch.training.export import GPT2_EXPORT, PLOTS, SCRATCH_EXPORT, read_record, write_text
+from gpt2_scratch.training.files import copy_replacing, read_regular
+from gpt2_scratch.training.hub import SCRATCH_BRANCH
 
 # The model card's `license:`. GPT-2's own weights and code are MIT; set another with write_model_cards(license=).
 DEFAULT_LICENSE = "mit"

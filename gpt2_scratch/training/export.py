@@ -23,8 +23,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from conversion import gpt2_layout, gpt2_model
-from training.files import read_regular, share_as_umask
+from gpt2_scratch.conversion import gpt2_layout, gpt2_model
+from gpt2_scratch.training.files import read_regular, share_as_umask
 
 SCRATCH_EXPORT = "hf"
 GPT2_EXPORT = "hf-gpt2"

@@ -1,9 +1,9 @@
 """The official GPT-2 layout (`hf-gpt2/`) of an existing run, export or checkpoint: what the trainer
 writes at the end of every run, for runs made before it did, and for any checkpoint.
 
-    python -m export_gpt2 runs/cpu-micro                            # -> runs/cpu-micro/hf-gpt2, hf/ refreshed
-    python -m export_gpt2 runs/cpu-micro/checkpoints/step_000040    # -> runs/cpu-micro/hf-gpt2-step_000040
-    python -m export_gpt2 my-gpt2                                   # -> my-gpt2-gpt2 (any save_pretrained folder)
+    python -m gpt2_scratch.export_gpt2 runs/cpu-micro                          # -> runs/cpu-micro/hf-gpt2
+    python -m gpt2_scratch.export_gpt2 runs/cpu-micro/checkpoints/step_000040  # -> runs/cpu-micro/hf-gpt2-step_000040
+    python -m gpt2_scratch.export_gpt2 my-gpt2                                 # -> my-gpt2-gpt2 (save_pretrained)
 
 The result loads with stock transformers, `AutoModelForCausalLM.from_pretrained(folder)` without
 `trust_remote_code`, as a `GPT2LMHeadModel` with the same logits. Weights are read from safetensors
@@ -17,8 +17,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.export import GPT2_EXPORT, SCRATCH_EXPORT, read_record, write_exports, write_gpt2_export, write_text
-from user_errors import UserError, run_command
+from gpt2_scratch.training.export import (
+    GPT2_EXPORT,
+    SCRATCH_EXPORT,
+    read_record,
+    write_exports,
+    write_gpt2_export,
+    write_text,
+)
+from gpt2_scratch.user_errors import UserError, run_command
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerator.save_state writes for the model
 
@@ -84,7 +91,7 @@ def check_weights(shapes: dict[str, tuple[int, ...]], config, where: Path) -> No
     left out, the embedding may lack the vocabulary's padding rows), and no other tensor."""
     import torch
 
-    from conversion import strip_wrapper_prefixes
+    from gpt2_scratch.conversion import strip_wrapper_prefixes
     from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
     with torch.device("meta"):
@@ -109,7 +116,7 @@ def load_checkpoint_weights(checkpoint: Path, config):
     """Our model from the weights of a training checkpoint (`checkpoints/step_NNNNNN`) and its run's config."""
     from safetensors.torch import load_file
 
-    from conversion import from_state_dict
+    from gpt2_scratch.conversion import from_state_dict
 
     weights = checkpoint / CHECKPOINT_WEIGHTS
     if not weights.is_file():
@@ -117,7 +124,7 @@ def load_checkpoint_weights(checkpoint: Path, config):
             f"{checkpoint} has no {CHECKPOINT_WEIGHTS}; only unsharded checkpoints can be read (an FSDP checkpoint "
             "holds sharded weights: use the run's hf/ export instead)"
         )
-    from training.verify import checkpoint_problems
+    from gpt2_scratch.training.verify import checkpoint_problems
 
     if (checkpoint / "checkpoint.json").is_file() and (problems := checkpoint_problems(checkpoint)):
         raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}")
@@ -127,7 +134,7 @@ def load_checkpoint_weights(checkpoint: Path, config):
 
 
 def run_config(run: Path):
-    from training.config import parse_config
+    from gpt2_scratch.training.config import parse_config
 
     path = run / "config.yaml"
     if not path.is_file():
@@ -147,7 +154,7 @@ def run_manifest(config) -> dict:
 
 
 def step_of(checkpoint: Path) -> int | None:
-    from training.paths import parse_step
+    from gpt2_scratch.training.paths import parse_step
 
     return parse_step(checkpoint.name)
 
@@ -156,8 +163,8 @@ def export_run(run: Path) -> list[Path]:
     """Both exports of a run folder, with cards, of its newest step: the newest intact checkpoint when
     `hf/` holds an older step (or none), else `hf/`. Done under the run's lock, so never while a
     trainer writes the same folders."""
-    from training.config import ConfigError
-    from training.run_dir import RunLock
+    from gpt2_scratch.training.config import ConfigError
+    from gpt2_scratch.training.run_dir import RunLock
 
     config = run_config(run)
     lock = RunLock(run / ".lock")
@@ -166,7 +173,7 @@ def export_run(run: Path) -> list[Path]:
     except ConfigError as err:
         raise ValueError(
             f"cannot lock the run folder {run}: {err}. Export it once the trainer has ended, or export one of its "
-            "checkpoints: python -m export_gpt2 RUN/checkpoints/step_N"
+            "checkpoints: python -m gpt2_scratch.export_gpt2 RUN/checkpoints/step_N"
         ) from None
     try:
         lock.name_holder()
@@ -176,8 +183,8 @@ def export_run(run: Path) -> list[Path]:
 
 
 def export_run_locked(run: Path, config) -> list[Path]:
-    from training.checkpoints import latest_checkpoint
-    from training.model_card import write_model_cards
+    from gpt2_scratch.training.checkpoints import latest_checkpoint
+    from gpt2_scratch.training.model_card import write_model_cards
 
     hf = run / SCRATCH_EXPORT
     record = read_record(hf, "scratch")
@@ -197,8 +204,8 @@ def export_run_locked(run: Path, config) -> list[Path]:
 
 def newest_intact_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint folder with no problem (a damaged newer one is passed over)."""
-    from training.checkpoints import complete_checkpoints
-    from training.verify import checkpoint_problems
+    from gpt2_scratch.training.checkpoints import complete_checkpoints
+    from gpt2_scratch.training.verify import checkpoint_problems
 
     found = complete_checkpoints(checkpoints)
     return next((found[step] for step in sorted(found, reverse=True) if not checkpoint_problems(found[step])), None)
@@ -206,7 +213,7 @@ def newest_intact_checkpoint(checkpoints: Path) -> Path | None:
 
 def export_one(source: Source, out: Path) -> Path:
     """The official layout of one model into `out`, with a model card (the run's results up to its step)."""
-    from training.model_card import ModelCard, run_results
+    from gpt2_scratch.training.model_card import ModelCard, run_results
 
     write_gpt2_export(source.model.config, source.model.state_dict(), out, source.step)
     if source.run is not None:
@@ -260,7 +267,7 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m export_gpt2",
+        prog="python -m gpt2_scratch.export_gpt2",
         description="Write the official GPT-2 layout (GPT2LMHeadModel, loadable without trust_remote_code) of a "
         "run folder, an export folder or a training checkpoint.",
     )

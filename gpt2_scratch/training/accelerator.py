@@ -1,5 +1,5 @@
 """What a launch runs on: the Accelerator (device, DDP or FSDP, precision, accumulation, trackers,
-compile) and each process's log lines. The device and what it can run are `training.devices`' choice."""
+compile) and each process's log lines. The device and what it can run are `gpt2_scratch.training.devices`' choice."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
 
-from training.config import ConfigError, TrainConfig, tracker_names
-from training.devices import compile_problem, compile_supported, pick_device, precision_problem
-from training.recipe import check_optimizer_supported, grad_accum_steps, resolve_mixed_precision
+from gpt2_scratch.training.config import ConfigError, TrainConfig, tracker_names
+from gpt2_scratch.training.devices import compile_problem, compile_supported, pick_device, precision_problem
+from gpt2_scratch.training.recipe import check_optimizer_supported, grad_accum_steps, resolve_mixed_precision
 
 logger = logging.getLogger("train")
 
@@ -19,7 +19,7 @@ logger = logging.getLogger("train")
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """The Accelerator: devices, DDP/FSDP, mixed precision, gradient accumulation, trackers, compile.
 
-    The device is `training.devices.pick_device`'s (CUDA, else Apple silicon's MPS, else the CPU), as every
+    The device is `gpt2_scratch.training.devices.pick_device`'s (CUDA, else Apple silicon's MPS, else the CPU), as every
     command picks it; a precision or compile that the device cannot run is refused in one line."""
     device = pick_device()
     precision = resolve_mixed_precision(config.mixed_precision)

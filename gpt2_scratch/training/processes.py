@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from training import UserError
+from gpt2_scratch.training import UserError
 
 logger = logging.getLogger("train")
 
