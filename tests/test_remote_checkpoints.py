@@ -201,12 +201,12 @@ def test_an_unwritable_remote_stops_the_trainer_before_training(data_dir, tmp_pa
         train_in_process(nano_args(data_dir, tmp_path / "out", checkpoint_remote="hf://me/tiny-gpt2"))
 
 
-@pytest.mark.parametrize(("url", "package"), [("s3://bucket/run", "s3fs"), ("gs://bucket/run", "gcsfs")])
-def test_a_protocol_without_its_package_names_the_package(url, package):
-    if importlib.util.find_spec(package):
-        pytest.skip(f"{package} is installed")
-    with pytest.raises(cr.RemoteError, match=f"needs the {package} package: pip install {package}"):
-        cr.open_store(url)
+def test_a_protocol_without_its_package_names_the_package():
+    """gcsfs is in no extra the tests install (s3fs is: the S3 tests run against moto's server)."""
+    if importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(cr.RemoteError, match="needs the gcsfs package: pip install gcsfs"):
+        cr.open_store("gs://bucket/run")
 
 
 def test_bad_urls_are_config_errors():
