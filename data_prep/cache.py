@@ -59,7 +59,7 @@ class ShardCache:
         self.retrying = retrying or Retrying()
         self.pinned: set[str] = set()  # shards the loader reads now
         self.verified: set[str] = set()  # hashed by this process since they entered the folder
-        self.errors: dict[str, BaseException] = {}  # a failed background fetch, raised when the shard is needed
+        self.errors: dict[str, BaseException] = {}  # a failed background fetch: tried again when the shard is needed
         self.thread: tuple[str, threading.Thread] | None = None
         self.upcoming: str | None = None
         self.waited = 0.0  # seconds the loader waited for shards, since the last `take_waited`
@@ -103,8 +103,8 @@ class ShardCache:
         if not ready:
             self.log.info("waiting for shard %s from %s", name, self.store.url)
         self.join(name)
-        if name in self.errors:
-            raise self.errors.pop(name)
+        if (failed := self.errors.pop(name, None)) is not None:  # the store may be back: fetch now, with retries
+            self.log.warning("fetching %s ahead failed (%s); fetching it now", name, failed)
         path = self.ensure(name)
         if not ready:
             waited = time.perf_counter() - started
@@ -227,10 +227,11 @@ class ShardCache:
         """Remove least recently used shards until `incoming` more bytes fit under the limit; never a
         kept (validation) or pinned one, nor for a fetch ahead (`wait_for_room` False) the upcoming one.
         NoRoom when that is not enough."""
+        for stale in self.folder.glob(".*.tmp"):  # `.NAME.PID.tmp`: a shard download cut short by a kill
+            if stale.name[1:].rsplit(".", 2)[0] in self.entries:  # (downloads hold the lock: none is under way)
+                stale.unlink(missing_ok=True)
         if self.limit is None:
             return
-        for stale in self.folder.glob(".*.tmp"):  # a download cut short by a kill
-            stale.unlink(missing_ok=True)
         used = self.size()
         protected = self.kept | self.pinned | (set() if wait_for_room else {self.upcoming})
         evictable = [p for p in self.files() if p.name in self.entries and p.name not in protected]

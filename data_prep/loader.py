@@ -147,7 +147,8 @@ class ShardLoader:
                 self._shards[index] = None
         last = (self.batch_index + 1) * self.global_batch - 1
         k = int(np.searchsorted(self._order_ends, last, side="right"))
-        if k + 1 < len(self._shard_order):
+        read = self.batches_per_epoch * self.global_batch  # chunks this epoch reads: a few may be left over
+        if k + 1 < len(self._shard_order) and int(self._order_ends[k]) < read:
             upcoming = int(self._shard_order[k + 1])
         else:  # the next epoch's first shard
             upcoming = int(self._epoch_shard_order(self.epoch + 1)[0])

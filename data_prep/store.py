@@ -20,6 +20,7 @@ again, so an interrupted upload resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ logger = logging.getLogger("data_prep.store")
 
 T = TypeVar("T")
 CARD_NAME = "README.md"
+UPLOAD_RECORD = ".data_prep_upload.json"  # what an upload has sent, for its resume (`upload_record`)
 MAX_MANIFEST_BYTES = 64_000_000  # 100 shards of FineWeb-Edu list in 20 kB; a bigger file is not ours
 COMMIT = re.compile(r"[0-9a-f]{40}")
 PLAIN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")  # what data_prep names a shard: never a path
@@ -253,9 +255,14 @@ def read_store_manifest(store: DataStore, retrying: Retrying) -> dict[str, Any]:
     manifest = parse_manifest(content, where)
     if not manifest.get("complete", True):
         raise StoreError(f"{where} is of an unfinished data_prep run; finish it locally, then upload again")
+    seen = set()
     for entry in manifest["shards"]:
-        if not PLAIN_FILE.fullmatch(entry["file"]):
-            raise StoreError(f"{where} names {entry['file'][:80]!r}, which is not a plain shard file name")
+        name = entry["file"]
+        if not PLAIN_FILE.fullmatch(name) or name in (MANIFEST_NAME, CARD_NAME):
+            raise StoreError(f"{where} names {name[:80]!r}, which is not a plain shard file name")
+        if name in seen:
+            raise StoreError(f"{where} names the shard {name!r} twice")
+        seen.add(name)
     return manifest
 
 
@@ -382,19 +389,51 @@ def upload_folder(
     fs = store.fs
     retrying(f"creating {url}", lambda: fs.makedirs(store.root, exist_ok=True))
     check_same_data(store, out_dir, retrying)
-    there = listing(store, retrying)
+    there, record = listing(store, retrying), upload_record(store, retrying)
     sent = []
     for entry in manifest["shards"]:
-        if there.get(entry["file"]) == shard_bytes(entry):
-            continue  # sent by an earlier, interrupted upload
+        if there.get(entry["file"]) == shard_bytes(entry) and record.get(entry["file"]) == entry["sha256"]:
+            continue  # these very bytes were sent by an earlier, interrupted upload
         local, remote = str(out_dir / entry["file"]), store.path(entry["file"])
         retrying(f"uploading {entry['file']}", lambda local=local, remote=remote: fs.put_file(local, remote))
         sent.append(entry["file"])
+        record[entry["file"]] = entry["sha256"]
+        body = json.dumps(record, indent=1).encode()
+        retrying(f"uploading {UPLOAD_RECORD}", lambda body=body: fs.pipe_file(store.path(UPLOAD_RECORD), body))
     card = dataset_card(manifest, url).encode()
     retrying(f"uploading {CARD_NAME}", lambda: fs.pipe_file(store.path(CARD_NAME), card))
     body = (out_dir / MANIFEST_NAME).read_bytes()
     retrying(f"uploading {MANIFEST_NAME}", lambda: fs.pipe_file(store.path(MANIFEST_NAME), body))
     return [*sent, CARD_NAME, MANIFEST_NAME]
+
+
+def upload_record(store: DataStore, retrying: Retrying) -> dict[str, str]:
+    """The sha256 of each shard that an upload has sent to `store` (`UPLOAD_RECORD`, rewritten after each
+    shard): a shard there of the right size is skipped on resume only when it holds the bytes this
+    upload would send, never those of another data set's upload that was cut short there."""
+    fs = store.fs
+    try:
+        record = json.loads(retrying(f"reading {UPLOAD_RECORD}", lambda: fs.cat_file(store.path(UPLOAD_RECORD))))
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # not ours, or cut: every shard is sent again
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {name: sha for name, sha in record.items() if isinstance(name, str) and isinstance(sha, str)}
+
+
+def hub_file_holds(item: Any, entry: dict[str, Any], local: Path) -> bool:
+    """Whether the Hub file `item` (of `list_repo_tree`) holds shard `entry`'s bytes, by its LFS sha256 or,
+    for a file stored in git itself, its git blob id, never by its size alone."""
+    if getattr(item, "size", None) != shard_bytes(entry):
+        return False
+    lfs = getattr(item, "lfs", None)
+    if lfs is not None:
+        return getattr(lfs, "sha256", None) == entry["sha256"]
+    blob = hashlib.sha1(b"blob %d\0" % shard_bytes(entry))
+    blob.update(local.read_bytes())
+    return getattr(item, "blob_id", None) == blob.hexdigest()
 
 
 def check_same_data(store: DataStore, out_dir: Path, retrying: Retrying) -> None:
@@ -443,11 +482,11 @@ def push_folder_to_hub(
             return []
 
     tree = retrying(f"listing {uri.id}", ls)
-    there = {item.path: getattr(item, "size", None) for item in tree}
+    there = {item.path: item for item in tree}
     sent = []
     for entry in manifest["shards"]:  # one commit per shard: an interrupted push keeps the shards it sent
         name = f"{prefix}{entry['file']}"
-        if there.get(name) == shard_bytes(entry):
+        if name in there and hub_file_holds(there[name], entry, out_dir / entry["file"]):
             continue
         operation = CommitOperationAdd(name, str(out_dir / entry["file"]))
         message = f"data_prep: {entry['file']}"

@@ -13,14 +13,16 @@ import subprocess
 import sys
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 from stores import free_port, hub_mirror, put_folder, running_s3_server, s3_server  # noqa: F401  (fixtures)
 from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, run_cli, train_in_process, wait_for_step
 
 from data_prep import ShardLoader, prepare
-from data_prep.shards import MANIFEST_NAME
-from data_prep.store import Retrying, StoreError
+from data_prep.cache import ShardCache
+from data_prep.shards import MANIFEST_NAME, file_sha256, write_shard
+from data_prep.store import Retrying, StoreError, open_data_store, read_store_manifest
 from gpt2_scratch.training.checkpoints import checkpoint_problems
 from gpt2_scratch.training.config import TrainConfig
 from gpt2_scratch.training.data import open_remote, prepare_remote_data
@@ -288,3 +290,81 @@ def test_a_store_that_fails_mid_run_stops_it_with_one_error_and_its_checkpoints_
     newest = max((out / "checkpoints").glob("step_*"))
     assert checkpoint_problems(newest) == []
     assert max(metric(out, "train/loss")) < 30
+
+
+def test_a_shard_whose_fetch_ahead_failed_is_fetched_when_the_loader_needs_it(small_data, tmp_path, monkeypatch):
+    """A blip: the store is down while the next shard is fetched ahead in the background (its retries
+    run out), and back when the loader needs the shard, which is then fetched, not failed on the
+    background's old error."""
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # our retries only, not botocore's too
+    with running_s3_server() as server:
+        put_folder(server.fs, small_data, "data/small")
+        config = TrainConfig(data_dir="s3://data/small", out_dir=str(tmp_path), data_retries=0)
+        _, cache = open_remote(config, resolve=False, manifest=prepare_remote_data(config))
+        shard = sorted(name for name, entry in cache.entries.items() if entry["split"] == "train")[1]
+        server.stop()
+        cache.use([], shard)
+        cache.fetch_ahead()
+        cache.join(shard)
+        assert shard in cache.errors and not (cache.folder / shard).exists()
+        host, port = server.endpoint.removeprefix("http://").split(":")
+        back = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)  # the same store, back
+        back.start()
+        try:
+            path = cache.local(shard)
+        finally:
+            back.stop()
+    assert file_sha256(path) == cache.entries[shard]["sha256"] and shard not in cache.errors
+
+
+def file_store_cache(tmp_path, shards: list[tuple[str, int]]) -> ShardCache:
+    """A cache (no size limit) of shards of the given (split, tokens), served from a file:// store."""
+    source = tmp_path / "source"
+    source.mkdir()
+    entries = []
+    for i, (split, tokens) in enumerate(shards):
+        name = f"{split}_{i:06d}.bin"
+        sha256 = write_shard(source / name, (np.arange(tokens) % 50000).astype(np.uint16))
+        entries.append({"file": name, "split": split, "tokens": tokens, "sha256": sha256})
+    manifest = {"format_version": 1, "tokenizer": "gpt2", "source": {"kind": "test"}, "shards": entries}
+    cache = ShardCache(open_data_store(f"file://{source}"), manifest, tmp_path / "cache", None, Retrying(retries=0))
+    cache.prepare()
+    return cache
+
+
+def test_the_fetch_ahead_never_fetches_a_shard_the_epoch_leaves_unread(tmp_path):
+    """An epoch reads whole global batches: the chunks left over at its end are never read, so the shard
+    fetched ahead of the epoch's last batch is the next epoch's first, not a left-over one."""
+    cache = file_store_cache(tmp_path, [("val", 1000), ("train", 1025), ("train", 1025), ("train", 257)])
+    loader = ShardLoader(cache.folder, batch_size=4, seq_len=64, cache=cache, shuffle=False, sequences_per_step=16)
+    assert list(loader.chunks_per_shard) == [16, 16, 4] and loader.batches_per_epoch == 8  # 4 chunks left over
+    ahead = []
+    for _ in range(2 * loader.batches_per_epoch):
+        loader.next_batch()
+        ahead.append(cache.upcoming)
+    assert "train_000003.bin" not in ahead and not (cache.folder / "train_000003.bin").exists()
+    assert ahead[loader.batches_per_epoch - 1] == "train_000001.bin"  # the next epoch's first, no shuffle
+
+
+def test_a_manifest_may_not_name_a_shard_after_itself_or_twice(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for names, message in [(["manifest.json"], "not a plain shard file name"), (["a.bin", "a.bin"], "twice")]:
+        manifest = {"format_version": 1, "tokenizer": "gpt2", "source": {"kind": "test"}, "shards": []}
+        for name in names:
+            manifest["shards"].append({"file": name, "split": "train", "tokens": 1, "sha256": "0" * 64})
+        (source / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(StoreError, match=message):
+            read_store_manifest(open_data_store(f"file://{source}"), Retrying(retries=0))
+
+
+def test_a_download_cut_short_by_a_kill_is_removed_without_a_size_limit_too(tmp_path):
+    cache = file_store_cache(tmp_path, [("val", 1000), ("train", 1025), ("train", 1025)])
+    cut = cache.folder / ".train_000001.bin.12345.tmp"  # a killed run's partial download
+    cut.write_bytes(b"\0" * 100)
+    other = cache.folder / ".manifest.json.12345.tmp"  # not a shard download: another process's, left alone
+    other.write_text("{}")
+    cache.local("train_000002.bin")
+    assert not cut.exists() and other.exists() and (cache.folder / "train_000002.bin").is_file()
