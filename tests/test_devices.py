@@ -33,6 +33,14 @@ def test_cuda_first_then_mps_then_the_cpu():
     assert devices.pick_device(Availability(cuda=True, mps=True)).type == "cuda"
 
 
+def test_a_launch_told_to_use_the_cpu_runs_and_picks_its_precision_there(monkeypatch):
+    """`accelerate launch --cpu` on a GPU machine: Accelerate runs on the CPU, so `auto` is fp32 there."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # what `accelerate launch --cpu` sets
+    assert devices.pick_device(AMPERE).type == "cpu" and devices.resolve_precision("auto", AMPERE) == "no"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what every other launch sets
+    assert devices.pick_device(AMPERE).type == "cuda"
+
+
 def test_auto_is_the_fastest_precision_that_trains_correctly_on_each_device():
     expected = {CPU: "no", AMPERE: "bf16", T4: "fp16", MAC: "bf16", OLD_MAC: "no"}
     assert {found: devices.resolve_precision("auto", found) for found in expected} == expected

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import parse_flag_from_env
 
 from gpt2_scratch.user_errors import UserError
 
@@ -51,8 +52,11 @@ def availability() -> Availability:
 
 
 def pick_device(found: Availability | None = None) -> torch.device:
-    """The device a command runs on when the user names none: CUDA, else MPS, else the CPU."""
+    """The device a command runs on when the user names none: CUDA, else MPS, else the CPU; the CPU too
+    under `accelerate launch --cpu` (or `use_cpu: true` in its config), which Accelerate then runs on."""
     found = availability() if found is None else found
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return torch.device("cpu")
     return torch.device("cuda" if found.cuda else "mps" if found.mps else "cpu")
 
 
