@@ -5,6 +5,7 @@ precision, package versions and git revision).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -120,6 +121,26 @@ def wait_for_holder_name(fd: int, seconds: float = 5.0) -> str:
         time.sleep(0.05)
 
 
+class RunFolderInUse(ConfigError):
+    """out_dir's lock is held by another live process (`holder`: the name it wrote)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class RunFolderNotWritable(ConfigError):
+    """out_dir cannot be written by this process (a read-only mount, no write permission): `reason` says why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# What the OS says when a folder may be read but not written: a read-only mount, or no permission.
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 class RunLock:
     """An exclusive OS lock (`flock`) on out_dir/.lock for the whole run, so that two trainers never
     write one run folder. The kernel releases it when the holder dies, however it dies, so a lock
@@ -129,18 +150,25 @@ class RunLock:
         self.path, self.fd = path, None
 
     def acquire(self) -> None:
-        """Take the lock, or raise a one-line `ConfigError` naming its holder."""
+        """Take the lock, or raise a one-line `ConfigError`: `RunFolderInUse` naming its holder,
+        `RunFolderNotWritable` for a folder this process may not write (told apart, so that no command
+        blames a trainer for a read-only folder)."""
         out = self.path.parent
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out_dir {out} is a file, not a folder; choose another --out_dir")
         try:
             out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK | os.X_OK):  # a writable .lock in a folder that is not
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
             # O_NOFOLLOW: a .lock planted as a link never makes us write another file
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as err:
-            raise ConfigError(
-                f"out_dir {out} cannot hold a run ({err.strerror}: {err.filename}); choose another --out_dir"
-            ) from err
+            reason = f"{err.strerror}: {err.filename}"
+            if err.errno in NOT_WRITABLE:
+                raise RunFolderNotWritable(
+                    f"out_dir {out} is not writable ({reason}); make it writable or choose another --out_dir", reason
+                ) from err
+            raise ConfigError(f"out_dir {out} cannot hold a run ({reason}); choose another --out_dir") from err
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise ConfigError(f"{self.path} is not a regular file; remove it or choose another --out_dir")
@@ -149,9 +177,10 @@ class RunLock:
         except BlockingIOError:
             holder = wait_for_holder_name(fd)
             os.close(fd)
-            raise ConfigError(
+            raise RunFolderInUse(
                 f"out_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to end or "
-                "choose another --out_dir"
+                "choose another --out_dir",
+                holder,
             ) from None
         self.fd = fd
 
