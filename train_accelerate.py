@@ -83,7 +83,9 @@ from gpt2_scratch.training.run_dir import (
     RunPaths,
     claim_out_dir,
     describe_run,
+    holds_only_leftovers,
     launch_facts,
+    let_go_of_out_dir,
     own_store,
     read_run_id,
 )
@@ -333,9 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.checkpoint_remote is not None:
         remote.check_apart(config.checkpoint_remote, paths.out_dir)
     lock = RunLock(paths.lock)  # held by the main process for the whole run
-    on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
+    made = on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
         return run_training(config, accelerator, paths, started)
+    except BaseException:
+        if accelerator.is_main_process and holds_only_leftovers(paths):  # refused before training: no stray .lock
+            let_go_of_out_dir(paths, lock, made)
+        raise
     finally:
         lock.release()
 

@@ -72,8 +72,7 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
     """out_dir must be a folder this trainer can own: absent, empty, or (when resuming) a run folder of
     ours. A fresh run never writes into a folder holding anything, so a mistyped path loses nothing."""
     out = paths.out_dir
-    leftovers = (paths.lock, paths.data_cache)  # what a launch refused before training leaves: the lock, shards
-    if not out.is_dir() or not any(p not in leftovers for p in out.iterdir()):
+    if not out.is_dir() or holds_only_leftovers(paths):
         return
     ours = paths.config.is_file() or paths.checkpoints.is_dir()
     if resume == "" or not ours:
@@ -87,6 +86,12 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
             raise ConfigError(
                 f"{record} is not a regular file (a folder, link, FIFO or device); move it away to resume this run"
             ) from err
+
+
+def holds_only_leftovers(paths: RunPaths) -> bool:
+    """Whether out_dir holds nothing of a run: at most a lock file and a data_cache of shards (what a launch
+    refused before training leaves; the next launch reuses the shards)."""
+    return not any(p not in (paths.lock, paths.data_cache) for p in paths.out_dir.iterdir())
 
 
 def read_run_id(paths: RunPaths) -> str | None:
@@ -204,10 +209,11 @@ class RunLock:
             self.fd = None
 
 
-def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
+def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> tuple[bool, bool]:
     """Lock out_dir (first, so that two launches cannot both pass the checks), then check it may hold
-    this run; a refused launch removes what it made (the lock file, an out_dir it created)."""
-    made_dir, made_lock = not paths.out_dir.exists(), not paths.lock.exists()
+    this run; a refused launch removes what it made (the lock file, an out_dir it created). Returns
+    what this launch made, (out_dir, the lock file), for `let_go_of_out_dir`."""
+    made = not paths.out_dir.exists(), not paths.lock.exists()
     lock.acquire()
     try:
         if not lock.written_by_us():
@@ -217,10 +223,20 @@ def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
         lock.name_holder()  # at once: a second launch names us, not the pid an earlier run left there
         check_out_dir(paths, resume)
     except ConfigError:
-        lock.release(remove=made_lock)
-        if made_dir:
-            paths.out_dir.rmdir()
+        let_go_of_out_dir(paths, lock, made)
         raise
+    return made
+
+
+def let_go_of_out_dir(paths: RunPaths, lock: RunLock, made: tuple[bool, bool]) -> None:
+    """Release the lock of a launch that ends without a record of the run (refused at its checks, or by
+    unreadable data before training), removing the lock file and the out_dir it `made`, so that it
+    leaves no folder holding only `.lock`. A data_cache it filled stays (the next launch reuses its
+    shards), and so does its out_dir then."""
+    made_dir, made_lock = made
+    lock.release(remove=made_lock)
+    if made_dir and paths.out_dir.is_dir() and not any(paths.out_dir.iterdir()):
+        paths.out_dir.rmdir()
 
 
 def launch_facts(
