@@ -158,9 +158,20 @@ def test_a_store_belongs_to_one_run(data_dir, tmp_path):
     assert listing(tmp_path / "store") == before  # neither checkpoints nor hf/ of the second run
 
     # a store taken over while a run uploads: that run uploads nothing more
-    with pytest.raises(remote.RemoteError, match="now belongs to run"):
+    with pytest.raises(remote.RemoteError, match=rf"belongs to another run \({owner}\), not to this run \(another\)"):
         remote.upload_checkpoint(store, 8, first / "checkpoints" / "step_000004", first / "hf", run_id="another")
     assert listing(tmp_path / "store") == before
+
+
+def test_a_store_deleted_while_its_run_uploads_is_reported_as_deleted_never_as_run_none(tmp_path):
+    store = remote.open_store(f"file://{tmp_path}/store")
+    remote.claim_store(store, "run-a")
+    shutil.rmtree(tmp_path / "store")  # deleted (or its bucket emptied) by someone else, mid-run
+    checkpoint, export = tmp_path / "checkpoints" / "step_000004", tmp_path / "hf"
+    with pytest.raises(remote.RemoteError) as refused:
+        remote.upload_checkpoint(store, 4, checkpoint, export, run_id="run-a")
+    assert "deleted or emptied" in str(refused.value) and "None" not in str(refused.value)
+    assert not (tmp_path / "store").exists()  # nothing uploaded into a store that is no longer the run's
 
 
 @pytest.mark.parametrize("where", [".", "sub"])
