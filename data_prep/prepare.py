@@ -340,6 +340,7 @@ def prepare(
         source = hub_source(dataset, config, split, text_column=text_column, revision=revision)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     description = {**source.description, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_docs": max_docs}
+    made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = start_manifest(out_dir, description, overwrite)
     if manifest["complete"]:
@@ -372,6 +373,12 @@ def prepare(
         writer.flush()
     shards = manifest["shards"]
     if not any(entry["split"] == "train" for entry in shards):
+        # No re-run of these arguments can succeed: remove what they wrote (the shards, by the names this
+        # code gives, and the manifest), so that the re-run with other values that the message advises starts.
+        remove_shards(out_dir, shards, 0)
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        if made_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise DataPrepError(
             f"{describe(source.description)} gave {sum(e['tokens'] for e in shards)} tokens, all in the val "
             f"shard of up to {val_tokens}: lower --val_tokens (or --shard_tokens) to leave training tokens"

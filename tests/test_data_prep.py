@@ -279,6 +279,21 @@ def test_encoding_errors_replace_and_ignore_give_the_tokens_of_the_text_decoded_
     assert read_manifest(out)["source"]["encoding_errors"] == errors  # other text: a re-run must say so
 
 
+def test_all_tokens_in_the_val_shard_removes_what_it_wrote_so_the_advised_rerun_works(tmp_path: Path) -> None:
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS[:3])
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(DataPrepError, match="lower --val_tokens"):
+        prepare(out, files=[str(docs)], shard_tokens=1000, num_proc=1)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # no manifest.json, no val shard; the user's file kept
+    prepare(out, files=[str(docs)], shard_tokens=1000, val_tokens=16, num_proc=1)  # the re-run the message advises
+    np.testing.assert_array_equal(concatenated(out), reference_stream(DOCS[:3]))
+    with pytest.raises(DataPrepError, match="lower --val_tokens"):
+        prepare(tmp_path / "new", files=[str(docs)], shard_tokens=1000, num_proc=1)
+    assert not (tmp_path / "new").exists()  # a folder it made, left empty: removed too
+
+
 def test_truncated_and_bad_header_and_hash_mismatch(jsonl: Path, tmp_path: Path) -> None:
     out = prepare(tmp_path / "out", files=[str(jsonl)], shard_tokens=100, num_proc=1)
     shards = read_manifest(out)["shards"]
