@@ -15,7 +15,10 @@ import signal
 import time
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what the training loop answers
+# What a scheduler sends (SLURM's --signal, a preemption). Not SIGINT: a Ctrl-C while the run starts
+# loses nothing, and ends it at once, as a user expects.
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _originals: dict[int, Any] = {}  # the handlers before catch_early, while it is in force
 _pending: int | None = None  # the first stop signal that came while it was
@@ -35,11 +38,11 @@ def process_start() -> float:
 
 
 def catch_early() -> None:
-    """Record the first stop signal from now until `hand_over`; a second one gets the handler from
-    before (Python's default: the process ends), so that a stuck start can still be interrupted."""
+    """Record the first of `EARLY_SIGNALS` from now until `hand_over`; a second one gets the handler
+    from before (the default: the process ends), so that a stuck start can still be ended."""
     global _started
     _started = process_start()
-    for sig in STOP_SIGNALS:
+    for sig in EARLY_SIGNALS:
         _originals[sig] = signal.signal(sig, _record)
 
 
