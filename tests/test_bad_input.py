@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from permissions import obey_file_modes
+from permissions import obeying_file_modes
 from trainer_runs import ONE_THREAD, ROOT, nano_args, train_in_process
 
 from data_prep import DataPrepError, iter_val_batches, read_manifest, verify_shards
@@ -91,13 +91,12 @@ def test_an_unreadable_data_file_is_one_line_naming_it_for_every_reader(name, da
         commands["eval.val_loss"] += ["--seq_len", "32", "--batch_size", "2", "--max_batches", "1", "--device", "cpu"]
     for command, args in commands.items():
         done = subprocess.run(
-            [sys.executable, *args],
+            obeying_file_modes([sys.executable, *args]),
             cwd=ROOT,
             env=ONE_THREAD,
             capture_output=True,
             text=True,
             timeout=300,
-            preexec_fn=obey_file_modes(),
         )
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and lines[-1].startswith("error: "), (command, done.stderr[-3000:])

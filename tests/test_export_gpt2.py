@@ -17,7 +17,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from clean_interpreter import run_clean
-from permissions import obey_file_modes
+from permissions import obeying_file_modes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -377,12 +377,11 @@ def test_exporting_a_read_only_run_says_so_and_its_advice_works(run, tmp_path):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "gpt2_scratch.export_gpt2", *args],
+            obeying_file_modes([sys.executable, "-m", "gpt2_scratch.export_gpt2", *args]),
             cwd=ROOT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
             capture_output=True,
             text=True,
-            preexec_fn=obey_file_modes(),
         )
 
     try:
