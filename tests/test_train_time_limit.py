@@ -143,3 +143,25 @@ def test_the_time_limit_counts_from_the_process_start(data_dir, tmp_path):
     )
     assert done.returncode == REQUEUE_STATUS, done.stderr[-3000:]
     assert "stopped before the first step" in done.stderr and not metric(out, "train/loss")  # no step taken
+
+
+SECOND_SIGNAL = """
+import os, signal
+from gpt2_scratch.training import stop_signals
+stop_signals.catch_early()
+os.kill(os.getpid(), signal.SIGUSR1)  # while starting: recorded
+from gpt2_scratch.training.processes import StopRequest
+with StopRequest() as stop:
+    assert stop.signum == signal.SIGUSR1
+    print("taken over", flush=True)
+    os.kill(os.getpid(), signal.SIGUSR1)  # the second: the default action ends the process
+    print("still running", flush=True)
+"""
+
+
+def test_a_second_signal_after_one_while_starting_ends_the_process():
+    done = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGUSR1, done.stderr[-3000:]
+    assert done.stdout == "taken over\n"

@@ -15,10 +15,11 @@ import signal
 import time
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what the training loop answers
+# What the training loop answers (Windows has no SIGUSR1).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 # What a scheduler sends (SLURM's --signal, a preemption). Not SIGINT: a Ctrl-C while the run starts
 # loses nothing, and ends it at once, as a user expects.
-EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EARLY_SIGNALS = tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)
 
 _originals: dict[int, Any] = {}  # the handlers before catch_early, while it is in force
 _pending: int | None = None  # the first stop signal that came while it was
