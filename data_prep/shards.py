@@ -96,9 +96,10 @@ def read_header(path: str | os.PathLike) -> int:
     disagrees with the header's token count.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"shard not found: {path}")
-    size = path.stat().st_size
+    with reading(path):  # a folder on the way without search permission: PermissionError here already
+        if not path.is_file():
+            raise ShardError(f"shard not found: {path}")
+        size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated header ({size} bytes, a shard header is {HEADER_BYTES} bytes)")
     with reading(path), open(path, "rb") as f:
@@ -182,7 +183,9 @@ def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pat
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check `data_dir/manifest.json`: format version, tokenizer and the shard entries."""
     path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
+    with reading(path):
+        found = path.is_file()
+    if not found:
         raise DataPrepError(
             f"no {MANIFEST_NAME} in {Path(data_dir)}; make the shards with `python -m data_prep --out_dir {data_dir}`"
         )

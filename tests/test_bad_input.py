@@ -77,10 +77,14 @@ def nano_model(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "val_000000.bin", "train_000003.bin"])
+@pytest.mark.parametrize("name", ["manifest.json", "val_000000.bin", "train_000003.bin", "the folder"])
 def test_an_unreadable_data_file_is_one_line_naming_it_for_every_reader(name, data_dir, nano_model, tmp_path):
     folder = shutil.copytree(data_dir, tmp_path / "data")
-    (folder / name).chmod(0)  # no read permission; root too obeys it (tests/permissions.py)
+    if name == "the folder":  # readable, but no way through it: every file in it is unreadable
+        folder.chmod(0o600)
+        name = "manifest.json"  # the first file each reader opens
+    else:
+        (folder / name).chmod(0)  # no read permission; root too obeys it (tests/permissions.py)
     out = tmp_path / "run"
     commands = {
         "trainer": ["train_accelerate.py", *nano_args(folder, out, max_steps=4)],
@@ -89,18 +93,21 @@ def test_an_unreadable_data_file_is_one_line_naming_it_for_every_reader(name, da
     if name != "train_000003.bin":  # the validation loss reads the manifest and the val shard only
         commands["eval.val_loss"] = ["-m", "eval.val_loss", "--model", str(nano_model), "--data_dir", str(folder)]
         commands["eval.val_loss"] += ["--seq_len", "32", "--batch_size", "2", "--max_batches", "1", "--device", "cpu"]
-    for command, args in commands.items():
-        done = subprocess.run(
-            obeying_file_modes([sys.executable, *args]),
-            cwd=ROOT,
-            env=ONE_THREAD,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and lines[-1].startswith("error: "), (command, done.stderr[-3000:])
-        assert "Traceback" not in done.stderr and f"{folder / name} cannot be read" in lines[-1], command
+    try:
+        for command, args in commands.items():
+            done = subprocess.run(
+                obeying_file_modes([sys.executable, *args]),
+                cwd=ROOT,
+                env=ONE_THREAD,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and lines[-1].startswith("error: "), (command, done.stderr[-3000:])
+            assert "Traceback" not in done.stderr and f"{folder / name} cannot be read" in lines[-1], command
+    finally:
+        folder.chmod(0o755)  # so that the test's folder can be cleared by any user
     assert not out.exists()  # the trainer refused before training: no out_dir holding only .lock
 
 
