@@ -27,6 +27,11 @@ exports, `hf/` (our class) and `hf-gpt2/` (the official GPT-2 layout), each with
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first of all: a scheduler's SIGUSR1 may come while torch is still being imported
+    from gpt2_scratch.training import stop_signals
+
+    stop_signals.catch_early()
+
 import dataclasses
 import gc
 import json
@@ -45,7 +50,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gpt2_scratch.training import remote
+from gpt2_scratch.training import remote, stop_signals
 from gpt2_scratch.training.accelerator import build_accelerator, setup_logging
 from gpt2_scratch.training.checkpoints import (
     TrainState,
@@ -83,7 +88,9 @@ from gpt2_scratch.training.run_dir import (
     RunPaths,
     claim_out_dir,
     describe_run,
+    holds_only_leftovers,
     launch_facts,
+    let_go_of_out_dir,
     own_store,
     read_run_id,
 )
@@ -121,8 +128,9 @@ class Run:
     first_loss: float | None = None
     last_loss: float | None = None
     uploader: remote.CheckpointUploader | None = None  # uploads to checkpoint_remote (main process only)
-    started: float = field(default_factory=time.monotonic)  # when the launch began, for time_limit
+    started: float = field(default_factory=time.monotonic)  # when the process began, for time_limit
     requeue: bool = False  # stopped by time_limit or SIGUSR1: unfinished, to be resumed
+    idle: bool = False  # stopped before its first step: nothing new to save
     shut: bool = False  # shut_down has run: the model is freed and the process group is down
 
     @property
@@ -232,6 +240,10 @@ def train(run: Run) -> bool:
     bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=not run.accelerator.is_main_process)
     limit = parse_duration(c.time_limit) if c.time_limit else None
     with StopRequest(limit, run.started) as stop, bar, logging_redirect_tqdm([logger]):
+        if stop.requested(run.accelerator):  # a signal while starting (or the time limit spent): no step taken
+            logger.warning("stopped before the first step: the newest checkpoint, if any, is the run's state")
+            run.requeue, run.idle = stop.requeue, True
+            return False
         if state.step == 0:
             evaluate(run)  # the loss of the untrained model starts the curve
         while state.step < end:
@@ -267,20 +279,11 @@ def train(run: Run) -> bool:
 
 def finish(run: Run, complete: bool) -> dict[str, Any]:
     """Checkpoint and export the last step, plot the losses, write the model card, push when asked, and
-    wait for the uploads to checkpoint_remote (an upload that failed fails the run, here at the end)."""
-    checkpoint = save(run, upload=False)  # uploaded below, once the export has its card
-    acc, paths, c = run.accelerator, run.paths, run.config
-    if acc.is_main_process:
-        from eval.plot import plot_training
-
-        plot_training(paths.out_dir, paths.plots)  # loss.png, and hellaswag.png when scored
-        write_model_cards(paths.out_dir, c, run.unwrapped, run.manifest)  # results from log.jsonl
-        if c.push_to_hub and complete:
-            message = f"step {run.state.step}: {run.state.tokens:,} tokens"
-            url = push_export(paths.out_dir, c.hub_model_id, c.hub_format, message)
-            logger.info("pushed the %s export of %s to %s", c.hub_format, paths.out_dir, url)
-        queue_upload(run, checkpoint)
-    acc.wait_for_everyone()
+    wait for the uploads to checkpoint_remote (an upload that failed fails the run, here at the end).
+    A run stopped before its first step (`idle`) saves nothing: it has nothing new."""
+    paths = run.paths
+    if not run.idle:
+        save_last(run, complete)
     shut_down(run)
     summary = {
         "out_dir": str(paths.out_dir),
@@ -295,8 +298,27 @@ def finish(run: Run, complete: bool) -> dict[str, Any]:
     logger.info("done: %s", json.dumps(summary))
     if run.uploader is not None:
         run.uploader.close()
+    if run.uploader is not None and not run.idle:
         logger.info("checkpoint_remote: step_%06d is complete at %s", run.state.step, run.uploader.store.url)
     return summary
+
+
+def save_last(run: Run, complete: bool) -> None:
+    """The last step's checkpoint and exports, the plots and model cards, the push when asked, and the
+    checkpoint's upload."""
+    checkpoint = save(run, upload=False)  # uploaded below, once the export has its card
+    acc, paths, c = run.accelerator, run.paths, run.config
+    if acc.is_main_process:
+        from eval.plot import plot_training
+
+        plot_training(paths.out_dir, paths.plots)  # loss.png, and hellaswag.png when scored
+        write_model_cards(paths.out_dir, c, run.unwrapped, run.manifest)  # results from log.jsonl
+        if c.push_to_hub and complete:
+            message = f"step {run.state.step}: {run.state.tokens:,} tokens"
+            url = push_export(paths.out_dir, c.hub_model_id, c.hub_format, message)
+            logger.info("pushed the %s export of %s to %s", c.hub_format, paths.out_dir, url)
+        queue_upload(run, checkpoint)
+    acc.wait_for_everyone()
 
 
 def shut_down(run: Run) -> None:
@@ -322,7 +344,7 @@ def shut_down(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    started = time.monotonic()
+    started = stop_signals.process_started() or time.monotonic()  # the script: its process's start
     config = parse_config(argv)
     accelerator = build_accelerator(config)
     setup_logging(accelerator)
@@ -333,9 +355,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.checkpoint_remote is not None:
         remote.check_apart(config.checkpoint_remote, paths.out_dir)
     lock = RunLock(paths.lock)  # held by the main process for the whole run
-    on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
+    made = on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
         return run_training(config, accelerator, paths, started)
+    except BaseException:
+        if accelerator.is_main_process and holds_only_leftovers(paths):  # refused before training: no stray .lock
+            let_go_of_out_dir(paths, lock, made)
+        raise
     finally:
         lock.release()
 

@@ -6,7 +6,7 @@ import argparse
 
 from data_prep.prepare import BUILTIN_SHARD_TOKENS, DEFAULT_BATCH_DOCS, DEFAULT_SHARD_TOKENS, prepare
 from data_prep.shards import read_manifest, verify_shards
-from data_prep.sources import DEFAULT_CONFIG, DEFAULT_DATASET, TXT_SAMPLE_BY
+from data_prep.sources import DEFAULT_CONFIG, DEFAULT_DATASET, ENCODING_ERRORS, TXT_SAMPLE_BY
 from gpt2_scratch.user_errors import run_command
 
 
@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TXT_SAMPLE_BY,
         default="document",
         help=".txt files: one document per file, per blank-line-separated paragraph, or per line",
+    )
+    source.add_argument(
+        "--encoding_errors",
+        choices=ENCODING_ERRORS,
+        default="strict",
+        help=".txt/.jsonl files: a byte that is not UTF-8 stops with its file and offset (strict), becomes U+FFFD "
+        "(replace) or is dropped (ignore)",
     )
     source.add_argument(
         "--builtin",
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         builtin=args.builtin,
         text_column=args.text_column,
         txt_sample_by=args.txt_sample_by,
+        encoding_errors=args.encoding_errors,
         shard_tokens=args.shard_tokens or default_shard,
         val_tokens=args.val_tokens,
         max_docs=args.max_docs,

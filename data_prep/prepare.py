@@ -33,7 +33,15 @@ from data_prep.shards import (
     write_manifest,
     write_shard,
 )
-from data_prep.sources import DEFAULT_CONFIG, DEFAULT_DATASET, Source, builtin_source, hub_source, local_source
+from data_prep.sources import (
+    DEFAULT_CONFIG,
+    DEFAULT_DATASET,
+    Source,
+    builtin_source,
+    hub_source,
+    local_source,
+    undecodable,
+)
 from data_prep.tokenizer import EOT_ID, get_encoding
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -67,7 +75,14 @@ def iter_text_batches(source: Source, start_doc: int, max_docs: int | None, batc
     if max_docs is not None:
         dataset = dataset.take(max(0, max_docs - start_doc))
     doc = start_doc
-    for batch in dataset.iter(batch_size=batch_docs):
+    batches = dataset.iter(batch_size=batch_docs)
+    while True:
+        try:
+            batch = next(batches, None)
+        except UnicodeDecodeError as err:
+            raise undecodable(source.description, err) from err
+        if batch is None:
+            return
         if source.text_column not in batch:
             raise DataPrepError(
                 f"text column {source.text_column!r} not found in {describe(source.description)}; "
@@ -286,6 +301,7 @@ def prepare(
     builtin: bool = False,
     text_column: str = "text",
     txt_sample_by: str = "document",
+    encoding_errors: str = "strict",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     val_tokens: int | None = None,
     max_docs: int | None = None,
@@ -297,9 +313,10 @@ def prepare(
     """Tokenize a source into shards in `out_dir` and write `out_dir/manifest.json`; return `out_dir`.
 
     The source is `files` (local globs) if given, else the built-in corpus if `builtin`, else the
-    Hub `dataset`/`config`/`split`, streamed. Re-running with the same arguments keeps the shards
-    that match the manifest, rewrites from the first missing or damaged one, and gives identical
-    files; a complete output is left untouched.
+    Hub `dataset`/`config`/`split`, streamed. `encoding_errors` (`strict`, `replace`, `ignore`) says
+    what a byte that is not UTF-8 in a `.txt` or `.jsonl` file does (`sources.local_source`).
+    Re-running with the same arguments keeps the shards that match the manifest, rewrites from the
+    first missing or damaged one, and gives identical files; a complete output is left untouched.
     """
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
         raise DataPrepError(f"shard_tokens must be 1 to {MAX_SHARD_TOKENS}, got {shard_tokens}")
@@ -311,7 +328,9 @@ def prepare(
         raise DataPrepError(f"batch_docs must be at least 1, got {batch_docs}")
     out_dir = Path(out_dir)
     if files:
-        source = local_source(files, text_column=text_column, txt_sample_by=txt_sample_by)
+        source = local_source(
+            files, text_column=text_column, txt_sample_by=txt_sample_by, encoding_errors=encoding_errors
+        )
     elif builtin:
         source = builtin_source()
     else:
@@ -321,6 +340,7 @@ def prepare(
         source = hub_source(dataset, config, split, text_column=text_column, revision=revision)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     description = {**source.description, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_docs": max_docs}
+    made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = start_manifest(out_dir, description, overwrite)
     if manifest["complete"]:
@@ -353,6 +373,12 @@ def prepare(
         writer.flush()
     shards = manifest["shards"]
     if not any(entry["split"] == "train" for entry in shards):
+        # No re-run of these arguments can succeed: remove what they wrote (the shards, by the names this
+        # code gives, and the manifest), so that the re-run with other values that the message advises starts.
+        remove_shards(out_dir, shards, 0)
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        if made_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise DataPrepError(
             f"{describe(source.description)} gave {sum(e['tokens'] for e in shards)} tokens, all in the val "
             f"shard of up to {val_tokens}: lower --val_tokens (or --shard_tokens) to leave training tokens"

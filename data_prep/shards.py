@@ -12,9 +12,11 @@ count and the sha256 of the whole file, plus the tokenizer and the source they w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,18 @@ class DataPrepError(UserError):
 
 class ShardError(DataPrepError):
     """A shard file is truncated, has a bad header or does not match its manifest entry."""
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """An OS error while reading `path` (no read permission, an I/O error) as one line naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise DataPrepError(
+            f"{path} cannot be read ({err.strerror or err}); check its permissions (and the disk), or re-run "
+            "`python -m data_prep` to write the folder again"
+        ) from err
 
 
 def shard_header(num_tokens: int) -> np.ndarray:
@@ -82,12 +96,13 @@ def read_header(path: str | os.PathLike) -> int:
     disagrees with the header's token count.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"shard not found: {path}")
-    size = path.stat().st_size
+    with reading(path):  # a folder on the way without search permission: PermissionError here already
+        if not path.is_file():
+            raise ShardError(f"shard not found: {path}")
+        size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated header ({size} bytes, a shard header is {HEADER_BYTES} bytes)")
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     magic, version, num_tokens = (int(v) for v in header[:3])
     if magic != MAGIC:
@@ -114,8 +129,9 @@ def load_tokens(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     if mmap:
         if num_tokens == 0:
             return np.zeros(0, dtype=TOKEN_DTYPE)
-        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    with open(path, "rb") as f:
+        with reading(path):
+            return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    with reading(path), open(path, "rb") as f:
         f.seek(HEADER_BYTES)
         return np.fromfile(f, dtype=TOKEN_DTYPE, count=num_tokens)
 
@@ -123,7 +139,7 @@ def load_tokens(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file, read in 8 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         while block := f.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -167,11 +183,15 @@ def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pat
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check `data_dir/manifest.json`: format version, tokenizer and the shard entries."""
     path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
+    with reading(path):
+        found = path.is_file()
+    if not found:
         raise DataPrepError(
             f"no {MANIFEST_NAME} in {Path(data_dir)}; make the shards with `python -m data_prep --out_dir {data_dir}`"
         )
-    return parse_manifest(path.read_bytes(), str(path))
+    with reading(path):
+        content = path.read_bytes()
+    return parse_manifest(content, str(path))
 
 
 def parse_manifest(content: bytes, path: str) -> dict[str, Any]:

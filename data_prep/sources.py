@@ -8,6 +8,7 @@ restarted run can skip the documents it has already written with `.skip(n)`.
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import itertools
 import os
@@ -37,6 +38,9 @@ def shared_corpus(name: str) -> Path:
 # `datasets` builder for each local file kind.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
+# What a byte that is not UTF-8 does in a .txt or .jsonl file: stop with its file and offset, become U+FFFD,
+# or be dropped (Python's codec error handlers).
+ENCODING_ERRORS = ("strict", "replace", "ignore")
 # Docstrings shorter than this are mostly one-liners ("Return self."), noise for a corpus.
 MIN_DOCSTRING_CHARS = 200
 
@@ -75,14 +79,20 @@ def separator_hint(pattern: str, sep: str = os.sep) -> str:
     return f" (here '\\' is part of a file name, not a folder separator: write '{pattern.replace(chr(92), '/')}')"
 
 
-def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: str = "document") -> Source:
+def local_source(
+    patterns: list[str], text_column: str = "text", txt_sample_by: str = "document", encoding_errors: str = "strict"
+) -> Source:
     """Stream `.txt`, `.jsonl`/`.json` or `.parquet` files, all of one kind, in the given order.
 
     A `.txt` file gives one document per file (`document`), per blank-line-separated paragraph
-    (`paragraph`) or per line (`line`); its text column is always `text`.
+    (`paragraph`) or per line (`line`); its text column is always `text`. Bytes of a `.txt` or `.jsonl`
+    file that are not UTF-8 stop the stream (`strict`; see `undecodable`), or are decoded as U+FFFD
+    (`replace`) or dropped (`ignore`).
     """
     import datasets
 
+    if encoding_errors not in ENCODING_ERRORS:
+        raise DataPrepError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}")
     files = resolve_files(patterns)
     kinds = {path.suffix.lower() for path in files}
     unknown = sorted(k for k in kinds if k not in BUILDERS)
@@ -98,6 +108,12 @@ def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: 
             raise DataPrepError(f"txt_sample_by must be one of {TXT_SAMPLE_BY}, got {txt_sample_by!r}")
         kwargs["sample_by"] = txt_sample_by
         text_column = "text"
+    if builder in ("text", "json"):
+        kwargs["encoding_errors"] = encoding_errors
+    if builder == "json" and encoding_errors != "strict":
+        # datasets' JSON reader hands UTF-8 bytes to pyarrow as they are and applies encoding_errors only
+        # when it re-encodes another encoding; "utf_8" is the same codec under another name, which does.
+        kwargs["encoding"] = "utf_8"
     for path in files:
         if path.stat().st_size == 0:
             raise DataPrepError(f"{path} is empty")
@@ -111,7 +127,40 @@ def local_source(patterns: list[str], text_column: str = "text", txt_sample_by: 
     }
     if builder == "text":
         description["txt_sample_by"] = txt_sample_by
+    if encoding_errors != "strict":  # other text, other tokens (absent: the manifests made before the option)
+        description["encoding_errors"] = encoding_errors
     return Source(dataset, description, text_column, None)
+
+
+def first_invalid_utf8(path: Path, block: int = 1 << 20) -> tuple[int, str] | None:
+    """The byte offset in the file `path` of its first byte that is not UTF-8, and why; None if it all is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before `data`
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the previous block
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start, err.reason
+            if not data:
+                return None
+            offset += len(data)
+
+
+def undecodable(description: dict[str, Any], err: UnicodeDecodeError) -> DataPrepError:
+    """The one-line error for bytes that are not UTF-8 in a source: the file and the offset of the first
+    such byte (the reader's own offset counts from a chunk it read, not from the file's start)."""
+    for entry in description.get("files", []) if description.get("kind") == "files" else []:
+        found = first_invalid_utf8(Path(entry["path"]))
+        if found is not None:
+            offset, reason = found
+            return DataPrepError(
+                f"{entry['path']} is not UTF-8 text: {reason} at byte {offset}; fix the file, or pass "
+                "--encoding_errors replace (each bad byte becomes U+FFFD) or ignore (bad bytes are dropped)"
+            )
+    return DataPrepError(f"the source is not UTF-8 text: {err}")
 
 
 def hub_source(

@@ -163,17 +163,25 @@ def export_run(run: Path) -> list[Path]:
     """Both exports of a run folder, with cards, of its newest step: the newest intact checkpoint when
     `hf/` holds an older step (or none), else `hf/`. Done under the run's lock, so never while a
     trainer writes the same folders."""
-    from gpt2_scratch.training.config import ConfigError
-    from gpt2_scratch.training.run_dir import RunLock
+    from gpt2_scratch.training.checkpoints import latest_checkpoint
+    from gpt2_scratch.training.run_dir import RunFolderInUse, RunFolderNotWritable, RunLock
 
     config = run_config(run)
     lock = RunLock(run / ".lock")
     try:
         lock.acquire()
-    except ConfigError as err:
-        raise ValueError(
-            f"cannot lock the run folder {run}: {err}. Export it once the trainer has ended, or export one of its "
-            "checkpoints: python -m gpt2_scratch.export_gpt2 RUN/checkpoints/step_N"
+    except (RunFolderInUse, RunFolderNotWritable) as err:
+        # what can be exported without the lock: a checkpoint (or hf/) into a folder of the user's choice
+        newest = latest_checkpoint(run / "checkpoints")
+        other = f"python -m gpt2_scratch.export_gpt2 {newest or run / SCRATCH_EXPORT} --out FOLDER"
+        if isinstance(err, RunFolderInUse):
+            raise UserError(
+                f"cannot export the run {run}: a trainer is training it ({err.holder}); export it once the trainer "
+                f"has ended, or export its newest saved weights now: {other}"
+            ) from None
+        raise UserError(
+            f"cannot export the run {run}: the folder is not writable ({err.reason}) and a run's exports go into "
+            f"it ({SCRATCH_EXPORT}/, {GPT2_EXPORT}/); make it writable, or export elsewhere: {other}"
         ) from None
     try:
         lock.name_holder()

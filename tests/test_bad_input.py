@@ -4,12 +4,15 @@ output path that is a file or a folder, a device that does not exist, a model to
 a Hub checkpoint while offline, a benchmark shape of zero."""
 
 import json
+import shutil
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from trainer_runs import ROOT, nano_args, train_in_process
+from permissions import obeying_file_modes
+from trainer_runs import ONE_THREAD, ROOT, nano_args, train_in_process
 
 from data_prep import DataPrepError, iter_val_batches, read_manifest, verify_shards
 from eval.common import check_out_file, parse_device
@@ -64,6 +67,48 @@ def test_a_damaged_manifest_is_one_line_for_every_reader(kind, data_dir, tmp_pat
     )
     with pytest.raises(DataPrepError, match=message):
         prepare_data(config)  # the trainer
+
+
+@pytest.fixture(scope="module")
+def nano_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nano-model")
+    torch.manual_seed(0)
+    GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano")).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "val_000000.bin", "train_000003.bin", "the folder"])
+def test_an_unreadable_data_file_is_one_line_naming_it_for_every_reader(name, data_dir, nano_model, tmp_path):
+    folder = shutil.copytree(data_dir, tmp_path / "data")
+    if name == "the folder":  # readable, but no way through it: every file in it is unreadable
+        folder.chmod(0o600)
+        name = "manifest.json"  # the first file each reader opens
+    else:
+        (folder / name).chmod(0)  # no read permission; root too obeys it (tests/permissions.py)
+    out = tmp_path / "run"
+    commands = {
+        "trainer": ["train_accelerate.py", *nano_args(folder, out, max_steps=4)],
+        "data_prep --verify": ["-m", "data_prep", "--verify", "--out_dir", str(folder)],
+    }
+    if name != "train_000003.bin":  # the validation loss reads the manifest and the val shard only
+        commands["eval.val_loss"] = ["-m", "eval.val_loss", "--model", str(nano_model), "--data_dir", str(folder)]
+        commands["eval.val_loss"] += ["--seq_len", "32", "--batch_size", "2", "--max_batches", "1", "--device", "cpu"]
+    try:
+        for command, args in commands.items():
+            done = subprocess.run(
+                obeying_file_modes([sys.executable, *args]),
+                cwd=ROOT,
+                env=ONE_THREAD,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and lines[-1].startswith("error: "), (command, done.stderr[-3000:])
+            assert "Traceback" not in done.stderr and f"{folder / name} cannot be read" in lines[-1], command
+    finally:
+        folder.chmod(0o755)  # so that the test's folder can be cleared by any user
+    assert not out.exists()  # the trainer refused before training: no out_dir holding only .lock
 
 
 def test_a_binary_hellaswag_file_is_one_line(tmp_path):

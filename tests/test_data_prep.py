@@ -7,6 +7,7 @@ tokenized with tiktoken's `encode_ordinary` and preceded by 50256.
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import DataPrepError, ShardError, load_tokens, prepare, prepare_builtin, read_manifest, verify_shards
-from data_prep.sources import shared_corpus
+from data_prep.sources import first_invalid_utf8, shared_corpus
 from data_prep.tokenizer import EOT_ID, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,76 @@ def test_empty_source(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "docs.jsonl", DOCS[:1])
     with pytest.raises(DataPrepError, match="all in the val shard"):
         prepare(tmp_path / "out2", files=[str(tmp_path / "docs.jsonl")], shard_tokens=1000, num_proc=1)
+
+
+# Documents with bytes that are not UTF-8: Latin-1 é, a lone 0xff 0xfe, a cut 3-byte character (€ without its end).
+RAW_DOCS = [b"caf\xe9 au lait, " * 3, b"plain text " * 5, b"\xff\xfe odd start " * 3, b"price 5 \xe2\x82 only"]
+
+
+def write_raw(tmp_path: Path, kind: str) -> list[str]:
+    """RAW_DOCS as one .txt file per document (sorted names), or as one .jsonl file; the --files to pass."""
+    if kind == "txt":
+        for i, raw in enumerate(RAW_DOCS):
+            (tmp_path / f"doc{i}.txt").write_bytes(raw)
+        return [str(tmp_path / "doc*.txt")]
+    (tmp_path / "docs.jsonl").write_bytes(b"".join(b'{"text": "' + raw + b'"}\n' for raw in RAW_DOCS))
+    return [str(tmp_path / "docs.jsonl")]
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_bytes_that_are_not_utf8_are_one_line_naming_the_file_and_offset(kind: str, tmp_path: Path) -> None:
+    files = write_raw(tmp_path, kind)
+    path = tmp_path / ("doc0.txt" if kind == "txt" else "docs.jsonl")
+    offset = path.read_bytes().index(b"\xe9")
+    message = rf"{re.escape(str(path))} is not UTF-8 text: invalid continuation byte at byte {offset}; "
+    with pytest.raises(DataPrepError, match=message + ".*--encoding_errors replace"):
+        prepare(tmp_path / "out", files=files, shard_tokens=8, num_proc=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "data_prep", "--files", *files, "--out_dir", str(tmp_path / "cli"), "--no_progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and re.search(message, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_offset_of_the_first_bad_byte_is_the_files_whatever_the_block(tmp_path: Path) -> None:
+    content = "ok é € 🙂 ".encode() * 3 + b"\xe2\x82 cut" + "🙂".encode()
+    (tmp_path / "f.txt").write_bytes(content)
+    with pytest.raises(UnicodeDecodeError) as whole:
+        content.decode("utf-8")  # the reference: Python's decoder over the whole file at once
+    for block in range(1, 12):  # blocks that cut characters anywhere
+        assert first_invalid_utf8(tmp_path / "f.txt", block=block) == (whole.value.start, whole.value.reason)
+    (tmp_path / "g.txt").write_bytes(content[: whole.value.start])
+    assert first_invalid_utf8(tmp_path / "g.txt", block=5) is None
+
+
+@pytest.mark.parametrize("errors", ["replace", "ignore"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_encoding_errors_replace_and_ignore_give_the_tokens_of_the_text_decoded_so(
+    kind: str, errors: str, tmp_path: Path
+) -> None:
+    files = write_raw(tmp_path, kind)
+    out = prepare(tmp_path / "out", files=files, encoding_errors=errors, shard_tokens=8, num_proc=1)
+    expected = reference_stream([raw.decode("utf-8", errors=errors) for raw in RAW_DOCS])
+    np.testing.assert_array_equal(concatenated(out), expected)
+    assert read_manifest(out)["source"]["encoding_errors"] == errors  # other text: a re-run must say so
+
+
+def test_all_tokens_in_the_val_shard_removes_what_it_wrote_so_the_advised_rerun_works(tmp_path: Path) -> None:
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS[:3])
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(DataPrepError, match="lower --val_tokens"):
+        prepare(out, files=[str(docs)], shard_tokens=1000, num_proc=1)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # no manifest.json, no val shard; the user's file kept
+    prepare(out, files=[str(docs)], shard_tokens=1000, val_tokens=16, num_proc=1)  # the re-run the message advises
+    np.testing.assert_array_equal(concatenated(out), reference_stream(DOCS[:3]))
+    with pytest.raises(DataPrepError, match="lower --val_tokens"):
+        prepare(tmp_path / "new", files=[str(docs)], shard_tokens=1000, num_proc=1)
+    assert not (tmp_path / "new").exists()  # a folder it made, left empty: removed too
 
 
 def test_truncated_and_bad_header_and_hash_mismatch(jsonl: Path, tmp_path: Path) -> None:

@@ -188,8 +188,7 @@ def test_a_store_that_does_not_hold_what_its_manifest_lists_is_refused_before_th
     out = tmp_path / "out"
     with pytest.raises(UserError, match=damaged[case]):
         train_in_process(nano_args(f"s3://data/bad/{case}", out, **RUN, data_retries=0))
-    assert not (out / "run_info.json").exists() and not (out / "checkpoints").exists()
-    assert {p.name for p in out.iterdir()} <= {"data_cache", ".lock"}
+    assert not out.exists() or {p.name for p in out.iterdir()} == {"data_cache"}  # no stray .lock, no record
     if case == "changed":  # once the store is repaired, the same command starts: the cache is no run record
         fixed = nano_args("s3://data/small", out, **{**RUN, "max_steps": 1, "eval_interval": 1}, warmup_steps=0)
         assert train_in_process(fixed)["step"] == 1

@@ -17,6 +17,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from clean_interpreter import run_clean
+from permissions import obeying_file_modes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -361,6 +362,42 @@ def test_cli_errors_are_one_line(run, tmp_path):
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "already in the official" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def set_modes(folder: Path, files: int, folders: int) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(folders if path.is_dir() else files)
+
+
+def test_exporting_a_read_only_run_says_so_and_its_advice_works(run, tmp_path):
+    read_only = Path(shutil.copytree(run.out_dir, tmp_path / "read-only-run"))
+    (read_only / "config.yaml").write_text(config_to_yaml(run.config))
+    before = sorted(p.relative_to(read_only) for p in read_only.rglob("*"))
+    set_modes(read_only, 0o444, 0o555)  # as a read-only mount, for any user (root included: permissions.py)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            obeying_file_modes([sys.executable, "-m", "gpt2_scratch.export_gpt2", *args]),
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+
+    try:
+        done = cli(str(read_only))
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"error: cannot export the run {read_only}: the folder is not writable")
+        assert "trainer" not in done.stderr
+        advice = f"python -m gpt2_scratch.export_gpt2 {read_only / 'hf'} --out FOLDER"
+        assert done.stderr.strip().endswith(advice)
+        assert sorted(p.relative_to(read_only) for p in read_only.rglob("*")) == before  # not even a .lock
+        elsewhere = tmp_path / "elsewhere"
+        done = cli(str(read_only / "hf"), "--out", str(elsewhere))  # the advice, as given
+        assert done.returncode == 0, done.stderr
+    finally:
+        set_modes(read_only, 0o644, 0o755)
+    torch.testing.assert_close(official_logits(elsewhere), our_logits(run.out_dir / "hf"), rtol=0, atol=1e-4)
 
 
 def test_out_never_replaces_a_folder_that_is_not_an_official_export(run, tmp_path):

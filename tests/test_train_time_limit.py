@@ -6,6 +6,8 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from trainer_runs import (
@@ -96,3 +98,70 @@ def test_sigusr1_to_every_task_of_an_srun_style_launch_exits_75_on_each(data_dir
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads a process's signal handlers from /proc")
+def test_sigusr1_before_the_first_step_exits_75_and_the_requeued_run_loses_nothing(data_dir, tmp_path):
+    common = dict(max_steps=8, save_interval=1000, eval_interval=4, num_samples=0)
+    train_in_process(nano_args(data_dir, tmp_path / "reference", **common))
+    out = tmp_path / "early"
+    proc = launch(nano_args(data_dir, out, **common))
+    try:
+        while not catches(proc.pid, signal.SIGUSR1):  # the trainer's first lines, while it imports torch
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGUSR1)  # what SLURM's --signal sends, here long before a step
+        assert proc.wait(timeout=120) == REQUEUE_STATUS, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "SIGUSR1 received while starting: stopping before the first step" in proc.stderr.read()
+    summary = train_in_process(nano_args(data_dir, out, **common, resume="auto"))  # the requeue
+    assert summary["complete"] and not summary["requeue"]
+    assert metric(out, "train/loss") == metric(tmp_path / "reference", "train/loss")
+    assert metric(out, "val/loss") == metric(tmp_path / "reference", "val/loss")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="the process's start time comes from /proc")
+def test_the_time_limit_counts_from_the_process_start(data_dir, tmp_path):
+    """The process sleeps 4 s, then becomes the trainer (exec keeps the process and its start time), with
+    a time limit of 3 s: spent before main() runs, so the run stops before its first step. Counted from
+    main(), it would train for 3 s."""
+    out = tmp_path / "late"
+    trainer = [sys.executable, str(ROOT / "train_accelerate.py"), *nano_args(data_dir, out, **LONG, time_limit="3s")]
+    become = "import os, sys, time; time.sleep(4); os.execv(sys.argv[1], sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-c", become, *trainer], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == REQUEUE_STATUS, done.stderr[-3000:]
+    assert "stopped before the first step" in done.stderr and not metric(out, "train/loss")  # no step taken
+
+
+SECOND_SIGNAL = """
+import os, signal
+from gpt2_scratch.training import stop_signals
+stop_signals.catch_early()
+os.kill(os.getpid(), signal.SIGUSR1)  # while starting: recorded
+from gpt2_scratch.training.processes import StopRequest
+with StopRequest() as stop:
+    assert stop.signum == signal.SIGUSR1
+    print("taken over", flush=True)
+    os.kill(os.getpid(), signal.SIGUSR1)  # the second: the default action ends the process
+    print("still running", flush=True)
+"""
+
+
+def test_a_second_signal_after_one_while_starting_ends_the_process():
+    done = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGUSR1, done.stderr[-3000:]
+    assert done.stdout == "taken over\n"

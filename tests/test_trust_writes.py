@@ -28,6 +28,7 @@ from gpt2_scratch.training.metrics import keep_records_through
 from gpt2_scratch.training.model_card import write_model_cards
 from gpt2_scratch.training.paths import step_name
 from gpt2_scratch.training.verify import CheckpointError, read_train_state
+from gpt2_scratch.user_errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,9 +158,20 @@ def test_a_store_belongs_to_one_run(data_dir, tmp_path):
     assert listing(tmp_path / "store") == before  # neither checkpoints nor hf/ of the second run
 
     # a store taken over while a run uploads: that run uploads nothing more
-    with pytest.raises(remote.RemoteError, match="now belongs to run"):
+    with pytest.raises(remote.RemoteError, match=rf"belongs to another run \({owner}\), not to this run \(another\)"):
         remote.upload_checkpoint(store, 8, first / "checkpoints" / "step_000004", first / "hf", run_id="another")
     assert listing(tmp_path / "store") == before
+
+
+def test_a_store_deleted_while_its_run_uploads_is_reported_as_deleted_never_as_run_none(tmp_path):
+    store = remote.open_store(f"file://{tmp_path}/store")
+    remote.claim_store(store, "run-a")
+    shutil.rmtree(tmp_path / "store")  # deleted (or its bucket emptied) by someone else, mid-run
+    checkpoint, export = tmp_path / "checkpoints" / "step_000004", tmp_path / "hf"
+    with pytest.raises(remote.RemoteError) as refused:
+        remote.upload_checkpoint(store, 4, checkpoint, export, run_id="run-a")
+    assert "deleted or emptied" in str(refused.value) and "None" not in str(refused.value)
+    assert not (tmp_path / "store").exists()  # nothing uploaded into a store that is no longer the run's
 
 
 @pytest.mark.parametrize("where", [".", "sub"])
@@ -223,8 +235,17 @@ def test_export_gpt2_of_a_training_run_is_refused_and_the_trainer_goes_on(data_d
     proc = launch(nano_args(data_dir, run, max_steps=10_000, save_interval=2, eval_interval=1000))
     try:
         wait_for_step(run, proc, 3)  # a save at step 2 wrote hf/
-        with pytest.raises(ValueError, match="in use by another trainer"):
+        with pytest.raises(UserError, match=rf"a trainer is training it \(host .*, pid {proc.pid}\)"):
             export_gpt2.export(run)
+        done = subprocess.run(
+            [sys.executable, "-m", "gpt2_scratch.export_gpt2", str(run)],
+            cwd=ROOT,
+            env=ONE_THREAD,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2 and done.stderr.startswith("error: cannot export the run"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and f"pid {proc.pid}" in done.stderr
         step = max(json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()[:-1])
         wait_for_step(run, proc, step + 4)  # two more saves
         assert proc.poll() is None

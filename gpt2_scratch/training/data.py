@@ -10,7 +10,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from data_prep.loader import data_fingerprint
-from data_prep.shards import MANIFEST_NAME, check_shard
+from data_prep.shards import MANIFEST_NAME, check_shard, reading
 from data_prep.store import is_url
 from gpt2_scratch.training.config import FIELDS, ConfigError, TrainConfig
 from gpt2_scratch.training.paths import RunPaths
@@ -31,7 +31,9 @@ def prepare_data(config: TrainConfig) -> dict:
     if is_url(config.data_dir):
         return prepare_remote_data(config)
     data_dir = Path(config.data_dir)
-    if not (data_dir / MANIFEST_NAME).is_file():
+    with reading(data_dir / MANIFEST_NAME):  # a folder without search permission: one line naming it
+        found = (data_dir / MANIFEST_NAME).is_file()
+    if not found:
         default = config.data_dir == FIELDS["data_dir"].default
         wanted = config.prepare_builtin if config.prepare_builtin is not None else default
         if not wanted:

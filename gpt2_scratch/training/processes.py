@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from gpt2_scratch.training import UserError
+from gpt2_scratch.training import UserError, stop_signals
 
 logger = logging.getLogger("train")
 
@@ -47,7 +47,8 @@ class StopRequest:
     so do SIGUSR1 and the end of `time_limit` seconds after `started` (time.monotonic), and those two
     ask to be requeued (`requeue`).
 
-    A second signal gets the previous handler, so a stuck run can still be interrupted.
+    A second signal gets the previous handler, so a stuck run can still be interrupted. A signal that
+    came before, while `stop_signals.catch_early` held them, counts as the first.
     """
 
     def __init__(self, time_limit: float | None = None, started: float | None = None) -> None:
@@ -57,8 +58,14 @@ class StopRequest:
         self.requeue = False
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in stop_signals.STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self.handle)
+        originals, pending = stop_signals.hand_over()
+        self.previous.update(originals)  # not the early catch's: a second signal must reach Python's default
+        if pending is not None:
+            logger.warning("%s received while starting: stopping before the first step", signal.Signals(pending).name)
+            self.signum = pending
+            self.__exit__()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -297,7 +297,17 @@ def claim_store(store: RemoteStore, run_id: str) -> None:
         write(store, {owner_path(store): json.dumps({"run": run_id}).encode()}, f"checkpoint_remote: run {run_id}")
         owner = store_owner(store)
     if owner != run_id:
-        raise RemoteError(f"checkpoint_remote {store.url} belongs to another run ({owner}); choose another")
+        raise RemoteError(f"checkpoint_remote {store.url} {taken_from(store, owner, run_id)}; choose another")
+
+
+def taken_from(store: RemoteStore, owner: str | None, run_id: str) -> str:
+    """Why a store that this run claimed is not its own: another run took it, or its record is gone."""
+    if owner is None:
+        return (
+            f"no longer holds its run record {owner_path(store)} (the store was deleted or emptied meanwhile), so "
+            f"it is no longer this run's ({run_id})"
+        )
+    return f"belongs to another run ({owner}), not to this run ({run_id})"
 
 
 def check_apart(url: str, out_dir: Path) -> None:
@@ -347,7 +357,7 @@ def upload_checkpoint(
     complete remotely gets the export alone), then prune old remote checkpoints. With `run_id`, only
     while the store still belongs to that run (`claim_store`): another run never gets our files mixed in."""
     if run_id is not None and (owner := store_owner(store)) != run_id:
-        raise RemoteError(f"{store.url} now belongs to run {owner}, not to this run ({run_id}); nothing uploaded")
+        raise RemoteError(f"{store.url} {taken_from(store, owner, run_id)}; nothing uploaded")
     plan = upload_plan(store, step, checkpoint, export, logs)
     found = remote_checkpoints(store)
     if found.get(step):

@@ -5,6 +5,7 @@ precision, package versions and git revision).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -71,8 +72,7 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
     """out_dir must be a folder this trainer can own: absent, empty, or (when resuming) a run folder of
     ours. A fresh run never writes into a folder holding anything, so a mistyped path loses nothing."""
     out = paths.out_dir
-    leftovers = (paths.lock, paths.data_cache)  # what a launch refused before training leaves: the lock, shards
-    if not out.is_dir() or not any(p not in leftovers for p in out.iterdir()):
+    if not out.is_dir() or holds_only_leftovers(paths):
         return
     ours = paths.config.is_file() or paths.checkpoints.is_dir()
     if resume == "" or not ours:
@@ -86,6 +86,12 @@ def check_out_dir(paths: RunPaths, resume: str) -> None:
             raise ConfigError(
                 f"{record} is not a regular file (a folder, link, FIFO or device); move it away to resume this run"
             ) from err
+
+
+def holds_only_leftovers(paths: RunPaths) -> bool:
+    """Whether out_dir holds nothing of a run: at most a lock file and a data_cache of shards (what a launch
+    refused before training leaves; the next launch reuses the shards)."""
+    return not any(p not in (paths.lock, paths.data_cache) for p in paths.out_dir.iterdir())
 
 
 def read_run_id(paths: RunPaths) -> str | None:
@@ -120,6 +126,26 @@ def wait_for_holder_name(fd: int, seconds: float = 5.0) -> str:
         time.sleep(0.05)
 
 
+class RunFolderInUse(ConfigError):
+    """out_dir's lock is held by another live process (`holder`: the name it wrote)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class RunFolderNotWritable(ConfigError):
+    """out_dir cannot be written by this process (a read-only mount, no write permission): `reason` says why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# What the OS says when a folder may be read but not written: a read-only mount, or no permission.
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 class RunLock:
     """An exclusive OS lock (`flock`) on out_dir/.lock for the whole run, so that two trainers never
     write one run folder. The kernel releases it when the holder dies, however it dies, so a lock
@@ -129,18 +155,25 @@ class RunLock:
         self.path, self.fd = path, None
 
     def acquire(self) -> None:
-        """Take the lock, or raise a one-line `ConfigError` naming its holder."""
+        """Take the lock, or raise a one-line `ConfigError`: `RunFolderInUse` naming its holder,
+        `RunFolderNotWritable` for a folder this process may not write (told apart, so that no command
+        blames a trainer for a read-only folder)."""
         out = self.path.parent
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out_dir {out} is a file, not a folder; choose another --out_dir")
         try:
             out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK | os.X_OK):  # a writable .lock in a folder that is not
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
             # O_NOFOLLOW: a .lock planted as a link never makes us write another file
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as err:
-            raise ConfigError(
-                f"out_dir {out} cannot hold a run ({err.strerror}: {err.filename}); choose another --out_dir"
-            ) from err
+            reason = f"{err.strerror}: {err.filename}"
+            if err.errno in NOT_WRITABLE:
+                raise RunFolderNotWritable(
+                    f"out_dir {out} is not writable ({reason}); make it writable or choose another --out_dir", reason
+                ) from err
+            raise ConfigError(f"out_dir {out} cannot hold a run ({reason}); choose another --out_dir") from err
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise ConfigError(f"{self.path} is not a regular file; remove it or choose another --out_dir")
@@ -149,9 +182,10 @@ class RunLock:
         except BlockingIOError:
             holder = wait_for_holder_name(fd)
             os.close(fd)
-            raise ConfigError(
+            raise RunFolderInUse(
                 f"out_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to end or "
-                "choose another --out_dir"
+                "choose another --out_dir",
+                holder,
             ) from None
         self.fd = fd
 
@@ -175,10 +209,11 @@ class RunLock:
             self.fd = None
 
 
-def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
+def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> tuple[bool, bool]:
     """Lock out_dir (first, so that two launches cannot both pass the checks), then check it may hold
-    this run; a refused launch removes what it made (the lock file, an out_dir it created)."""
-    made_dir, made_lock = not paths.out_dir.exists(), not paths.lock.exists()
+    this run; a refused launch removes what it made (the lock file, an out_dir it created). Returns
+    what this launch made, (out_dir, the lock file), for `let_go_of_out_dir`."""
+    made = not paths.out_dir.exists(), not paths.lock.exists()
     lock.acquire()
     try:
         if not lock.written_by_us():
@@ -188,10 +223,20 @@ def claim_out_dir(paths: RunPaths, resume: str, lock: RunLock) -> None:
         lock.name_holder()  # at once: a second launch names us, not the pid an earlier run left there
         check_out_dir(paths, resume)
     except ConfigError:
-        lock.release(remove=made_lock)
-        if made_dir:
-            paths.out_dir.rmdir()
+        let_go_of_out_dir(paths, lock, made)
         raise
+    return made
+
+
+def let_go_of_out_dir(paths: RunPaths, lock: RunLock, made: tuple[bool, bool]) -> None:
+    """Release the lock of a launch that ends without a record of the run (refused at its checks, or by
+    unreadable data before training), removing the lock file and the out_dir it `made`, so that it
+    leaves no folder holding only `.lock`. A data_cache it filled stays (the next launch reuses its
+    shards), and so does its out_dir then."""
+    made_dir, made_lock = made
+    lock.release(remove=made_lock)
+    if made_dir and paths.out_dir.is_dir() and not any(paths.out_dir.iterdir()):
+        paths.out_dir.rmdir()
 
 
 def launch_facts(
