@@ -38,14 +38,12 @@ def url(request, tmp_path):
     return f"s3://data/published-{tmp_path.name}"
 
 
-def test_an_upload_sends_the_manifest_last_and_resumes_where_it_was_cut(shards, url, monkeypatch):
-    manifest = read_manifest(shards)
-    names = [entry["file"] for entry in manifest["shards"]]
+def upload_cut_after_three_shards(folder, url: str, monkeypatch) -> None:
+    """`upload_folder(folder, url)` whose connection drops for good at the fourth shard."""
     fs = open_data_store(url).fs  # fsspec gives the upload this same instance
-    put_file = fs.put_file
-    sent = []
+    put_file, sent = fs.put_file, []
 
-    def cut_after_three(local, remote, **kwargs):  # the connection drops for good at the fourth shard
+    def cut_after_three(local, remote, **kwargs):
         if len(sent) == 3:
             raise PermissionError("connection closed")
         sent.append(remote)
@@ -53,8 +51,14 @@ def test_an_upload_sends_the_manifest_last_and_resumes_where_it_was_cut(shards, 
 
     monkeypatch.setattr(fs, "put_file", cut_after_three)
     with pytest.raises(PermissionError):
-        upload_folder(shards, url)
+        upload_folder(folder, url)
     monkeypatch.undo()
+
+
+def test_an_upload_sends_the_manifest_last_and_resumes_where_it_was_cut(shards, url, monkeypatch):
+    manifest = read_manifest(shards)
+    names = [entry["file"] for entry in manifest["shards"]]
+    upload_cut_after_three_shards(shards, url, monkeypatch)
     store = open_data_store(url)
     store.fs.invalidate_cache()
     there = {p.rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False)}
@@ -113,19 +117,7 @@ def test_an_upload_cut_short_is_never_taken_for_another_data_sets_shards(shards,
     assert [(e["file"], e["tokens"]) for e in a] == [(e["file"], e["tokens"]) for e in b]
     assert [e["sha256"] for e in a] != [e["sha256"] for e in b]
     url = f"file://{tmp_path}/published"
-    fs = open_data_store(url).fs
-    put_file, sent = fs.put_file, []
-
-    def cut_after_three(local, remote, **kwargs):
-        if len(sent) == 3:
-            raise PermissionError("connection closed")
-        sent.append(remote)
-        return put_file(local, remote, **kwargs)
-
-    monkeypatch.setattr(fs, "put_file", cut_after_three)
-    with pytest.raises(PermissionError):
-        upload_folder(other, url)
-    monkeypatch.undo()
+    upload_cut_after_three_shards(other, url, monkeypatch)
     assert upload_folder(shards, url) == [*(e["file"] for e in b), CARD_NAME, MANIFEST_NAME]
     store, fetched = open_data_store(url), tmp_path / "fetched"
     fetched.mkdir()
