@@ -70,14 +70,16 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def from_state_dict(config: GPT2ScratchConfig, state: dict[str, torch.Tensor]) -> GPT2ScratchForCausalLM:
     """A model with exactly the weights of `state`, a state dict in this model's layout (nn.Linear
-    weights) whose token embedding may lack the vocabulary padding rows; `lm_head.weight` is taken
-    from the tied `transformer.wte.weight`. Keys may carry torch.compile / DDP prefixes (saved from a
-    wrapped model). The model takes the embedding's dtype."""
+    weights) whose token embedding and head may lack the vocabulary padding rows; with a tied config
+    `lm_head.weight` is taken from `transformer.wte.weight`, an untied one needs its own. Keys may carry
+    torch.compile / DDP prefixes (saved from a wrapped model). The model takes the embedding's dtype."""
     state = strip_wrapper_prefixes(state)
-    if "transformer.wte.weight" not in state:
-        raise ValueError(f"state dict has no transformer.wte.weight; found keys {sorted(state)[:8]}")
-    wte = state["transformer.wte.weight"]
-    state["transformer.wte.weight"] = state["lm_head.weight"] = padded_rows(wte, config.padded_vocab_size)
+    tied = config.tie_word_embeddings
+    needed = ["transformer.wte.weight"] + ([] if tied else ["lm_head.weight"])
+    if any(key not in state for key in needed):
+        raise ValueError(f"state dict lacks one of {needed}; found keys {sorted(state)[:8]}")
+    wte = state["transformer.wte.weight"] = padded_rows(state["transformer.wte.weight"], config.padded_vocab_size)
+    state["lm_head.weight"] = wte if tied else padded_rows(state["lm_head.weight"], config.padded_vocab_size)
     model = GPT2ScratchForCausalLM(config).to(wte.dtype)
     model.load_state_dict(state, strict=True)
     model.tie_weights()
@@ -173,7 +175,8 @@ def scratch_config_from_gpt2(official) -> GPT2ScratchConfig:
         supported = found in expected if isinstance(expected, tuple) else found == expected
         if not supported and not (key == "n_inner" and found == 4 * official.n_embd):
             raise ValueError(f"GPT-2 config has {key}={found!r}; GPT2ScratchForCausalLM supports only {expected!r}")
-    return GPT2ScratchConfig(**{name: getattr(official, name) for name in SHARED_CONFIG_FIELDS})
+    shared = {name: getattr(official, name) for name in SHARED_CONFIG_FIELDS}
+    return GPT2ScratchConfig(**shared, tie_word_embeddings=official.tie_word_embeddings)
 
 
 class NanoGPTCheckpointError(UserError):

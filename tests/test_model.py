@@ -218,6 +218,23 @@ def test_round_trip_is_bit_exact(official_folder):
         assert torch.equal(found[key], tensor), key
 
 
+def test_untied_checkpoint_keeps_its_own_head(tmp_path):
+    """A GPT-2 checkpoint saved with `tie_word_embeddings=False` loads with its own head, not the embedding."""
+    torch.manual_seed(0)
+    official = GPT2LMHeadModel(GPT2Config(**TINY, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        official.lm_head.weight.normal_()  # unlike the embedding, so a head taken from it is caught
+    official.save_pretrained(tmp_path)
+    ours = from_gpt2(str(tmp_path)).eval()
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, official(ids).logits, atol=1e-4, rtol=0)
+    back = to_gpt2(ours)
+    assert torch.equal(back.lm_head.weight, official.lm_head.weight)
+
+
 def test_from_gpt2_refuses_unsupported_variants(tmp_path):
     GPT2LMHeadModel(GPT2Config(**TINY, activation_function="relu")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function='relu'"):
