@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, id_tensor_storage
+from accelerate.utils import DistributedType, gather_object, id_tensor_storage
 
 from data_prep.shards import file_sha256
 from gpt2_scratch.training import remote
@@ -146,17 +146,19 @@ def save_checkpoint(
     hook = acc.register_save_state_pre_hook(drop_tied_copies)
     refused = None
     try:
-        with writing(checkpoints, what, partial=[tmp] if acc.is_main_process else []):
+        with writing(checkpoints, what):
             acc.save_state(str(tmp))
-    except DiskError as err:  # raised on every rank below, so that none waits for the others forever
+    except DiskError as err:  # on any rank (each writes its RNG state): raised on every rank below
         refused = err
     finally:
         hook.remove()
-    acc.wait_for_everyone()
+    refusals = [err for err in gather_object([refused]) if err is not None]  # also waits for every rank
+    if refusals:
+        if acc.is_main_process:
+            remove_ours(tmp)  # what save_state began, on whichever rank the disk refused it
+        raise refusals[0]
 
     def complete() -> None:
-        if refused is not None:
-            raise refused
         with writing(checkpoints, what, partial=[tmp]):
             share_as_umask(tmp)
             record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}

@@ -150,9 +150,10 @@ def free_space(folder: Path) -> int:
     return shutil.disk_usage(existing_parent(folder)).free
 
 
-def disk_refusal(err: BaseException, folder: Path) -> int | None:
-    """The errno (ENOSPC, EROFS, ...) with which the disk refused a write to `folder` that failed with
-    `err` (or with an error it was raised from or during), or None when the failure is not the disk's."""
+def disk_refusal(err: BaseException, folder: Path) -> tuple[int, Path] | None:
+    """How the disk refused a write into `folder` that failed with `err` (or with an error it was raised
+    from or during): the errno (ENOSPC, EROFS, ...) and the folder it names (that of the file in the error,
+    which may lie elsewhere, TMPDIR say, else `folder`); None when the failure is not the disk's."""
     seen, pending = set(), [err]
     while pending:
         error = pending.pop()
@@ -160,13 +161,15 @@ def disk_refusal(err: BaseException, folder: Path) -> int | None:
             continue
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (*FULL, *NOT_WRITABLE):
-            return error.errno
+            named = Path(error.filename) if isinstance(error.filename, (str, os.PathLike)) else None
+            inside = named is None or named.absolute().is_relative_to(Path(folder).absolute())
+            return error.errno, folder if inside else named.parent
         code = next((code for words, code in RUST_ERRNO.items() if words in str(error)), None)
         if code is not None:
-            return code
+            return code, folder
         pending += [error.__cause__, error.__context__]
     try:
-        return errno.ENOSPC if free_space(folder) < NEARLY_FULL else None
+        return (errno.ENOSPC, folder) if free_space(folder) < NEARLY_FULL else None
     except OSError:
         return None
 
@@ -195,12 +198,12 @@ def writing(folder: Path, what: str, partial: list[Path] | None = None, needed: 
     except UserError:  # said already (a DiskError of an inner write, or the user's input)
         raise
     except Exception as err:
-        code = disk_refusal(err, folder)
-        if code is None:
+        refusal = disk_refusal(err, folder)
+        if refusal is None:
             raise
         for path in partial or ():
             remove_ours(path)
-        raise disk_error(code, folder, what, needed) from err
+        raise disk_error(*refusal, what, needed) from err
 
 
 def check_room(folder: Path, needed: int, what: str) -> None:
