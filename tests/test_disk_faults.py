@@ -199,3 +199,24 @@ def test_data_prep_on_a_full_disk_is_one_line_and_the_rerun_with_room_gives_the_
     remount(disk, "size=2m")
     prepare_builtin(out)  # the shards written before the disk filled are kept, the rest written now
     assert read_manifest(out)["shards"] == read_manifest(data_dir)["shards"]
+
+
+def test_a_log_record_the_disk_cuts_short_is_taken_back_and_the_trim_on_resume_leaves_the_log_whole(small_disk):
+    """log.jsonl and samples.jsonl grow by appending: a record the full disk takes only part of (the
+    page it starts in had room) is cut off again, never left as half a line; the rewrite that drops a
+    killed run's records (`keep_records_through`) leaves the old log whole and no temporary file."""
+    from gpt2_scratch.training.metrics import append_jsonl, keep_records_through
+
+    disk = small_disk("1m")
+    log = disk / "log.jsonl"
+    head = json.dumps({"step": 1, "pad": "x" * 4000}) + "\n"
+    log.write_text(head + " " * (4096 - len(head) - 2) + "\n")  # 4095 bytes: 1 left in its page of memory
+    before = log.read_bytes()
+    fill(disk)
+    with pytest.raises(DiskError, match=f"^no space left in {disk} to write log.jsonl"):
+        append_jsonl(log, {"step": 2, "train/loss": 1.0})
+    assert log.read_bytes() == before
+    with pytest.raises(DiskError, match=f"^no space left in {disk} to write log.jsonl"):
+        keep_records_through(log, 1)  # the record of step 1, rewritten: a page that the disk no longer has
+    assert log.read_bytes() == before
+    assert leftovers(disk) == []
