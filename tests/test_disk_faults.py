@@ -15,6 +15,7 @@ from trainer_runs import ONE_THREAD, metric, nano_args, train_in_process
 import train_accelerate as ta
 from data_prep import prepare_builtin, read_manifest
 from gpt2_scratch.export_gpt2 import export
+from gpt2_scratch.training.export import exported_step
 from gpt2_scratch.training.files import DiskError
 from gpt2_scratch.training.verify import checkpoint_problems
 from gpt2_scratch.user_errors import run_command
@@ -127,12 +128,21 @@ def test_a_write_the_disk_refuses_removes_what_it_began_and_is_one_line(
     monkeypatch.setattr(ta, "check_room_to_save", lambda *args, **kwargs: None)
     disk = small_disk(size)
     out = disk / "run"
+    argv = nano_args(data_dir, out, stop_at_step=2, save_interval=2, num_samples=0)
     with pytest.raises(DiskError, match="no space left in") as caught:
-        train_in_process(nano_args(data_dir, out, stop_at_step=2, save_interval=2, num_samples=0))
+        train_in_process(argv)
     assert refused in str(caught.value) and "\n" not in str(caught.value)
     assert leftovers(disk) == []
     written = list((out / "checkpoints").iterdir())
     assert all(checkpoint_problems(folder) == [] for folder in written)
+    logged = metric(out, "train/loss"), metric(out, "val/loss")  # logged before the save failed
+
+    # Once there is room, the same command with --resume auto: from the checkpoint when it was written
+    # (then only the export is made), afresh otherwise; the same losses either way, and a complete save.
+    remount(disk, "size=120m")
+    train_in_process([*argv, "--resume", "auto"])
+    assert (metric(out, "train/loss"), metric(out, "val/loss")) == logged
+    assert checkpoint_problems(out / "checkpoints" / "step_000002") == [] and exported_step(out) == 2
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +230,19 @@ def test_a_log_record_the_disk_cuts_short_is_taken_back_and_the_trim_on_resume_l
         keep_records_through(log, 1)  # the record of step 1, rewritten: a page that the disk no longer has
     assert log.read_bytes() == before
     assert leftovers(disk) == []
+
+
+def test_the_first_saves_estimate_covers_what_the_first_save_writes(checkpoint, tmp_path):
+    """Before any save, the room a save needs is estimated from the model's size (3x the float32 weights
+    for the checkpoint, the weights and the tokenizer per export): at least what a real first save wrote
+    (its checkpoint and both exports, measured), and not so much more that a disk it fits on is refused."""
+    from gpt2_scratch.training.checkpoints import folder_bytes, save_size
+    from gpt2_scratch.training.config import parse_config
+    from gpt2_scratch.training.memory import parameter_count
+
+    run = checkpoint.parents[1]
+    config = parse_config(["--config", str(run / "config.yaml")])
+    exports = [tmp_path / "hf", tmp_path / "hf-gpt2"]  # none yet
+    estimate = save_size(tmp_path / "checkpoints", 2, exports, 4 * parameter_count(config.model_config()))
+    written = folder_bytes(checkpoint) + folder_bytes(run / "hf") + folder_bytes(run / "hf-gpt2")
+    assert written <= estimate <= 1.15 * written
