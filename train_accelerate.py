@@ -32,6 +32,7 @@ if __name__ == "__main__":  # first of all: a scheduler's SIGUSR1 may come while
 
     stop_signals.catch_early()
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -40,6 +41,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,12 @@ from gpt2_scratch.training.accelerator import build_accelerator, setup_logging
 from gpt2_scratch.training.checkpoints import (
     TrainState,
     find_resume_checkpoint,
+    latest_checkpoint,
     load_checkpoint,
     load_weights,
     run_settings,
     save_checkpoint,
+    save_size,
 )
 from gpt2_scratch.training.config import TrainConfig, parse_config, parse_duration
 from gpt2_scratch.training.data import (
@@ -70,10 +74,11 @@ from gpt2_scratch.training.data import (
     val_fingerprint,
 )
 from gpt2_scratch.training.evaluation import generate_samples, load_hellaswag
-from gpt2_scratch.training.export import export_model, exported_step
+from gpt2_scratch.training.export import GPT2_EXPORT, export_model, exported_step
+from gpt2_scratch.training.files import DiskError, check_room
 from gpt2_scratch.training.guard import DivergedError, Guard, roll_back, weights_finite
 from gpt2_scratch.training.hub import preflight_hub, push_export
-from gpt2_scratch.training.memory import check_training_fits
+from gpt2_scratch.training.memory import check_training_fits, parameter_count
 from gpt2_scratch.training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from gpt2_scratch.training.model_card import write_model_cards
 from gpt2_scratch.training.processes import REQUEUE_STATUS, StopRequest, on_main_process
@@ -218,13 +223,40 @@ def save(run: Run, upload: bool = True) -> Path:
             f"checkpoint in {run.paths.checkpoints} is the last good state (resume it with a lower --max_lr)"
         )
     run.state.guard = run.guard.state_dict()
-    checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
-    if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
-        export_model(acc, run.model, run.paths.out_dir, step)
+    with stopping_on_a_full_disk(run):
+        check_room_to_save(run, step)
+        checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
+        if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
+            export_model(acc, run.model, run.paths.out_dir, step)
     logger.info("saved %s and the HF exports in %s", checkpoint, run.paths.out_dir)
     if upload:
         queue_upload(run, checkpoint)
     return checkpoint
+
+
+def check_room_to_save(run: Run, step: int, what: str | None = None) -> None:
+    """Refuse, on every rank and before anything is written, a save of `step` (`what`) that would not fit in
+    the free space of out_dir's disk (`save_size`: the newest checkpoint's and exports' sizes)."""
+    paths = run.paths
+
+    def check() -> None:
+        exports = [paths.hf, paths.out_dir / GPT2_EXPORT] if exported_step(paths.out_dir) != step else []
+        needed = save_size(paths.checkpoints, step, exports, 4 * parameter_count(run.config.model_config()))
+        check_room(paths.out_dir, needed, what or f"the checkpoint and exports of step {step}")
+
+    on_main_process(run.accelerator, check)
+
+
+@contextlib.contextmanager
+def stopping_on_a_full_disk(run: Run) -> Iterator[None]:
+    """A disk that is full or not writable ends the run (exit status 2, not the requeue status: a requeue
+    would meet the same disk): its `DiskError` line also names the newest checkpoint, which stays."""
+    try:
+        yield
+    except DiskError as err:
+        newest = on_main_process(run.accelerator, lambda: latest_checkpoint(run.paths.checkpoints))
+        kept = f"{newest.name} is the newest checkpoint, kept" if newest else "no checkpoint was written yet"
+        raise DiskError(f"{err}; {kept}: once there is room, continue with --resume auto") from err
 
 
 def queue_upload(run: Run, checkpoint: Path) -> None:
@@ -434,6 +466,9 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
             raise CheckpointError(f"{checkpoint}/train_state.json: {err}") from err
         logger.info("resumed from %s: step %d, %d tokens seen", checkpoint, state.step, state.tokens)
     run.hellaswag = load_hellaswag(run.config, accelerator)
+    if state.step < (run.config.stop_at_step or run.config.max_steps):  # a save to come: is there room for it?
+        with stopping_on_a_full_disk(run):
+            check_room_to_save(run, state.step + 1, "the checkpoints and exports this run saves")
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
         facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_scratch.training.files import writing
 from gpt2_scratch.user_errors import UserError
 
 MAGIC = 20240520
@@ -80,11 +81,12 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
     digest = hashlib.sha256(header)
     digest.update(payload)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(path.parent, f"the shard {path.name}", partial=[tmp], needed=len(header) + len(payload)):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     return digest.hexdigest()
 
@@ -175,7 +177,8 @@ def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pat
     """Write `manifest.json` atomically (temporary name, then rename)."""
     path = Path(data_dir) / MANIFEST_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    with writing(path.parent, MANIFEST_NAME, partial=[tmp]):
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from gpt2_scratch.training.devices import inference_dtype, parse_device, pick_device
+from gpt2_scratch.training.files import check_writable, replace_text
 from gpt2_scratch.user_errors import UserError
 
 
@@ -33,6 +35,14 @@ def check_out_file(path: str | None) -> None:
     """`--out`, checked before any evaluation: a file path (its folder is made), never a folder."""
     if path is not None and Path(path).is_dir():
         raise UserError(f"--out {path} is a folder; give the path of the JSON file to write")
+    if path is not None:  # a read-only or full folder: said now, not after the evaluation has run
+        check_writable(Path(path).parent, f"--out {Path(path).name}")
+
+
+def write_out_file(path: str | os.PathLike, report: dict) -> None:
+    """`report` as JSON in `path` (its folder made), replaced whole: a full disk leaves no cut file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    replace_text(Path(path), json.dumps(report, indent=2) + "\n")
 
 
 def launched_accelerator():

@@ -32,6 +32,7 @@ from eval.common import (
 from eval.hellaswag import evaluate_hellaswag, load_examples
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM
 from eval.val_loss import evaluate_val_loss
+from gpt2_scratch.training.files import check_writable, replace_text, replace_with
 from gpt2_scratch.user_errors import UserError, run_command
 
 DEFAULT_PROMPTS = ["Hello, I'm a language model,", "The meaning of life is", "In 1905, Albert Einstein"]
@@ -211,7 +212,7 @@ def plot_comparison(result: dict, path: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(rows)), ticks, rotation=20, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)
 
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         parse_device(args.device)
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UserError(f"--out_dir {args.out_dir} is a file; give a folder for compare.md, .json and .png")
+    check_writable(Path(args.out_dir), "compare.md, .json and .png")  # now, not after the evaluations
     examples = None
     if args.hellaswag is not None:
         examples = load_examples(None if args.hellaswag == "auto" else args.hellaswag, limit=args.limit)
@@ -288,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(result)
-    (out_dir / "compare.md").write_text(markdown)
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    replace_text(out_dir / "compare.md", markdown)  # a full disk: one line, no cut file
+    replace_text(out_dir / "compare.json", json.dumps(result, indent=2) + "\n")
     plot_comparison(result, out_dir / "compare.png")
     print(markdown)
     print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'}, {out_dir / 'compare.png'}")

@@ -31,6 +31,7 @@ from eval.common import (
     load_model,
     max_positions,
     resolve_device,
+    write_out_file,
 )
 from gpt2_scratch.user_errors import UserError, run_command
 
@@ -291,8 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.predictions:
         report["predictions"] = result["predictions"]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_out_file(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "predictions"}, indent=2))
 
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from eval.references import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG_ACC_NORM, Reference
+from gpt2_scratch.training.files import replace_with
 from gpt2_scratch.user_errors import UserError, run_command
 
 LOG_NAME = "log.jsonl"
@@ -90,7 +91,7 @@ def plot_training(out_dir: str | os.PathLike, plots_dir: str | os.PathLike | Non
         draw(ax, curves, refs, ylabel)
         ax.set_title(f"{title}: {Path(out_dir).resolve().name}")
         fig.tight_layout()
-        fig.savefig(plots_dir / filename, dpi=120)
+        replace_with(plots_dir / filename, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)
         written.append(plots_dir / filename)
     return written

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from eval.common import (
     load_model,
     max_positions,
     resolve_device,
+    write_out_file,
 )
 from gpt2_scratch.user_errors import UserError, run_command
 
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = {"model": args.model, "val/loss": loss, "data_dir": str(args.data_dir), "seq_len": args.seq_len}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_out_file(args.out, report)
     print(json.dumps(report, indent=2))
 
 

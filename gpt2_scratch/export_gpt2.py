@@ -25,6 +25,7 @@ from gpt2_scratch.training.export import (
     write_gpt2_export,
     write_text,
 )
+from gpt2_scratch.training.files import check_writable
 from gpt2_scratch.user_errors import UserError, run_command
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerator.save_state writes for the model
@@ -251,14 +252,11 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
                 f"--out is for an export or a checkpoint; a run folder's export goes to {path / GPT2_EXPORT}"
             )
         return export_run(path)
-    if (path / "config.json").is_file():
-        source, default = Source(load_export(path), None, None), path.with_name(f"{path.name}-gpt2")
-        record = read_record(path, "scratch")
-        source.step = record["step"] if record else None
+    is_export = (path / "config.json").is_file()
+    if is_export:
+        default = path.with_name(f"{path.name}-gpt2")
     elif (path / CHECKPOINT_WEIGHTS).is_file():
-        run = path.parent.parent
-        source = Source(load_checkpoint_weights(path, run_config(run)), step_of(path), run)
-        default = run / f"{GPT2_EXPORT}-{path.name}"
+        default = path.parent.parent / f"{GPT2_EXPORT}-{path.name}"
     else:
         raise UserError(
             f"{path} is not a run folder (config.yaml), an export (config.json) or a checkpoint ({CHECKPOINT_WEIGHTS})"
@@ -270,6 +268,13 @@ def export(path: str | Path, out: str | Path | None = None) -> list[Path]:
     # user's folder, a run folder, or one that holds the source.
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and read_record(out, "gpt2") is None:
         raise UserError(f"--out {out} exists and is not an hf-gpt2 export; choose a new or empty folder")
+    check_writable(out.parent, f"the export {out.name}/ (--out FOLDER writes it elsewhere)")  # before any loading
+    if is_export:
+        record = read_record(path, "scratch")
+        source = Source(load_export(path), record["step"] if record else None, None)
+    else:
+        run = path.parent.parent
+        source = Source(load_checkpoint_weights(path, run_config(run)), step_of(path), run)
     return [export_one(source, out)]
 
 

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, id_tensor_storage
+from accelerate.utils import DistributedType, gather_object, id_tensor_storage
 
 from data_prep.shards import file_sha256
 from gpt2_scratch.training import remote
 from gpt2_scratch.training.config import ConfigError, TrainConfig
-from gpt2_scratch.training.files import remove_ours, share_as_umask
+from gpt2_scratch.training.files import DiskError, remove_ours, share_as_umask, writing
 from gpt2_scratch.training.paths import parse_step, step_name
+from gpt2_scratch.training.processes import on_main_process
 from gpt2_scratch.training.recipe import resolve_mixed_precision
 from gpt2_scratch.training.verify import (
     MANIFEST,
@@ -141,21 +142,62 @@ def save_checkpoint(
             remove_ours(stale)  # a link planted there is removed, never followed or written through
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
+    what = f"the checkpoint {final.name}"
     hook = acc.register_save_state_pre_hook(drop_tied_copies)
+    refused = None
     try:
-        acc.save_state(str(tmp))
+        with writing(checkpoints, what):
+            acc.save_state(str(tmp))
+    except DiskError as err:  # on any rank (each writes its RNG state): raised on every rank below
+        refused = err
     finally:
         hook.remove()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        share_as_umask(tmp)
-        record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        write_manifest(tmp, state.step)
+    refusals = [err for err in gather_object([refused]) if err is not None]  # also waits for every rank
+    if refusals:
+        if acc.is_main_process:
+            remove_ours(tmp)  # what save_state began, on whichever rank the disk refused it
+        raise refusals[0]
+
+    def complete() -> None:
+        with writing(checkpoints, what, partial=[tmp]):
+            share_as_umask(tmp)
+            record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            write_manifest(tmp, state.step)
         os.replace(tmp, final)
         prune_checkpoints(checkpoints, keep)
-    acc.wait_for_everyone()
+
+    on_main_process(acc, complete)
     return final
+
+
+# Per export folder, beside its weights: the tokenizer (tokenizer.json, vocab.json, merges.txt), the model's
+# code and card: about 5.1 MB, rounded up.
+EXPORT_EXTRAS = 6 << 20
+# log.jsonl and samples.jsonl records, a plot, the card: what a save writes besides the checkpoint and exports
+SAVE_MARGIN = 1 << 20
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files in `folder` (0 when it is absent); links are not followed."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def save_size(checkpoints: Path, step: int, exports: list[Path], weight_bytes: int) -> int:
+    """About how many bytes a save of `step` adds before anything older is removed (old checkpoints are
+    pruned and old exports replaced only once the new ones are complete): a checkpoint, unless `step` is
+    saved already, of the newest one's size (before the first: the float32 weights, `weight_bytes`, and
+    twice that for the optimizer, AdamW's two moments, more than Muon's one), and a copy of each folder
+    in `exports` that the save rewrites (before the first: the weights and the tokenizer files)."""
+    newest = latest_checkpoint(checkpoints)
+    if (checkpoints / step_name(step)).is_dir():
+        checkpoint = 0
+    else:
+        checkpoint = folder_bytes(newest) if newest is not None else 3 * weight_bytes
+    export = sum(folder_bytes(folder) or weight_bytes + EXPORT_EXTRAS for folder in exports)
+    return checkpoint + export + SAVE_MARGIN
 
 
 def drop_tied_copies(models: list, weights: list[dict], output_dir: str) -> None:

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from gpt2_scratch.conversion import gpt2_layout, gpt2_model
-from gpt2_scratch.training.files import read_regular, share_as_umask
+from gpt2_scratch.training.files import read_regular, replace_text, share_as_umask, writing
+from gpt2_scratch.training.processes import on_main_process
 
 SCRATCH_EXPORT = "hf"
 GPT2_EXPORT = "hf-gpt2"
@@ -38,9 +39,9 @@ def export_model(accelerator: Accelerator, model, out_dir: Path, step: int) -> N
     `step`. Call on every rank: under FSDP gathering the full weights is a collective."""
     acc = accelerator
     state_dict = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None
-    if acc.is_main_process:
-        write_exports(acc.unwrap_model(model, keep_torch_compile=False), Path(out_dir), step, state_dict)
-    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+    # the main process writes; its error (a full disk) reaches every rank, so that none waits for it forever
+    on_main_process(acc, lambda: write_exports(unwrapped, Path(out_dir), step, state_dict))
 
 
 def write_exports(model, out_dir: Path, step: int, state_dict: dict | None = None) -> list[Path]:
@@ -93,9 +94,12 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     touched; leftovers of a killed write are removed by `remove_leftovers` where the folder is ours."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}.", dir=folder.parent))
-    write(tmp)
-    share_as_umask(tmp)  # readable by whoever may read the user's other files, not by this uid alone
+    partial = []
+    with writing(folder.parent, f"{folder.name}/", partial):
+        partial.append(Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}.", dir=folder.parent)))
+        tmp = partial[0]
+        write(tmp)
+        share_as_umask(tmp)  # readable by whoever may read the user's other files, not by this uid alone
     if folder.exists():
         old = Path(tempfile.mkdtemp(prefix=f".old_{folder.name}.", dir=folder.parent))
         os.replace(folder, old / folder.name)
@@ -117,9 +121,7 @@ def remove_leftovers(folder: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """`path` with `text`, through a temporary file, so a reader never sees half of it."""
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_text(path, text)
 
 
 def write_record(folder: Path, step: int | None, layout: str, **extra) -> None:

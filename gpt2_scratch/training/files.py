@@ -1,15 +1,22 @@
 """Reading and replacing the files of our own folders without trusting what lies there: a link is never
 followed, a FIFO or device is refused at once instead of blocking, a file is replaced by renaming a
-complete temporary copy onto it, and only what we made ourselves is ever deleted."""
+complete temporary copy onto it, and only what we made ourselves is ever deleted.
+
+A write that the disk refuses (full, read-only, no permission) becomes one `DiskError` line here, in
+`writing`, for every writer of the project: checkpoints, exports, logs, data shards, `--out` files."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from gpt2_scratch.user_errors import UserError
 
 
 class NotRegularFileError(OSError):
@@ -69,16 +76,17 @@ def copy_replacing(src: Path, dst: Path) -> None:
 
 def replace_with(path: Path, write) -> None:
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make the records private to this user
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path.parent, path.name):
+        fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make the records private to this user
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def umask() -> int:
@@ -105,3 +113,111 @@ def share_as_umask(path: Path) -> None:
     for item in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# A disk that refuses a write: one line, and no partial file left
+
+
+class DiskError(UserError):
+    """A folder that is full or may not be written: one `error:` line (exit status 2). A long run stops on
+    it with its newest intact checkpoint in place; it is not requeued (status 75), which would only fail again."""
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# Writers outside Python say it in words: safetensors (Rust) "No space left on device (os error 28)".
+RUST_ERRNO = {f"(os error {code})": code for code in (*FULL, *NOT_WRITABLE)}
+# torch.save's zip writer loses the errno ("unexpected pos 6720 vs 6612"): a folder with less than this free
+# when a write failed is taken as full.
+NEARLY_FULL = 1 << 20
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def existing_parent(folder: Path) -> Path:
+    """`folder`, or while it does not exist yet, its nearest existing parent."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def free_space(folder: Path) -> int:
+    """Free bytes on the disk where `folder` is (or will be made)."""
+    return shutil.disk_usage(existing_parent(folder)).free
+
+
+def disk_refusal(err: BaseException, folder: Path) -> tuple[int, Path] | None:
+    """How the disk refused a write into `folder` that failed with `err` (or with an error it was raised
+    from or during): the errno (ENOSPC, EROFS, ...) and the folder it names (that of the file in the error,
+    which may lie elsewhere, TMPDIR say, else `folder`); None when the failure is not the disk's."""
+    seen, pending = set(), [err]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (*FULL, *NOT_WRITABLE):
+            named = Path(error.filename) if isinstance(error.filename, (str, os.PathLike)) else None
+            inside = named is None or named.absolute().is_relative_to(Path(folder).absolute())
+            return error.errno, folder if inside else named.parent
+        code = next((code for words, code in RUST_ERRNO.items() if words in str(error)), None)
+        if code is not None:
+            return code, folder
+        pending += [error.__cause__, error.__context__]
+    try:
+        return (errno.ENOSPC, folder) if free_space(folder) < NEARLY_FULL else None
+    except OSError:
+        return None
+
+
+def disk_error(code: int, folder: Path, what: str, needed: int | None = None) -> DiskError:
+    """The one line for a write of `what` into `folder` that the disk refused with `code`."""
+    if code in FULL:
+        need = f", about {mib(needed)} needed" if needed else ""
+        return DiskError(
+            f"no space left in {folder} to write {what} ({mib(free_space(folder))} free{need}); free some space "
+            "there (nothing was deleted to make room) or choose another folder"
+        )
+    return DiskError(
+        f"{folder} is not writable ({os.strerror(code)}), so {what} cannot be written there; make it "
+        "writable or choose another folder"
+    )
+
+
+@contextlib.contextmanager
+def writing(folder: Path, what: str, partial: list[Path] | None = None, needed: int | None = None) -> Iterator[None]:
+    """Write `what` into `folder`: a failure that is the disk's (full, read-only, no permission) removes the
+    `partial` files and folders (the caller's temporary ones, listed once made) and becomes one `DiskError`;
+    any other failure propagates unchanged."""
+    try:
+        yield
+    except UserError:  # said already (a DiskError of an inner write, or the user's input)
+        raise
+    except Exception as err:
+        refusal = disk_refusal(err, folder)
+        if refusal is None:
+            raise
+        for path in partial or ():
+            remove_ours(path)
+        raise disk_error(*refusal, what, needed) from err
+
+
+def check_room(folder: Path, needed: int, what: str) -> None:
+    """Refuse, before anything is written, a write of `what` (about `needed` bytes) into `folder` that
+    would not fit in its free space."""
+    if free_space(folder) < needed:
+        raise disk_error(errno.ENOSPC, folder, what, needed)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse, before any work, a destination folder that may not be written: a file made there (or in its
+    nearest existing parent, where `folder` is still to be made) and removed at once."""
+    probe_in = existing_parent(folder)
+    with writing(probe_in, what):
+        fd, name = tempfile.mkstemp(prefix=".tmp_write_check.", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)

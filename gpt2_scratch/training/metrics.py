@@ -15,7 +15,7 @@ import torch
 
 from gpt2_scratch.training.config import TrainConfig
 from gpt2_scratch.training.devices import synchronize
-from gpt2_scratch.training.files import replace_text
+from gpt2_scratch.training.files import replace_text, writing
 from gpt2_scratch.training.recipe import resolve_mixed_precision
 
 # Dense (no sparsity) tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s, matched on the
@@ -104,8 +104,16 @@ class Meter:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """`record` as one line at the end of `path`; a write the disk refuses is cut back off (no half line)."""
+    line = (json.dumps(record) + "\n").encode()
+    with writing(path.parent, path.name), path.open("ab", buffering=0) as f:
+        end = f.tell()
+        try:
+            while line:  # an unbuffered write may take part of it; the next one reports the full disk
+                line = line[f.write(line) :]
+        except OSError:
+            f.truncate(end)
+            raise
 
 
 def read_records(out_dir: Path) -> list[dict]:

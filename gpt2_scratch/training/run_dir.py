@@ -34,7 +34,7 @@ from gpt2_scratch.training.paths import RunPaths
 def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
     """Write the resolved config and the run's environment into the run directory (main process)."""
     paths.out_dir.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(config_to_yaml(config))
+    replace_text(paths.config, config_to_yaml(config))  # a full disk leaves the old one whole
     info = {
         **info,
         "command": sys.argv,
@@ -44,7 +44,7 @@ def describe_run(config: TrainConfig, paths: RunPaths, info: dict) -> None:
         "packages": package_versions(),
         "git": git_revision(),
     }
-    paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
+    replace_text(paths.run_info, json.dumps(info, indent=2) + "\n")
 
 
 def package_versions() -> dict[str, str | None]:
