@@ -117,9 +117,12 @@ def local_source(
     for path in files:
         if path.stat().st_size == 0:
             raise DataPrepError(f"{path} is empty")
-    dataset = datasets.load_dataset(
-        builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
-    )
+    if builder == "text" and txt_sample_by == "document":
+        dataset = DocumentStream(lambda: (read_document(path, encoding_errors) for path in files))
+    else:
+        dataset = datasets.load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+        )
     description = {
         "kind": "files",
         "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
@@ -130,6 +133,14 @@ def local_source(
     if encoding_errors != "strict":  # other text, other tokens (absent: the manifests made before the option)
         description["encoding_errors"] = encoding_errors
     return Source(dataset, description, text_column, None)
+
+
+def read_document(path: Path, encoding_errors: str = "strict") -> str:
+    """A .txt file as one document, read as datasets' text builder reads it (UTF-8, universal newlines,
+    `encoding_errors`), but held once: that builder keeps the text, an Arrow copy and the Python string
+    made from it, three copies of what may be a multi-GB one-line file."""
+    with open(path, encoding="utf-8", errors=encoding_errors) as f:
+        return f.read()
 
 
 def first_invalid_utf8(path: Path, block: int = 1 << 20) -> tuple[int, str] | None:

@@ -400,3 +400,25 @@ def test_cli_help_documents_every_flag() -> None:
         "--overwrite",
     ):
         assert flag in result.stdout
+
+
+def test_a_one_line_document_of_many_pieces_gives_the_tokens_of_the_whole(tmp_path: Path, monkeypatch) -> None:
+    """A .txt document (read once, not through datasets' three copies) tokenized in pieces of about 64
+    characters, hundreds of them: the shards hold what datasets' own text reader and tiktoken's encoding of
+    the whole document give, CR LF read as LF alike, in one process and in worker processes (forked: they
+    inherit the small pieces)."""
+    import datasets
+
+    from data_prep import tokenizer
+
+    monkeypatch.setattr(tokenizer, "PIECE_CHARS", 64)
+    text = "It's 2024:   naïve café\r\n東京 42 apples\t... we'll see!  \n\n " * 300
+    path = tmp_path / "one.txt"
+    path.write_bytes(text.encode())
+    theirs = datasets.load_dataset("text", data_files=[str(path)], sample_by="document", split="train", streaming=True)
+    (document,) = [row["text"] for row in theirs]
+    assert document == text.replace("\r\n", "\n")
+    assert len(tokenizer.encode_pieces(document)) > 200
+    for num_proc in (1, 2):
+        out = prepare(tmp_path / f"out{num_proc}", files=[str(path)], shard_tokens=5000, num_proc=num_proc)
+        np.testing.assert_array_equal(concatenated(out), reference_stream([document]))
