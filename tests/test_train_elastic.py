@@ -19,7 +19,9 @@ import pytest
 from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, reserved_port, run_cli, train_in_process
 
 from data_prep import ShardLoader
-from gpt2_scratch.training.verify import process_count_problem
+from gpt2_scratch.training.checkpoints import run_settings
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.verify import process_count_problem, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,3 +148,16 @@ def test_fsdp_on_cpu_is_refused_in_one_line(data_dir, tmp_path):
     assert errors and errors[0].startswith("error: this launch asks for FSDP, but Accelerate runs FSDP only on GPUs")
     assert "would train with MULTI_CPU" in errors[0] and "accelerate_configs/cpu_2proc.yaml" in errors[0]
     assert not out.exists()
+
+
+def test_a_checkpoint_saved_while_val_batches_counted_per_process_resumes_with_its_total():
+    """Before, a checkpoint recorded val_batches x processes (4 per process on 2: 8), the count of batches
+    all processes read together, which is what val_batches now means: `--val_batches 8` resumes it on any
+    number of processes; the default 4 is refused, naming the count to pass."""
+    old = {**run_settings(TrainConfig(val_batches=4), "data", 2, "val"), "val_batches": 4 * 2}
+    for processes in (1, 2, 4):
+        now = run_settings(TrainConfig(val_batches=8), "data", processes, "val")
+        assert settings_changes(old, {k: v for k, v in now.items() if k != "processes"}) == []
+    default = run_settings(TrainConfig(), "data", 1, "val")
+    (change,) = settings_changes(old, {k: v for k, v in default.items() if k != "processes"})
+    assert change.startswith("val_batches: 8 -> 4 (the batches of all processes together")
