@@ -412,7 +412,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator, paths: RunPaths,
         accelerator, lambda: find_resume_checkpoint(config, paths.checkpoints, paths.out_dir, settings, store)
     )
     if store is not None:
-        run_id = on_main_process(accelerator, lambda: own_store(paths, store, run_id))
+        run_id = on_main_process(accelerator, lambda: own_store(paths, store, run_id, checkpoint is not None))
 
     set_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from data_prep.cache import ShardCache
 
 STATE_FORMAT_VERSION = 1
+# The target of a padding row of a validation batch: F.cross_entropy's default ignore_index.
+IGNORE_INDEX = -100
 
 
 def split_entries(data_dir: str | os.PathLike, split: str) -> list[dict[str, Any]]:
@@ -271,11 +273,16 @@ def iter_val_batches(
     world_size: int = 1,
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Validation `(x, y)` batches in stream order, disjoint across ranks, equally many on each.
+    """Validation `(x, y)` batches of one evaluation, split over the ranks, equally many on each.
 
-    Global batch `i` is the val chunks `[i * B * W, (i + 1) * B * W)`; rank `r` takes its `B`.
-    All ranks stop after `min(max_batches, chunks // (B * W))` batches, so a distributed
-    evaluation never waits on a rank that ran out. Shard headers are checked before the first batch.
+    The evaluation is the first `max_batches * batch_size` val chunks in stream order (all of them when
+    None or when the split holds fewer): the same sequences for any `world_size`, so that the loss does
+    not depend on how many processes compute it. Global batch `i` is chunks `[i * B * W, (i + 1) * B * W)`
+    of those; rank `r` takes its `B`. Every rank yields the same number of `(B, seq_len)` batches (a
+    sharded model's forward is a collective, and a rank that stopped early would hang the others), so
+    where the evaluation runs out the rows are padding: `y` is `IGNORE_INDEX` there (cross_entropy's
+    default `ignore_index`), and the tokens that count are `y != IGNORE_INDEX`. Shard headers are
+    checked before the first batch.
     """
     check_batch_shape(batch_size, seq_len, rank, world_size)
     if max_batches is not None and max_batches < 1:
@@ -283,19 +290,20 @@ def iter_val_batches(
     entries = split_entries(data_dir, "val")
     shards = [load_tokens(check_shard(data_dir, entry, verify_hash=False), mmap=True) for entry in entries]
     chunks = [(s, c * seq_len) for s, tokens in enumerate(shards) for c in range(num_chunks(len(tokens), seq_len))]
-    global_batch = batch_size * world_size
-    num_batches = len(chunks) // global_batch
-    if num_batches == 0:
-        raise DataPrepError(
-            f"the val split of {Path(data_dir)} has {len(chunks)} chunks of {seq_len + 1} tokens, fewer than one "
-            f"batch of batch_size {batch_size} x world_size {world_size}"
-        )
+    if not chunks:
+        raise DataPrepError(f"the val split of {Path(data_dir)} has no chunk of {seq_len + 1} tokens")
     if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
+        chunks = chunks[: max_batches * batch_size]
+    global_batch = batch_size * world_size
+    num_batches = -(-len(chunks) // global_batch)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(num_batches):
             first = i * global_batch + rank * batch_size
-            yield gather(shards, chunks[first : first + batch_size], seq_len)
+            mine = chunks[first : first + batch_size]
+            pad = batch_size - len(mine)
+            x, y = gather(shards, mine + [chunks[0]] * pad, seq_len)  # padding rows: any real tokens as input
+            y[len(mine) :] = IGNORE_INDEX
+            yield x, y
 
     return batches()

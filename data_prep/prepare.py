@@ -42,7 +42,7 @@ from data_prep.sources import (
     local_source,
     undecodable,
 )
-from data_prep.tokenizer import EOT_ID, get_encoding
+from data_prep.tokenizer import EOT_ID, encode_pieces, get_encoding
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 # The built-in corpus is ~340k tokens: small shards give a val shard and several train shards.
@@ -55,15 +55,22 @@ TASKS_PER_WORKER = 4
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize documents: ([EOT, *doc0, EOT, *doc1, ...] as uint16, tokens per document incl. its EOT)."""
-    enc = get_encoding()
-    encoded = [enc.encode_ordinary(text) for text in texts]
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    """Tokenize documents: ([EOT, *doc0, EOT, *doc1, ...] as uint16, tokens per document incl. its EOT).
+
+    A long document is encoded in pieces (`encode_pieces`: the same tokens as whole), each piece's tokens
+    copied into the result and let go, so that besides its text it needs its tokens twice at 2 bytes
+    each, never all of them as Python ints (~36 bytes a token, about 9 times English text)."""
+    encoded = [encode_pieces(text) for text in texts]
+    lengths = np.fromiter((sum(map(len, pieces)) + 1 for pieces in encoded), dtype=np.int64, count=len(encoded))
     tokens = np.empty(int(lengths.sum()), dtype=TOKEN_DTYPE)
     starts = np.cumsum(lengths) - lengths
     tokens[starts] = EOT_ID
-    for start, ids in zip(starts.tolist(), encoded, strict=True):
-        tokens[start + 1 : start + 1 + len(ids)] = ids
+    for start, pieces in zip(starts.tolist(), encoded, strict=True):
+        at = start + 1
+        while pieces:
+            piece = pieces.pop(0)
+            tokens[at : at + len(piece)] = piece
+            at += len(piece)
     return tokens, lengths
 
 

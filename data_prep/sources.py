@@ -11,6 +11,7 @@ import ast
 import codecs
 import glob
 import itertools
+import json
 import os
 import platform
 import sysconfig
@@ -117,9 +118,14 @@ def local_source(
     for path in files:
         if path.stat().st_size == 0:
             raise DataPrepError(f"{path} is empty")
-    dataset = datasets.load_dataset(
-        builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
-    )
+    if builder == "text" and txt_sample_by == "document":
+        dataset = DocumentStream(lambda: (read_document(path, encoding_errors) for path in files))
+    elif kinds == {".jsonl"}:
+        dataset = DocumentStream(lambda: (row for path in files for row in read_jsonl_rows(path, encoding_errors)))
+    else:
+        dataset = datasets.load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+        )
     description = {
         "kind": "files",
         "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
@@ -130,6 +136,35 @@ def local_source(
     if encoding_errors != "strict":  # other text, other tokens (absent: the manifests made before the option)
         description["encoding_errors"] = encoding_errors
     return Source(dataset, description, text_column, None)
+
+
+def read_document(path: Path, encoding_errors: str = "strict") -> str:
+    """A .txt file as one document, read as datasets' text builder reads it (UTF-8, universal newlines,
+    `encoding_errors`), but held once: that builder keeps the text, an Arrow copy and the Python string
+    made from it, three copies of what may be a multi-GB one-line file."""
+    with open(path, encoding="utf-8", errors=encoding_errors) as f:
+        return f.read()
+
+
+def read_jsonl_rows(path: Path, encoding_errors: str = "strict") -> Iterator[dict[str, Any]]:
+    """The rows of a .jsonl file, one JSON object a line (blank lines skipped), decoded as `read_document`
+    decodes text, and read line by line so that a huge line is held as its line and then only as its
+    values, not also as datasets' block of bytes, an Arrow copy and the Python strings made from it. A
+    line that is not a JSON object is one error naming the file and the line."""
+    number = 0
+    with open(path, encoding="utf-8", errors=encoding_errors) as f:
+        for line in f:  # not enumerate(): its reused result tuple would keep each line alive
+            number += 1
+            if not line or line.isspace():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataPrepError(f"{path} line {number} is not JSON: {err.msg} (column {err.colno})") from None
+            del line
+            if not isinstance(row, dict):
+                raise DataPrepError(f"{path} line {number} is not a JSON object but {type(row).__name__}")
+            yield row
 
 
 def first_invalid_utf8(path: Path, block: int = 1 << 20) -> tuple[int, str] | None:
@@ -222,9 +257,10 @@ def builtin_documents() -> list[str]:
 
 
 class DocumentStream:
-    """Documents read lazily from `documents()`, with the three methods of `datasets.IterableDataset`
-    that `prepare` uses (`skip`, `take`, `iter`), so that the built-in corpus needs no `datasets`
-    (machines without it, such as the GPU image, prepare it too)."""
+    """Documents (strings) or rows (dicts) read lazily from `documents()`, with the three methods of
+    `datasets.IterableDataset` that `prepare` uses (`skip`, `take`, `iter`), so that the built-in corpus
+    needs no `datasets` (machines without it, such as the GPU image, prepare it too), and a `.txt`
+    document or `.jsonl` row is read by us, held once."""
 
     def __init__(self, documents: Callable[[], Iterable[str]], start: int = 0, stop: int | None = None) -> None:
         self.documents, self.start, self.stop = documents, start, stop
@@ -237,10 +273,20 @@ class DocumentStream:
         stop = self.start + n
         return DocumentStream(self.documents, self.start, stop if self.stop is None else min(stop, self.stop))
 
-    def iter(self, batch_size: int) -> Iterator[dict[str, list[str]]]:
+    def iter(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
         docs = itertools.islice(self.documents(), self.start, self.stop)
         while batch := list(itertools.islice(docs, batch_size)):
-            yield {"text": batch}
+            yield as_columns(batch)
+
+
+def as_columns(batch: list[str | dict[str, Any]]) -> dict[str, list[Any]]:
+    """A batch column by column, as `datasets` gives it: strings are documents of the column `text`;
+    dicts are rows, and a row without a column holds None there."""
+    if all(isinstance(doc, str) for doc in batch):
+        return {"text": batch}
+    rows = [doc if isinstance(doc, dict) else {"text": doc} for doc in batch]
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def builtin_source() -> Source:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
@@ -36,6 +39,23 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 
 # GPT-2's split pattern, in tiktoken's faster but equivalent spelling (same source file).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+# Where a long text may be cut so that its pieces encode to exactly the tokens of the whole: right before
+# whitespace that follows a non-whitespace character. GPT2_PAT_STR has no lookbehind, `^` or `\b`, so from
+# the cut on, the piece after it is split into pre-tokens as the whole text is there; and the piece before
+# it ends as the whole text does at the cut:
+# - the pre-token holding the last character (not whitespace) is a run of one class (` ?\p{L}++`,
+#   ` ?\p{N}++`, ` ?[^\s\p{L}\p{N}]++`, each stopping at whitespace as at the text's end) or a
+#   contraction (`'ll`, `'ve`, `'re` fail alike on whitespace and on the end): it ends at the cut;
+# - the only parts of the pattern that look past a match, `$` and `(?!\S)`, end whitespace runs, and none
+#   ends at the cut (the character before it is not whitespace); earlier matches look only inside the piece.
+# BPE then merges within each pre-token only. Python's \S excludes everything tiktoken's \s (Unicode
+# White_Space) matches; U+001C to U+001F are whitespace to Python, not to tiktoken, so none is a cut.
+SAFE_CUT = re.compile(r"(?<=\S)[^\S\x1c-\x1f]")
+# Characters per piece of a long document: its tokens as Python ints (tiktoken's list, ~36 bytes each)
+# are then at most a few MB at a time, instead of ~9 times the document.
+PIECE_CHARS = 1 << 20
 
 
 class TokenizerFileError(UserError):
@@ -87,6 +107,29 @@ def get_encoding() -> tiktoken.Encoding:
         special_tokens={EOT_TOKEN: EOT_ID},
         explicit_n_vocab=VOCAB_SIZE,
     )
+
+
+def safe_cuts(text: str, piece_chars: int | None = None) -> list[int]:
+    """Where to cut `text` (see SAFE_CUT) into pieces of about `piece_chars` (default PIECE_CHARS)
+    characters: the first safe cut in the second half of each piece, else the first one after it. A
+    stretch with no safe cut (one long word or number) stays in one piece, however long."""
+    piece_chars = piece_chars or PIECE_CHARS
+    cuts, start = [], 0
+    while len(text) - start > piece_chars:
+        found = SAFE_CUT.search(text, start + max(1, piece_chars // 2))
+        if found is None:
+            break
+        cuts.append(start := found.start())
+    return cuts
+
+
+def encode_pieces(text: str, piece_chars: int | None = None) -> list[np.ndarray]:
+    """`get_encoding().encode_ordinary(text)` as uint16 arrays, one per piece of about `piece_chars`
+    characters cut where the tokens cannot change (`safe_cuts`): their concatenation is exactly the whole
+    text's tokens, while only one piece's tokens are ever Python ints."""
+    enc = get_encoding()
+    bounds = [0, *safe_cuts(text, piece_chars), len(text)]
+    return [np.array(enc.encode_ordinary(text[a:b]), dtype=np.uint16) for a, b in itertools.pairwise(bounds)]
 
 
 # GPT-2's context length, the tokenizer's limit when no model is given.

@@ -40,11 +40,13 @@ def evaluate_val_loss(
 
     Batches come from `data_prep.iter_val_batches` (deterministic, disjoint across ranks, as many on
     each); with an `accelerator` the sums are reduced across processes, so every rank returns the same
-    number. `max_batches` caps the batches per process. A missing or empty val split raises
+    number. `max_batches` caps the batches of `batch_size` in the whole evaluation, split over the
+    processes: the same sequences, and so the same loss, on any number of them. A missing or empty val split raises
     `data_prep.DataPrepError`. `device` defaults to the accelerator's, else the model's. Uses only the
     model's logits, so it works on ours and on transformers' GPT-2 alike.
     """
     import data_prep
+    from data_prep.loader import IGNORE_INDEX
 
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
@@ -60,8 +62,9 @@ def evaluate_val_loss(
             x, y = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
             with autocast(device):
                 logits = model(x).logits  # (B, T, vocab)
+            # padding rows (a rank's share ran out) have IGNORE_INDEX targets, cross_entropy's default
             totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            totals[1] += y.numel()
+            totals[1] += (y != IGNORE_INDEX).sum()
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item()
@@ -83,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seq_len", type=int, default=1024, help="tokens per sequence (at most the model's n_positions)"
     )
     parser.add_argument(
-        "--max_batches", type=int, default=None, help="stop after this many batches per process (default: whole split)"
+        "--max_batches",
+        type=int,
+        default=None,
+        help="batches in the whole evaluation, split over the processes (default: the whole split)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this file")

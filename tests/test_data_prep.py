@@ -400,3 +400,52 @@ def test_cli_help_documents_every_flag() -> None:
         "--overwrite",
     ):
         assert flag in result.stdout
+
+
+def test_a_one_line_document_of_many_pieces_gives_the_tokens_of_the_whole(tmp_path: Path, monkeypatch) -> None:
+    """A .txt document (read once, not through datasets' three copies) tokenized in pieces of about 64
+    characters, hundreds of them: the shards hold what datasets' own text reader and tiktoken's encoding of
+    the whole document give, CR LF read as LF alike, in one process and in worker processes (forked: they
+    inherit the small pieces)."""
+    import datasets
+
+    from data_prep import tokenizer
+
+    monkeypatch.setattr(tokenizer, "PIECE_CHARS", 64)
+    text = "It's 2024:   naïve café\r\n東京 42 apples\t... we'll see!  \n\n " * 300
+    path = tmp_path / "one.txt"
+    path.write_bytes(text.encode())
+    theirs = datasets.load_dataset("text", data_files=[str(path)], sample_by="document", split="train", streaming=True)
+    (document,) = [row["text"] for row in theirs]
+    assert document == text.replace("\r\n", "\n")
+    assert len(tokenizer.encode_pieces(document)) > 200
+    for num_proc in (1, 2):
+        out = prepare(tmp_path / f"out{num_proc}", files=[str(path)], shard_tokens=5000, num_proc=num_proc)
+        np.testing.assert_array_equal(concatenated(out), reference_stream([document]))
+
+
+def test_jsonl_rows_read_line_by_line_are_the_rows_datasets_reads(tmp_path: Path) -> None:
+    """A .jsonl file is read by data_prep line by line (a huge line held once): the same texts as datasets'
+    JSON reader gives, with escapes, U+2028 inside a string, CR LF line ends, a blank line, rows with other
+    columns or without one; a line that is not a JSON object is one line naming the file and the line."""
+    import datasets
+
+    rows = [{"text": t, "id": i} for i, t in enumerate(DOCS[:6])]
+    rows[1] = {"text": 'tab\there, quote " and \\u2028: \u2028 end', "meta": {"a": [1, 2]}}
+    rows[2] = {"text": "no id column"}
+    lines = [json.dumps(row, ensure_ascii=i % 2 == 0) for i, row in enumerate(rows)]
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(("\r\n".join(lines[:3]) + "\r\n\r\n" + "\n".join(lines[3:]) + "\n").encode())
+    theirs = datasets.load_dataset("json", data_files=[str(path)], split="train", streaming=True)
+    texts = [row["text"] for row in theirs]
+    assert texts == [row["text"] for row in rows]
+    out = prepare(tmp_path / "out", files=[str(path)], shard_tokens=8, num_proc=1)
+    np.testing.assert_array_equal(concatenated(out), reference_stream(texts))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n" + lines[1] + "\n" + '{"text": "cut short\n')
+    with pytest.raises(DataPrepError, match=rf"{re.escape(str(bad))} line 3 is not JSON: "):
+        prepare(tmp_path / "bad_out", files=[str(bad)], shard_tokens=8, num_proc=1)
+    bad.write_text(lines[0] + "\n" + '["a list"]\n')
+    with pytest.raises(DataPrepError, match=r"bad.jsonl line 2 is not a JSON object but list"):
+        prepare(tmp_path / "bad_out2", files=[str(bad)], shard_tokens=8, num_proc=1)

@@ -115,11 +115,11 @@ def test_a_run_on_s3_logs_the_losses_of_the_local_run_through_a_kill_and_resume(
 
 
 def test_two_processes_sharing_one_cache_log_the_losses_of_the_local_run(local_run, on_s3, s3_server, tmp_path):  # noqa: F811
-    """Two ranks (gloo) read through one cache folder; val_batches 1 per rank = the local run's 2."""
+    """Two ranks (gloo) read through one cache folder, evaluating the same val batches split over them."""
     out = tmp_path / "two"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launcher += [str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
-    argv = nano_args(on_s3, out, **{**RUN, "val_batches": 1}, data_cache_gb=LIMIT_GB)
+    argv = nano_args(on_s3, out, **RUN, data_cache_gb=LIMIT_GB)
     done = run_cli(argv, timeout=400, launcher=launcher, env=s3_server.env)
     assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "error" in line.lower())
     assert metric(out, "train/loss") == metric(local_run, "train/loss")

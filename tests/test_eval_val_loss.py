@@ -28,10 +28,10 @@ def direct_val_loss(model, tokens, n_sequences: int) -> float:
 
 
 def test_val_loss_equals_direct_computation(tmp_path):
-    tokens = random_tokens(500)  # 31 windows of 17 tokens: 7 batches of 4, three windows left over
+    tokens = random_tokens(500)  # 31 windows of 17 tokens: 7 batches of 4, and 3 windows in a padded eighth
     data_dir = write_shards(tmp_path / "data", tokens, train_tokens=random_tokens(500, seed=1))
     model = tiny_gpt2()
-    expected = direct_val_loss(model, tokens, n_sequences=7 * BATCH)
+    expected = direct_val_loss(model, tokens, n_sequences=31)
     got = evaluate_val_loss(model, data_dir, batch_size=BATCH, seq_len=SEQ_LEN, device="cpu")
     assert got == pytest.approx(expected, rel=1e-5)
     capped = evaluate_val_loss(model, data_dir, batch_size=BATCH, seq_len=SEQ_LEN, max_batches=2)
@@ -55,9 +55,12 @@ def test_cli_prints_and_writes_the_loss(tmp_path, capsys):
 
 def test_errors_for_empty_split_and_too_long_sequences(tmp_path):
     model = tiny_gpt2()
-    short = write_shards(tmp_path / "short", random_tokens(20))  # one window of 17, fewer than a batch of 4
-    with pytest.raises(DataPrepError, match="fewer than one batch"):
-        evaluate_val_loss(model, short, batch_size=BATCH, seq_len=SEQ_LEN)
+    short = write_shards(tmp_path / "short", random_tokens(20))  # one window of 17 in a batch of 4: 3 padding rows
+    got = evaluate_val_loss(model, short, batch_size=BATCH, seq_len=SEQ_LEN)
+    assert got == pytest.approx(direct_val_loss(model, random_tokens(20), n_sequences=1), rel=1e-5)
+    shorter = write_shards(tmp_path / "shorter", random_tokens(SEQ_LEN))
+    with pytest.raises(DataPrepError, match=f"has no chunk of {SEQ_LEN + 1} tokens"):
+        evaluate_val_loss(model, shorter, batch_size=BATCH, seq_len=SEQ_LEN)
     no_val = write_shards(tmp_path / "train_only", None, train_tokens=random_tokens(500))
     with pytest.raises(DataPrepError, match="lists no 'val' shards"):
         evaluate_val_loss(model, no_val, batch_size=BATCH, seq_len=SEQ_LEN)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data_prep import DataPrepError, ShardError, ShardLoader, iter_val_batches, prepare_builtin, read_manifest
+from data_prep.loader import IGNORE_INDEX
 from data_prep.shards import write_manifest, write_shard
 
 T = 8
@@ -155,17 +156,30 @@ def test_loader_checks_shards(data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_val_batches_are_disjoint_and_equal_in_number(data_dir: Path, world_size: int) -> None:
-    per_rank = [list(iter_val_batches(data_dir, 1, T, rank=r, world_size=world_size)) for r in range(world_size)]
+@pytest.mark.parametrize("max_batches", [None, 1, 2])
+def test_val_batches_split_one_evaluation_over_the_ranks(data_dir: Path, world_size: int, max_batches) -> None:
+    """Every rank yields as many (B, T) batches, and their real rows (the targets that are not
+    IGNORE_INDEX) are the first max_batches x B val chunks, each once, for any number of ranks: the
+    val shard's 50 tokens hold 6 chunks of T + 1, starting at 0, 8, ..., 40 (the tokens are their
+    positions). A rank whose share runs out pads whole rows."""
+    B = 2
+    per_rank = [
+        list(iter_val_batches(data_dir, B, T, rank=r, world_size=world_size, max_batches=max_batches))
+        for r in range(world_size)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1
-    assert len(per_rank[0]) == (49 // T) // world_size
-    for rank, batches in enumerate(per_rank):
-        for i, (x, y) in enumerate(batches):
-            assert int(x[0, 0]) == (i * world_size + rank) * T  # stream order, rank-interleaved
-            torch.testing.assert_close(y, x + 1)
-    assert len(list(iter_val_batches(data_dir, 1, T, max_batches=2))) == 2
-    with pytest.raises(DataPrepError, match="fewer than one batch of batch_size 7 x world_size 1"):
-        iter_val_batches(data_dir, 7, T)
+    starts = []
+    for batches in per_rank:
+        for x, y in batches:
+            assert x.shape == y.shape == (B, T)
+            real = (y != IGNORE_INDEX).all(dim=1)
+            assert (real | (y == IGNORE_INDEX).all(dim=1)).all()
+            torch.testing.assert_close(y[real], x[real] + 1)
+            starts += x[real, 0].tolist()
+    every = [c * T for c in range((SIZES[0] - 1) // T)]
+    assert sorted(starts) == (every if max_batches is None else every[: max_batches * B])
+    with pytest.raises(DataPrepError, match="has no chunk of 51 tokens"):
+        iter_val_batches(data_dir, B, 50)
 
 
 def test_builtin_corpus_feeds_the_loader(tmp_path: Path) -> None:
@@ -174,4 +188,4 @@ def test_builtin_corpus_feeds_the_loader(tmp_path: Path) -> None:
     x, y = ShardLoader(data_dir, batch_size=4, seq_len=64).next_batch()
     assert x.shape == (4, 64) and int(x.max()) < 50257
     assert torch.equal(x[:, 1:], y[:, :-1])
-    assert sum(1 for _ in iter_val_batches(data_dir, 4, 64, rank=1, world_size=2)) == (val_tokens - 1) // 64 // 8
+    assert sum(1 for _ in iter_val_batches(data_dir, 4, 64, rank=1, world_size=2)) == -(-((val_tokens - 1) // 64) // 8)

@@ -5,11 +5,13 @@ uploads, pruning, the pre-flight, and the hf:// layout without the network."""
 import hashlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from stores import s3_server  # noqa: F401  (fixture)
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process
 
 from gpt2_scratch.training import remote as cr
@@ -289,3 +291,41 @@ def test_sigkill_then_resume_auto_on_an_empty_out_dir_logs_the_same_losses(data_
     info = json.loads((fresh / "run_info.json").read_text())
     assert info["resumed_from"] == str(fresh / "checkpoints" / f"step_{newest:06d}")
     assert cr.complete_steps(cr.open_store(f"file://{remote}"))[-1] == 16
+
+
+def test_resume_auto_from_a_store_with_only_partial_uploads_says_so_and_starts_a_new_run(
+    data_dir,
+    tmp_path,
+    s3_server,  # noqa: F811
+):
+    """A store whose run was killed during its first upload (on the S3 server on 127.0.0.1): `--resume auto`
+    on a new machine has nothing to continue. It says so in one line naming the unfinished upload, starts at
+    step 0 under a new run id (not the store's old one, as if continuing it), and its own upload replaces it."""
+    url = f"s3://data/{tmp_path.name}/run"
+    store = cr.open_store(url)
+    cr.claim_store(store, "oldrun")
+    killed = make_checkpoint(tmp_path / "local" / "step_000004", 4)
+    (_, files), _, _ = cr.upload_plan(store, 4, killed, make_export(tmp_path / "local" / "hf"))
+    cr.write(store, files, "the files of step 4, not its marker")
+    assert cr.remote_checkpoints(store) == {4: False}
+
+    out = tmp_path / "fresh"
+    common = dict(max_steps=4, save_interval=4, eval_interval=4, num_samples=0)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger(cr.logger.name).addHandler(handler)  # what the trainer's log shows, however it is set up
+    try:
+        train_in_process(nano_args(data_dir, out, resume="auto", checkpoint_remote=url, **common))
+    finally:
+        logging.getLogger(cr.logger.name).removeHandler(handler)
+    said = [r.getMessage() for r in records if "nothing to resume" in r.getMessage()]
+    new_run = (out / "run_id").read_text().strip()
+    assert len(said) == 1 and new_run != "oldrun", [r.getMessage() for r in records]
+    assert f"{url} holds only partial uploads of run oldrun (step_000004: no COMPLETE marker" in said[0]
+    assert f"starting afresh at step 0 as a new run {new_run}" in said[0]
+    assert sorted(metric(out, "train/loss")) == [1, 2, 3, 4]
+    assert cr.store_owner(store) == new_run
+    assert cr.remote_checkpoints(store) == {4: True}
+    ours = out / "checkpoints" / "step_000004" / "train_state.json"
+    assert store.fs.cat_file(f"{store.checkpoint(4)}/train_state.json") == ours.read_bytes()  # not the stand-in's

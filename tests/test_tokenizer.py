@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken_ext.openai_public
 from transformers import AutoTokenizer
@@ -147,3 +149,42 @@ def test_saved_bpe_files_encode_like_the_fast_tokenizer(tmp_path):
         expected = fast(text)["input_ids"]
         assert slow_encode(tmp_path, text) == from_bpe(text)["input_ids"] == expected, text
     assert slow_encode(tmp_path, "a<|endoftext|>b")[1] == tokenizer.EOT_ID
+
+
+# What GPT-2's pre-tokenization treats specially: runs of spaces and newlines (`\s+(?!\S)`, `\s++$`), digits,
+# contractions (also cut short: "'l"), a space before letters, digits or punctuation, Unicode letters,
+# digits and spaces (U+00A0, U+3000, U+2028, U+0085), combining marks, emoji, U+001C (whitespace to Python,
+# not to tiktoken), and the EOT text (ordinary text here).
+ATOMS = ["a", "Zebra", "é", "東京", "안녕", "1", "2024", "９", "Ⅷ", " ", "  ", " " * 9, "\n", "\n\n", "\n \n", "\t"]
+ATOMS += ["\r\n", "'s", "'ll", "'l", "'ve", "'re", "'", "!", "...", " !", "🎉", "👩‍💻", "e\u0301", "\u00a0", "\u3000"]
+ATOMS += ["\u2028", "\u0085", "\x1c", "<|endoftext|>", " 3", " x"]
+
+
+def adversarial_text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(ATOMS) for _ in range(n))
+
+
+@pytest.mark.parametrize("piece_chars", [1, 7, 64, 4096])
+def test_a_long_text_encodes_in_pieces_to_the_tokens_of_the_whole(piece_chars):
+    """The pieces' tokens, concatenated, are tiktoken's for the whole text, with pieces as short as the cuts
+    allow (1: every safe cut is taken) and many of them."""
+    enc = tokenizer.get_encoding()
+    text = adversarial_text(30_000, seed=piece_chars)
+    pieces = tokenizer.encode_pieces(text, piece_chars)
+    assert len(pieces) > len(text) // (2 * max(piece_chars, 64))
+    assert np.concatenate(pieces).tolist() == enc.encode_ordinary(text)
+
+
+def test_only_cuts_before_whitespace_after_other_characters_are_taken():
+    """The cuts fall between a character that is not whitespace and whitespace, and a stretch without one
+    stays whole; cuts elsewhere (in a contraction, after spaces, after newlines) change the tokens."""
+    enc = tokenizer.get_encoding()
+    text = "It's  here:\n\nnumbers 12345 \u3000東京\n" * 50
+    cuts = tokenizer.safe_cuts(text, 1)
+    assert cuts and all(not text[c - 1].isspace() and text[c].isspace() for c in cuts)
+    line = "It's  here:\n\n"
+    for unsafe in (line.index("'") + 1, line.index("h"), len(line)):  # in 's; after two spaces; after \n\n
+        assert enc.encode_ordinary(text[:unsafe]) + enc.encode_ordinary(text[unsafe:]) != enc.encode_ordinary(text)
+    word = "x" * 5000
+    assert tokenizer.safe_cuts(word, 10) == [] and len(tokenizer.encode_pieces(word, 10)) == 1

@@ -107,8 +107,8 @@ def test_two_processes_under_bf16_match_one_process_with_twice_the_accumulation(
     both, and halving is exact in binary, so the all-reduce's (g1 + g2) / 2 equals the float32 sum
     g1 / 2 + g2 / 2 that one process accumulates."""
     two = tmp_path / "two"
-    # val_batches counts batches per process: 2 ranks x 1 batch read the same val chunks as 1 x 2.
-    done = train_two_processes(nano_args(data_dir, two, **{**BF16, "stop_at_step": 8}, val_batches=1))
+    # val_batches counts the batches of all processes: 2 ranks x 1 batch read the same val chunks as 1 x 2.
+    done = train_two_processes(nano_args(data_dir, two, **{**BF16, "stop_at_step": 8}))
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((two / "run_info.json").read_text())
     assert (info["processes"], info["gradient_accumulation_steps"], info["mixed_precision"]) == (2, 1, "bf16")
@@ -126,8 +126,8 @@ def test_fsdp_under_bf16_tracks_ddp_and_resumes_from_its_shards(runs, data_dir, 
     the gradients in float32 and leaves the outputs uncast: run_info.json records the policy the launch
     ran with. (Accelerate 1.16's own policy, a bf16 reduce, measured 4.1e-5 here: docs/training.md.)"""
     out = tmp_path / "fsdp"
-    launch_fsdp(nano_args(data_dir, out, **{**BF16, "stop_at_step": 4}, val_batches=1), processes=2)
-    launch_fsdp(nano_args(data_dir, out, **{**BF16, "stop_at_step": 8}, val_batches=1, resume="auto"), processes=2)
+    launch_fsdp(nano_args(data_dir, out, **{**BF16, "stop_at_step": 4}), processes=2)
+    launch_fsdp(nano_args(data_dir, out, **{**BF16, "stop_at_step": 8}, resume="auto"), processes=2)
     info = json.loads((out / "run_info.json").read_text())
     assert (info["distributed_type"], info["processes"], info["mixed_precision"]) == ("DistributedType.FSDP", 2, "bf16")
     # the policy the trainer sets (keep_fsdp_gradients_fp32), as the launch ran it

@@ -2,27 +2,32 @@
 each against the uninterrupted one-process run of the tiny `cpu-nano` model, step for step.
 
 DDP over gloo on CPU. A resumed run keeps total_batch_size and micro_batch_size; what changes is how
-each step's sequences are split between ranks and accumulation micro-steps. `val_batches` counts
-batches per process, so each launch reads the same validation sequences with val_batches x processes
-fixed (2 for one process, 1 each for two).
+each step's sequences are split between ranks and accumulation micro-steps. `val_batches` counts the
+batches of all processes together, split over them, so every launch here keeps the trainer's default
+(no --val_batches) and reads the same validation sequences.
 """
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trainer_runs import ONE_THREAD, ROOT, metric, nano_args, reserved_port, run_cli, train_in_process
+from trainer_runs import ONE_THREAD, ROOT, launch, metric, nano_args, reserved_port, run_cli, train_in_process
 
 from data_prep import ShardLoader
-from gpt2_scratch.training.verify import process_count_problem
+from gpt2_scratch.training.checkpoints import run_settings
+from gpt2_scratch.training.config import TrainConfig
+from gpt2_scratch.training.verify import process_count_problem, settings_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMON = dict(max_steps=8, save_interval=4, eval_interval=4, num_samples=0, keep_checkpoints=0)
+# val_batches=None: the trainer's default, the setting a user resumes with
+COMMON = dict(max_steps=8, save_interval=4, eval_interval=4, num_samples=0, keep_checkpoints=0, val_batches=None)
+KILLED = ROOT / "tests" / "killed_after_save.py"
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
 TWO_PROCESSES += [str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
 
@@ -41,15 +46,18 @@ def resumed_copy(run: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """8 steps on 1 and on 2 processes, and each resumed from its step 4 on the other count."""
+    """8 steps on 1 and on 2 processes; one process SIGKILLed right after its step-4 save and resumed on
+    2, and the 2-process run resumed from its step 4 on 1. The default val settings throughout."""
     tmp = tmp_path_factory.mktemp("elastic")
-    one, two = tmp / "one", tmp / "two"
-    train_in_process(nano_args(data_dir, one, **COMMON, val_batches=2))
-    on_two_processes(nano_args(data_dir, two, **COMMON, val_batches=1))
-    one_to_two = resumed_copy(one, tmp / "one_to_two")
-    on_two_processes(nano_args(data_dir, one_to_two, **COMMON, val_batches=1, resume="auto"))
+    one, two, one_to_two = tmp / "one", tmp / "two", tmp / "one_to_two"
+    train_in_process(nano_args(data_dir, one, **COMMON))
+    on_two_processes(nano_args(data_dir, two, **COMMON))
+    killed = launch(nano_args(data_dir, one_to_two, **COMMON), script=KILLED, env={"KILL_AFTER_SAVE": "4"})
+    _, stderr = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, stderr[-3000:]
+    on_two_processes(nano_args(data_dir, one_to_two, **COMMON, resume="auto"))
     two_to_one = resumed_copy(two, tmp / "two_to_one")
-    train_in_process(nano_args(data_dir, two_to_one, **COMMON, val_batches=2, resume="auto"))
+    train_in_process(nano_args(data_dir, two_to_one, **COMMON, resume="auto"))
     return SimpleNamespace(one=one, two=two, one_to_two=one_to_two, two_to_one=two_to_one, tmp=tmp)
 
 
@@ -60,7 +68,7 @@ def test_a_resume_on_another_number_of_processes_logs_the_same_losses(runs, resu
     out = getattr(runs, resumed)
     assert sorted(metric(out, "train/loss")) == list(range(1, 9))
     assert metric(out, "train/loss") == metric(runs.one, "train/loss") == metric(runs.two, "train/loss")
-    assert metric(out, "val/loss") == metric(runs.one, "val/loss")
+    assert metric(out, "val/loss") == metric(runs.one, "val/loss") == metric(runs.two, "val/loss")
     info = json.loads((out / "run_info.json").read_text())
     assert info["processes"] == processes and info["resumed_from"].endswith("step_000004")
 
@@ -100,7 +108,7 @@ def test_two_machines_on_the_loopback_address_match_one_process(runs, data_dir):
     hiding the GPUs keeps the processes on the CPU where there are some."""
     out = runs.tmp / "two_machines"
     config = ROOT / "accelerate_configs" / "multinode_2x8.yaml"
-    argv = nano_args(data_dir, out, **COMMON, val_batches=1)
+    argv = nano_args(data_dir, out, **COMMON)
     with reserved_port() as port:
         flags = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
         flags += ["--main_process_port", str(port), "--mixed_precision", "no"]
@@ -140,3 +148,16 @@ def test_fsdp_on_cpu_is_refused_in_one_line(data_dir, tmp_path):
     assert errors and errors[0].startswith("error: this launch asks for FSDP, but Accelerate runs FSDP only on GPUs")
     assert "would train with MULTI_CPU" in errors[0] and "accelerate_configs/cpu_2proc.yaml" in errors[0]
     assert not out.exists()
+
+
+def test_a_checkpoint_saved_while_val_batches_counted_per_process_resumes_with_its_total():
+    """Before, a checkpoint recorded val_batches x processes (4 per process on 2: 8), the count of batches
+    all processes read together, which is what val_batches now means: `--val_batches 8` resumes it on any
+    number of processes; the default 4 is refused, naming the count to pass."""
+    old = {**run_settings(TrainConfig(val_batches=4), "data", 2, "val"), "val_batches": 4 * 2}
+    for processes in (1, 2, 4):
+        now = run_settings(TrainConfig(val_batches=8), "data", processes, "val")
+        assert settings_changes(old, {k: v for k, v in now.items() if k != "processes"}) == []
+    default = run_settings(TrainConfig(), "data", 1, "val")
+    (change,) = settings_changes(old, {k: v for k, v in default.items() if k != "processes"})
+    assert change.startswith("val_batches: 8 -> 4 (the batches of all processes together")

@@ -46,15 +46,16 @@ def stored_names(export: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """`one`: 8 steps on one process without FSDP. `fsdp`: steps 1-4 on 2 FSDP processes, 5-6 on 1, 7-8
-    on 2, each launch `--resume auto` in the same folder. val_batches x processes stays 2 throughout."""
+    on 2, each launch `--resume auto` in the same folder, all with the same val_batches (counted over all
+    processes)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     one, fsdp = tmp / "one", tmp / "fsdp"
-    train_in_process(nano_args(data_dir, one, **COMMON, val_batches=2))
-    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=1, stop_at_step=4), processes=2)
+    train_in_process(nano_args(data_dir, one, **COMMON))
+    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, stop_at_step=4), processes=2)
     shards_of = {4: shard_files(fsdp / "checkpoints" / "step_000004")}
-    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=2, stop_at_step=6, resume="auto"), processes=1)
+    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, stop_at_step=6, resume="auto"), processes=1)
     shards_of[6] = shard_files(fsdp / "checkpoints" / "step_000006")
-    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, val_batches=1, resume="auto"), processes=2)
+    launch_fsdp(nano_args(data_dir, fsdp, **COMMON, resume="auto"), processes=2)
     return one, fsdp, shards_of
 
 
@@ -99,7 +100,7 @@ def test_an_fsdp_checkpoint_resumed_without_fsdp_is_one_line(runs, data_dir, tmp
     out = tmp_path / "plain"
     shutil.copytree(fsdp, out)
     with pytest.raises(CheckpointError, match=f"holds an FSDP model \\({SHARDS}\\), which only an FSDP launch"):
-        train_in_process(nano_args(data_dir, out, **COMMON, val_batches=2, resume="auto"))
+        train_in_process(nano_args(data_dir, out, **COMMON, resume="auto"))
 
 
 def test_each_kind_of_launch_reads_only_its_own_checkpoints(tmp_path):

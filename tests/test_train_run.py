@@ -179,8 +179,8 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(data_dir, t
     common = dict(max_steps=4, eval_interval=4, save_interval=4, num_samples=0)
     train_in_process(nano_args(data_dir, tmp_path / "one", **common))
     two = tmp_path / "two"
-    # val_batches counts batches per process: 2 ranks x 1 batch read the same val chunks as 1 x 2.
-    done = train_two_processes(nano_args(data_dir, two, **common, val_batches=1))
+    # val_batches counts the batches of all processes: 2 ranks x 1 batch read the same val chunks as 1 x 2.
+    done = train_two_processes(nano_args(data_dir, two, **common))
     assert done.returncode == 0, done.stderr[-3000:]
     info_one = json.loads((tmp_path / "one" / "run_info.json").read_text())
     info_two = json.loads((two / "run_info.json").read_text())

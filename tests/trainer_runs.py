@@ -44,8 +44,8 @@ def nano_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
         hellaswag_path="none",
         peak_flops=1e11,
     )
-    fields.update(overrides)
-    return [item for name, value in fields.items() for item in (f"--{name}", str(value))]
+    fields.update(overrides)  # an override of None leaves the flag out: the trainer's default
+    return [item for name, value in fields.items() if value is not None for item in (f"--{name}", str(value))]
 
 
 def train_in_process(argv: list[str]) -> dict:

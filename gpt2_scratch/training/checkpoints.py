@@ -107,15 +107,15 @@ def run_settings(
     """The settings a checkpoint must be resumed with: `RESUME_FIELDS`, the training data and the number
     of processes (each rank's RNG state and share of the batch), and what val/loss is measured on (the
     validation shards and how many batches of them), so that the curve means the same before and after a
-    resume. `val_batches` counts per process, so the batches of all processes together are compared: a
-    resume on other processes with the same total measures the same val/loss (test_train_elastic
-    tests check it). Muon's settings count only for a Muon run."""
+    resume. `val_batches` counts the batches of all processes together, so a resume on other processes
+    measures the same val/loss (test_train_elastic tests check it). Checkpoints saved while it counted per
+    process recorded `val_batches x processes`, the same count: they resume with that `--val_batches`.
+    Muon's settings count only for a Muon run."""
     names = RESUME_FIELDS + (MUON_RESUME_FIELDS if config.optimizer == "muon" else ())
     fields = {name: getattr(config, name) for name in names}
     # the precision trained in, not its spelling: 'auto' is bf16 on a GPU and fp32 on a CPU
     fields["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)
-    every_batch = config.val_batches * processes
-    validation = {"val_batches": every_batch, "val_data": val_fingerprint} if val_fingerprint else {}
+    validation = {"val_batches": config.val_batches, "val_data": val_fingerprint} if val_fingerprint else {}
     return {**fields, "data": data_fingerprint, "processes": processes, **validation}
 
 

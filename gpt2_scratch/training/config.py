@@ -86,7 +86,9 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0: no clipping)")
     # evaluation
     eval_interval: int = arg(20, "steps between evaluations (val loss, HellaSwag, samples); also at the end")
-    val_batches: int = arg(4, "validation batches of micro_batch_size per process per evaluation")
+    val_batches: int = arg(
+        4, "validation batches of micro_batch_size per evaluation, split over the processes (same on any number)"
+    )
     hellaswag_path: str = arg("auto", "HellaSwag val jsonl; 'auto': eval's cached file if available; 'none': skip")
     hellaswag_limit: int | None = arg(100, "score the first N HellaSwag examples (None: all 10,042)")
     sample_prompt: str = arg("Hello, I'm a language model,", "prompt of the text samples generated at each evaluation")

@@ -300,6 +300,32 @@ def claim_store(store: RemoteStore, run_id: str) -> None:
         raise RemoteError(f"checkpoint_remote {store.url} {taken_from(store, owner, run_id)}; choose another")
 
 
+def take_over_store(store: RemoteStore, old_run: str, new_run: str) -> None:
+    """`--resume auto` on an out_dir with no run, through a store of run `old_run` that holds no complete
+    checkpoint (that run was stopped before its first upload finished): there is nothing to continue, so
+    the launch starts afresh as `new_run`. Says so, naming the unfinished uploads it found (they are never
+    resumed from; this run's uploads replace or prune them), and records `new_run` as the store's run,
+    read back: a run that took the store meanwhile is not overwritten."""
+    partial = [step_name(step) for step, complete in remote_checkpoints(store).items() if not complete]
+    found = (
+        f"only partial uploads of run {old_run} ({', '.join(partial)}: no {MARKER} marker, their upload never finished)"
+        if partial
+        else f"no checkpoint of run {old_run}"
+    )
+    logger.warning(
+        "resume auto: checkpoint_remote %s holds %s, nothing to resume: starting afresh at step 0 as a new run %s, "
+        "which takes the store over",
+        store.url,
+        found,
+        new_run,
+    )
+    if (owner := store_owner(store)) != old_run:
+        raise RemoteError(f"checkpoint_remote {store.url} {taken_from(store, owner, old_run)}; choose another")
+    write(store, {owner_path(store): json.dumps({"run": new_run}).encode()}, f"checkpoint_remote: run {new_run}")
+    if (owner := store_owner(store)) != new_run:
+        raise RemoteError(f"checkpoint_remote {store.url} {taken_from(store, owner, new_run)}; choose another")
+
+
 def taken_from(store: RemoteStore, owner: str | None, run_id: str) -> str:
     """Why a store that this run claimed is not its own: another run took it, or its record is gone."""
     if owner is None:

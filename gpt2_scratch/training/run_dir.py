@@ -105,8 +105,14 @@ def read_run_id(paths: RunPaths) -> str | None:
     return run_id or None
 
 
-def own_store(paths: RunPaths, store: remote.RemoteStore, run_id: str | None) -> str:
-    """Give the run an identity (`run_id`, else a new one), record it in out_dir and claim `store` with it."""
+def own_store(paths: RunPaths, store: remote.RemoteStore, run_id: str | None, resumed: bool = True) -> str:
+    """Give the run an identity (`run_id`, else a new one), record it in out_dir and claim `store` with it.
+    A `run_id` taken from the store (out_dir has none) for a launch that found nothing to resume
+    (`resumed` False) is not continued: the launch starts afresh as a new run (`remote.take_over_store`)."""
+    if run_id is not None and not resumed and read_run_id(paths) is None:
+        fresh = uuid.uuid4().hex
+        remote.take_over_store(store, run_id, fresh)
+        run_id = fresh
     run_id = run_id or uuid.uuid4().hex
     if read_run_id(paths) != run_id:
         replace_text(paths.run_id, run_id + "\n")

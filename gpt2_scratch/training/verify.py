@@ -209,6 +209,11 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
             f"data_revision: the data repository changed, commit {saved['data_revision']} -> "
             f"{current['data_revision']} (pin the old one with --data_dir hf://datasets/NAME@{saved['data_revision']})"
         )
+    if "val_batches" in saved and "val_batches" in current:
+        other["val_batches"] = (
+            f"val_batches: {saved['val_batches']!r} -> {current['val_batches']!r} (the batches of all processes "
+            f"together; one saved when it counted per process recorded val_batches x processes)"
+        )
     saved = {**ADDED_SETTINGS, **saved}
     if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
         saved["mixed_precision"] = resolve_mixed_precision("auto")
