@@ -206,6 +206,15 @@ class ShardLoader:
         self.batch_index += 1
         return gather(self._shards, rows, self.seq_len)
 
+    def skip(self, count: int = 1) -> None:
+        """Move past the next `count` batches without reading them: the position `next_batch` would leave
+        (a data mixture skips the sequences that other ranks read)."""
+        for _ in range(count):
+            if self.batch_index >= self.batches_per_epoch:
+                self._set_epoch(self.epoch + 1)
+                self.batch_index = 0
+            self.batch_index += 1
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()

@@ -13,10 +13,11 @@ not always from the same source.
 A source is any loader with `ShardLoader`'s interface (`next_batch`, `take_waited`, `state_dict`,
 `load_state_dict`) built with batch_size 1, rank 0 and world_size 1: it gives that source's sequences,
 one at a time, in its own order (its epochs and their shuffles are its own). Every rank draws the whole
-step from the sources and keeps its own micro-batches of it (global position `m * B * W + r * B` for
+step's allocation and keeps its own micro-batches of it (global positions `m * B * W + r * B` onwards for
 micro-step `m` and rank `r`, as `ShardLoader` cuts a step), so the steps are the same on any number of
-processes, and the state is the same on every rank. The cost is that each rank reads every sequence of
-the step (memory-mapped shards: a copy of `S * (seq_len + 1)` tokens per step).
+processes, and the state is the same on every rank. A rank reads only its own sequences: the others'
+are skipped with the source's `skip()` where it has one (`ShardLoader` does: a position moved, nothing
+read), else read and dropped.
 """
 
 from __future__ import annotations
@@ -168,29 +169,33 @@ class MixtureLoader:
 
     def _draw_step(self) -> None:
         self._before = self._position(self.steps, self.counts, 0)
-        labels = np.array(allocate(self.weights, self.counts, self.sequences_per_step))
-        order = np.random.default_rng([self.seed, self.steps, _SHUFFLE_STREAM]).permutation(labels)
-        # the step's sequences of each source, in that source's order, then placed as `order` says
-        drawn = {i: [self.loaders[i].next_batch() for _ in range(int((labels == i).sum()))] for i in set(labels)}
-        taken = dict.fromkeys(drawn, 0)
-        rows = []
-        for label in order.tolist():
-            rows.append(drawn[label][taken[label]])
-            taken[label] += 1
-        for i in drawn:
-            self.counts[i] += len(drawn[i])
+        labels = allocate(self.weights, self.counts, self.sequences_per_step)
+        order = np.random.default_rng([self.seed, self.steps, _SHUFFLE_STREAM]).permutation(labels).tolist()
+        micro_steps = self.sequences_per_step // self.global_batch
+        firsts = [m * self.global_batch + self.rank * self.batch_size for m in range(micro_steps)]
+        mine = {p for first in firsts for p in range(first, first + self.batch_size)}
+        # position p of the step is the next sequence of source order[p]: read if it is this rank's, else
+        # skipped where the source can skip without reading (ShardLoader.skip), else read and dropped
+        rows = {}
+        for p, label in enumerate(order):
+            skip = getattr(self.loaders[label], "skip", None)
+            if p in mine or skip is None:
+                rows[p] = self.loaders[label].next_batch()
+            else:
+                skip()
+        for i in sorted(set(labels)):
+            self.counts[i] += labels.count(i)
             epoch = self._epoch(i)
             if epoch != self._epochs[i]:
                 where = f"epoch {epoch} starts at step {self.steps + 1}"
                 self._events.append(f"data source {self.names[i]} ran out: {where}")
                 self._epochs[i] = epoch
         self.steps += 1
-        micro_steps = self.sequences_per_step // self.global_batch
         self._micro = []
         for m in range(micro_steps):
             first = m * self.global_batch + self.rank * self.batch_size
-            mine = rows[first : first + self.batch_size]
-            self._micro.append((torch.cat([x for x, _ in mine]), torch.cat([y for _, y in mine])))
+            batch = [rows[p] for p in range(first, first + self.batch_size)]
+            self._micro.append((torch.cat([x for x, _ in batch]), torch.cat([y for _, y in batch])))
         self._taken = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ resumed run on two real shard folders."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from data_prep.mixture import MixtureLoader, allocate, parse_mix
 from data_prep.shards import write_manifest, write_shard
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
-from gpt2_scratch.training.data import prepare_data
+from gpt2_scratch.training.data import build_loader, prepare_data
 from gpt2_scratch.training.verify import CheckpointError, loader_position_valid, settings_changes
 from gpt2_scratch.user_errors import UserError, run_command
 
@@ -77,8 +78,10 @@ def test_the_order_is_the_seeds_and_the_same_steps_on_two_processes(folders):
     assert all(torch.equal(a, b) for a, b in zip(one, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(one, other_seed, strict=True))
     # two ranks of batch_size 2: micro-step m of rank 0 then rank 1 is micro-step m of one process
-    ranks = [steps(mixture(folders[:2], (0.6, 0.4), batch_size=2, world_size=2, rank=r, seed=7), 40) for r in (0, 1)]
+    loaders = [mixture(folders[:2], (0.6, 0.4), batch_size=2, world_size=2, rank=r, seed=7) for r in (0, 1)]
+    ranks = [steps(loader, 40) for loader in loaders]
     assert all(torch.equal(a, torch.cat([r0, r1])) for a, r0, r1 in zip(one, *ranks, strict=True))
+    assert loaders[0].state_dict()["sources"] == loaders[1].state_dict()["sources"]  # each skipped the other's
 
 
 def test_a_source_that_runs_out_starts_its_next_epoch_and_says_so(folders, tmp_path):
@@ -93,6 +96,20 @@ def test_a_source_that_runs_out_starts_its_next_epoch_and_says_so(folders, tmp_p
     metrics = loader.metrics()
     assert metrics["data/epoch/small"] == 1 and metrics["data/epoch/s0"] == 0
     assert metrics["data/tokens/small"] == (40 + 4) * SEQ  # the whole epoch, then step 11's 4 of the next one
+
+
+def test_a_remote_source_gives_the_batches_of_the_same_local_folder(folders, tmp_path):
+    def batches(mix: str) -> list[torch.Tensor]:
+        shape = ["--model", "cpu-nano", "--seq_len", str(SEQ), "--micro_batch_size", "4", "--total_batch_size", "128"]
+        config = parse_config(["--data_mix", mix, *shape, "--data_cache_dir", str(tmp_path / "cache")])
+        manifest = prepare_data(config)
+        loader = build_loader(config, SimpleNamespace(process_index=0, num_processes=1), manifest)
+        return [loader.next_batch()[0] for _ in range(20)]
+
+    local = batches(f"{folders[0]}:0.7,{folders[1]}:0.3")
+    fetched = batches(f"file://{folders[0]}:0.7,{folders[1]}:0.3")  # the first source through the shard cache
+    assert all(torch.equal(a, b) for a, b in zip(local, fetched, strict=True))
+    assert any((tmp_path / "cache").glob("shards-*/train_000000.bin"))
 
 
 def test_a_saved_position_resumes_exactly_and_a_changed_mixture_is_refused_by_name(folders):
