@@ -247,9 +247,10 @@ def test_sigkill_then_resume_auto_logs_the_same_losses_per_source(data_dir, tmp_
     assert "70.0% `python-stdlib-docs`" in card and "30.0% `synthetic-code`" in card
 
     changed = [*argv(out, resume="auto", stop_at_step=10), "--data_mix", f"{data_dir}:0.6,{code}:0.4"]
-    with pytest.raises(CheckpointError, match=rf"data_mix: the weight of {data_dir} 0.7 -> 0.6, the weight of"):
+    weights = rf"changed: data_mix: the weight of {data_dir} 0.7 -> 0.6, the weight of {code} 0.3 -> 0.4\. "
+    with pytest.raises(CheckpointError, match=weights):
         train_in_process(changed)
     shutil.rmtree(code)
     token_folder(code, 3000, 12 * 32 + 2, val_tokens=300)  # one token more: other shards
-    with pytest.raises(CheckpointError, match=rf"data_mix: {code} -> {code}: other training shards"):
+    with pytest.raises(CheckpointError, match=rf"changed: data_mix: {code} -> {code}: other training shards\. "):
         train_in_process([*argv(out, resume="auto", stop_at_step=10), "--data_mix", mix])

@@ -242,8 +242,9 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     if "data_mix" in saved and "data_mix" in current:
         if mix_key(saved["data_mix"]) == mix_key(current["data_mix"]):  # the same shards, maybe moved
             current = {**current, "data_mix": saved["data_mix"]}
-        else:  # named source by source; the combined fingerprint adds nothing
-            other["data_mix"], other["data"] = mix_change(saved["data_mix"], current["data_mix"]), None
+        else:  # named source by source; the combined fingerprints (training, validation) add nothing
+            other["data_mix"] = mix_change(saved["data_mix"], current["data_mix"])
+            other["data"] = other["val_data"] = None
     saved = {**ADDED_SETTINGS, **saved}
     if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
         saved["mixed_precision"] = resolve_mixed_precision("auto")
