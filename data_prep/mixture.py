@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from data_prep.loader import check_batch_shape
+from data_prep.loader import check_batch_shape, step_shape
 
 MIX_FORMAT_VERSION = 1
 KIND = "mixture"
@@ -142,20 +142,9 @@ class MixtureLoader:
         self.loaders = [loader for _, _, loader in sources]
         self.labels = source_labels(self.names)
         self.fingerprints = list(fingerprints) if fingerprints is not None else [""] * len(sources)
-        self.batch_size, self.seq_len, self.rank, self.world_size, self.seed = (
-            batch_size,
-            seq_len,
-            rank,
-            world_size,
-            seed,
-        )
-        self.global_batch = batch_size * world_size
-        self.sequences_per_step = sequences_per_step or self.global_batch
-        if self.sequences_per_step % self.global_batch:
-            raise ValueError(
-                f"sequences_per_step ({self.sequences_per_step}) must be a multiple of batch_size x world_size "
-                f"({self.global_batch})"
-            )
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.seed = seed
+        self.global_batch, self.sequences_per_step = step_shape(batch_size, world_size, sequences_per_step)
         self.counts = [0] * len(sources)
         self.steps = 0  # steps drawn (the current one included while its micro-batches are being taken)
         self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's micro-batches of the drawn step
