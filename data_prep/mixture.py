@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from data_prep.loader import check_batch_shape, step_shape
+from data_prep.store import is_url
 
 MIX_FORMAT_VERSION = 1
 KIND = "mixture"
@@ -46,10 +47,6 @@ class Source(Protocol):
     def take_waited(self) -> float: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def is_url(text: str) -> bool:
-    return "://" in text
 
 
 def source_key(source: str) -> str:
