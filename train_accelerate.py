@@ -439,8 +439,9 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
         facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
-        if run.config.data_mix is not None:
-            facts["data"] = {"mix": run.config.data_mix}
+        if run.config.data_mix is not None:  # each source as a data_dir's: a URL's commit and cache
+            sources = [p["manifest"].get("stream", {"url": p["source"]}) for p in run.manifest["mixture"]]
+            facts["data"] = {"mix": run.config.data_mix, "sources": sources}
         describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 

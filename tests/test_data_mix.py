@@ -243,6 +243,8 @@ def test_sigkill_then_resume_auto_logs_the_same_losses_per_source(data_dir, tmp_
     assert last["data/tokens/code"] + last[f"data/tokens/{data_dir.name}"] == last["tokens"] == 8 * 256
     assert abs(last["data/tokens/code"] / last["tokens"] - 0.3) < 1 / 64  # within one of the 64 sequences
     assert metric(out, "data/epoch/code") == {step: int(step > 5) for step in range(1, 9)}  # 12 ran out at step 5
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["data"] == {"mix": mix, "sources": [{"url": str(data_dir)}, {"url": str(code)}]}
     card = (out / "hf" / "README.md").read_text()
     assert "70.0% `python-stdlib-docs`" in card and "30.0% `synthetic-code`" in card
 
