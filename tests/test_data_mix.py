@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from trainer_runs import kill_at_step, metric, nano_args, records, train_in_process
 
 import train_accelerate as ta
@@ -18,8 +19,10 @@ from data_prep.shards import write_manifest, write_shard
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
 from gpt2_scratch.training.data import build_loader, prepare_data
+from gpt2_scratch.training.model_card import ModelCard
 from gpt2_scratch.training.verify import CheckpointError, loader_position_valid, settings_changes
 from gpt2_scratch.user_errors import UserError, run_command
+from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
 SEQ = 8
 
@@ -218,6 +221,25 @@ def test_a_source_without_a_manifest_or_beyond_the_vocabulary_is_refused(make, m
         prepare_data(config)
 
 
+def test_the_model_card_lists_each_source_with_its_share_and_the_hub_datasets(tmp_path):
+    hub = {"source": {"kind": "hub", "dataset": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT"}}
+    files = {"source": {"kind": "files", "files": [{"path": "/data/raw/code.jsonl"}]}}
+    manifest = {
+        "mixture": [
+            {"source": "hf://datasets/me/fw", "weight": 3, "manifest": hub},
+            {"source": "data/code", "weight": 1, "manifest": files},
+        ]
+    }
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-nano"))
+    card = ModelCard(None, model, manifest, {"step": 5, "tokens": 640, "val/loss": (5, 3.25)}, tmp_path / "run")
+    text = card.render("gpt2", [])
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]
+    assert "75.0% [HuggingFaceFW/fineweb-edu](https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu)" in text
+    assert "25.0% local files `code.jsonl`" in text and "/data/raw" not in text
+    assert "the mean of the sources' held-out validation losses, weighted as in training" in text
+
+
 MIX_RUN = dict(max_steps=12, stop_at_step=8, save_interval=4, eval_interval=4, dropout=0.1, num_samples=0)
 
 
@@ -247,6 +269,7 @@ def test_sigkill_then_resume_auto_logs_the_same_losses_per_source(data_dir, tmp_
     assert info["data"] == {"mix": mix, "sources": [{"url": str(data_dir)}, {"url": str(code)}]}
     card = (out / "hf" / "README.md").read_text()
     assert "70.0% `python-stdlib-docs`" in card and "30.0% `synthetic-code`" in card
+    assert f"| `data_mix` | `{data_dir.name}:0.7,code:0.3` |" in card and str(tmp_path) not in card
 
     changed = [*argv(out, resume="auto", stop_at_step=10), "--data_mix", f"{data_dir}:0.6,{code}:0.4"]
     weights = rf"changed: data_mix: the weight of {data_dir} 0.7 -> 0.6, the weight of {code} 0.3 -> 0.4\. "
