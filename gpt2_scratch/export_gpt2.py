@@ -144,7 +144,6 @@ def run_config(run: Path):
 
 def run_manifest(config) -> dict:
     """The run's data manifest, or one that names its data folder when the data is not on this machine."""
-
     if config.data_mix:  # each source's manifest with its weight, as the trainer's card has them
         from data_prep.mixture import parse_mix
 

@@ -220,7 +220,8 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
 
 
 def build_mixture(config: TrainConfig, accelerator: Accelerator, manifest: dict):
-    """The data_mix loader: every rank draws each whole step from the sources (`data_prep.mixture`)."""
+    """The data_mix loader: each step allocated among the sources by weight, the same on every rank, each rank
+    reading its own part of it (`data_prep.mixture`)."""
     from data_prep.mixture import MixtureLoader
 
     parts = manifest[MIX]
