@@ -16,6 +16,7 @@ import train_accelerate as ta
 from data_prep import ShardLoader
 from data_prep.mixture import MixtureLoader, allocate, parse_mix
 from data_prep.shards import write_manifest, write_shard
+from gpt2_scratch.export_gpt2 import run_manifest
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
 from gpt2_scratch.training.data import build_loader, prepare_data
@@ -238,6 +239,14 @@ def test_the_model_card_lists_each_source_with_its_share_and_the_hub_datasets(tm
     assert "75.0% [HuggingFaceFW/fineweb-edu](https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu)" in text
     assert "25.0% local files `code.jsonl`" in text and "/data/raw" not in text
     assert "the mean of the sources' held-out validation losses, weighted as in training" in text
+
+
+def test_export_gpt2_names_a_mixture_runs_sources_even_where_a_folder_is_not_on_this_machine(folders, tmp_path):
+    config = parse_config(["--data_mix", f"{folders[0]}:0.7,{tmp_path / 'elsewhere'}:0.3"])
+    manifest = run_manifest(config)
+    assert [part["weight"] for part in manifest["mixture"]] == [0.7, 0.3]
+    assert manifest["mixture"][0]["manifest"]["source"] == {"kind": "synthetic", "name": "s0"}
+    assert manifest["mixture"][1]["manifest"] == {"source": {"name": "elsewhere"}}
 
 
 MIX_RUN = dict(max_steps=12, stop_at_step=8, save_interval=4, eval_interval=4, dropout=0.1, num_samples=0)
