@@ -68,10 +68,10 @@ from gpt2_scratch.training.config import TrainConfig, parse_config, parse_durati
 from gpt2_scratch.training.data import (
     build_loader,
     data_settings,
-    local_data_dir,
     prepare_data,
     train_fingerprint,
     val_fingerprint,
+    val_sources,
 )
 from gpt2_scratch.training.evaluation import generate_samples, load_hellaswag
 from gpt2_scratch.training.export import GPT2_EXPORT, export_model, exported_step
@@ -177,24 +177,24 @@ def log_train(run: Run, step: StepResult, lr: float, problem: dict | None = None
     guard = {**(problem or {}), "skipped_steps": run.guard.skipped}
     if step.loss_scale is not None:
         guard.update(loss_scale=step.loss_scale, overflow_steps=run.guard.overflows)
-    log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap()})
+    sources = run.state.loader.metrics() if hasattr(run.state.loader, "metrics") else {}  # a mixture's tokens, epochs
+    log_metrics(run, {**values, "lr": lr, **guard, **run.meter.lap(), **sources})
 
 
 def evaluate(run: Run) -> None:
-    """Validation loss, HellaSwag when its data is there, and text samples; logged at the current step."""
+    """Validation loss, HellaSwag when its data is there, and text samples; logged at the current step. A
+    data mixture's val/loss is the mean of its sources' (each `val/loss/NAME`, logged too) weighted as
+    they are trained on."""
     from eval.val_loss import evaluate_val_loss
 
     c = run.config
-    metrics = {
-        "val/loss": evaluate_val_loss(
-            run.model,
-            local_data_dir(c, run.manifest),
-            batch_size=c.micro_batch_size,
-            seq_len=c.seq_len,
-            max_batches=c.val_batches,
-            accelerator=run.accelerator,
-        )
+    shape = dict(batch_size=c.micro_batch_size, seq_len=c.seq_len, max_batches=c.val_batches)
+    losses = {
+        label: (weight, evaluate_val_loss(run.model, folder, **shape, accelerator=run.accelerator))
+        for label, weight, folder in val_sources(c, run.manifest)
     }
+    metrics = {"val/loss": sum(weight * loss for weight, loss in losses.values())}
+    metrics |= {f"val/loss/{label}": loss for label, (_, loss) in losses.items() if label}
     if run.hellaswag:
         from eval.hellaswag import evaluate_hellaswag
 
@@ -283,6 +283,8 @@ def train(run: Run) -> bool:
             set_lr(run.optimizer, lr)
             step = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
             run.meter.exclude(state.loader.take_waited())  # a late remote shard is not training time
+            for event in state.loader.take_events() if hasattr(state.loader, "take_events") else ():
+                logger.info(event)  # a mixture's source that ran out and starts its next epoch
             state.step += 1
             state.tokens += c.total_batch_size
             run.meter.add(c.total_batch_size)
@@ -472,6 +474,9 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
         facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
+        if run.config.data_mix is not None:  # each source as a data_dir's: a URL's commit and cache
+            sources = [p["manifest"].get("stream", {"url": p["source"]}) for p in run.manifest["mixture"]]
+            facts["data"] = {"mix": run.config.data_mix, "sources": sources}
         describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 

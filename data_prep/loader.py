@@ -55,6 +55,18 @@ def check_batch_shape(batch_size: int, seq_len: int, rank: int, world_size: int)
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
 
 
+def step_shape(batch_size: int, world_size: int, sequences_per_step: int | None) -> tuple[int, int]:
+    """(sequences per micro-step over all ranks, sequences per optimizer step: by default one micro-step);
+    `ValueError` unless the second is a multiple of the first."""
+    global_batch = batch_size * world_size
+    sequences_per_step = sequences_per_step or global_batch
+    if sequences_per_step % global_batch:
+        raise ValueError(
+            f"sequences_per_step ({sequences_per_step}) must be a multiple of batch_size x world_size ({global_batch})"
+        )
+    return global_batch, sequences_per_step
+
+
 def num_chunks(tokens: int, seq_len: int) -> int:
     """Chunks of `seq_len + 1` tokens at stride `seq_len` in a shard of `tokens` tokens."""
     return max(0, (tokens - 1) // seq_len)
@@ -113,13 +125,7 @@ class ShardLoader:
         for entry in self.entries if cache is None else ():  # cheap header and size checks now, hashes when first read
             check_shard(self.data_dir, entry, verify_hash=False)
         self.chunks_per_shard = np.array([num_chunks(e["tokens"], seq_len) for e in self.entries], dtype=np.int64)
-        self.global_batch = batch_size * world_size
-        self.sequences_per_step = sequences_per_step or self.global_batch
-        if self.sequences_per_step % self.global_batch:
-            raise ValueError(
-                f"sequences_per_step ({self.sequences_per_step}) must be a multiple of batch_size x world_size "
-                f"({self.global_batch})"
-            )
+        self.global_batch, self.sequences_per_step = step_shape(batch_size, world_size, sequences_per_step)
         steps_per_epoch = int(self.chunks_per_shard.sum()) // self.sequences_per_step
         self.batches_per_epoch = steps_per_epoch * (self.sequences_per_step // self.global_batch)
         if self.batches_per_epoch == 0:
@@ -207,6 +213,15 @@ class ShardLoader:
             self.cache.fetch_ahead()
         self.batch_index += 1
         return gather(self._shards, rows, self.seq_len)
+
+    def skip(self, count: int = 1) -> None:
+        """Move past the next `count` batches without reading them: the position `next_batch` would leave
+        (a data mixture skips the sequences that other ranks read)."""
+        for _ in range(count):
+            if self.batch_index >= self.batches_per_epoch:
+                self._set_epoch(self.epoch + 1)
+                self.batch_index = 0
+            self.batch_index += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -145,13 +145,23 @@ def run_config(run: Path):
 
 def run_manifest(config) -> dict:
     """The run's data manifest, or one that names its data folder when the data is not on this machine."""
+    if config.data_mix:  # each source's manifest with its weight, as the trainer's card has them
+        from data_prep.mixture import parse_mix
+
+        parts = parse_mix(config.data_mix)
+        return {"mixture": [{"source": s, "weight": w, "manifest": source_manifest(s)} for s, w in parts]}
+    return source_manifest(config.data_dir)
+
+
+def source_manifest(data_dir: str) -> dict:
+    """A data folder's manifest, or one that names the folder when it is not on this machine."""
     from data_prep import read_manifest
     from data_prep.shards import DataPrepError
 
     try:
-        return read_manifest(config.data_dir)
+        return read_manifest(data_dir)
     except DataPrepError:
-        return {"source": {"name": Path(config.data_dir).name}}
+        return {"source": {"name": Path(data_dir).name}}
 
 
 def step_of(checkpoint: Path) -> int | None:

@@ -105,6 +105,17 @@ def test_resume_is_exact(data_dir: Path, stop: int) -> None:
         assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
 
 
+def test_skip_leaves_the_position_that_reading_leaves_across_an_epoch(data_dir: Path) -> None:
+    read = ShardLoader(data_dir, batch_size=4, seq_len=T, seed=5)
+    skipped = ShardLoader(data_dir, batch_size=4, seq_len=T, seed=5)
+    count = read.batches_per_epoch + 3  # into the second epoch
+    for _ in range(count):
+        read.next_batch()
+    skipped.skip(count)
+    assert skipped.state_dict() == read.state_dict() and read.epoch == 1
+    assert torch.equal(skipped.next_batch()[0], read.next_batch()[0])
+
+
 def test_resume_on_other_world_size_keeps_global_batches(data_dir: Path) -> None:
     old = [ShardLoader(data_dir, batch_size=2, seq_len=T, rank=r, world_size=2) for r in range(2)]
     for _ in range(5):

@@ -48,6 +48,11 @@ class TrainConfig:
         "shards and manifest.json written by data_prep: a folder, or a URL (hf://datasets/user/name[@rev][/dir], "
         "s3://, gs://, file://) whose shards are fetched into data_cache_dir",
     )
+    data_mix: str | None = arg(
+        None,
+        "instead of data_dir: shard folders or URLs with weights, 'data/a:0.7,data/b:0.3'; each step's sequences are "
+        "split among them by weight (docs/data.md, Mixtures)",
+    )
     data_cache_dir: str | None = arg(None, "where shards of a data_dir URL are kept (None: out_dir/data_cache)")
     data_cache_gb: float = arg(0.0, "most GB of shards in data_cache_dir, least recently used removed (0: no limit)")
     data_retries: int = arg(5, "retries of a failing data store request, with exponential backoff, then stop")
@@ -217,6 +222,7 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
             open_data_store(c.data_dir, resolve=False)  # the URL's form and protocol; no network is touched
         except StoreError as err:
             yield f"data_dir: {err}"
+    yield from mix_problems(c)
     if c.hub_format not in HUB_FORMATS:
         yield f"hub_format must be one of {HUB_FORMATS}, got {c.hub_format!r}"
     if c.num_samples and not c.sample_prompt:
@@ -241,6 +247,29 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
     if c.num_samples and c.sample_tokens >= n_positions:
         yield f"sample_tokens ({c.sample_tokens}) leaves no room for the prompt in the model's {n_positions} positions"
+
+
+def mix_problems(c: TrainConfig) -> Iterator[str]:
+    """A data_mix that does not parse, or one given together with a data_dir."""
+    if c.data_mix is None:
+        return
+    from data_prep.mixture import parse_mix
+
+    if c.data_dir != FIELDS["data_dir"].default:
+        yield f"give data_dir ({c.data_dir}) or data_mix, not both"
+    try:
+        mix = parse_mix(c.data_mix)
+    except ValueError as err:
+        yield f"data_mix: {err}"
+        return
+    for source, _ in mix:
+        if "://" in source:
+            from data_prep.store import StoreError, open_data_store
+
+            try:
+                open_data_store(source, resolve=False)  # the URL's form and protocol; no network is touched
+            except StoreError as err:
+                yield f"data_mix: {err}"
 
 
 def optimizer_problems(c: TrainConfig) -> Iterator[str]:
@@ -379,6 +408,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     overrides = vars(args)
     values = load_preset(overrides.pop("config")) if overrides.get("config") else {}
     overrides.pop("config", None)
+    for mine, other in (("data_mix", "data_dir"), ("data_dir", "data_mix")):  # the command line's data wins
+        if mine in overrides and other not in overrides:
+            values.pop(other, None)
     values.update({name: parse_value(name, value, "command line") for name, value in overrides.items()})
     return TrainConfig(**values)
 

@@ -1,8 +1,10 @@
 """The run's data: token shards in `data_dir` (a folder, or a store's URL whose shards are fetched into a
-local cache), checked before training, and the training loader."""
+local cache), or several such sources mixed by weight (`data_mix`), checked before training, and the
+training loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,8 +28,10 @@ def prepare_data(config: TrainConfig) -> dict:
     `prepare_builtin` asks for it and the folder is absent or empty: a mistyped path is an error, and a
     folder we did not make is never written into.
     """
-    from data_prep import prepare_builtin, read_manifest
+    from data_prep import prepare_builtin
 
+    if config.data_mix is not None:
+        return prepare_mixture(config)
     if is_url(config.data_dir):
         return prepare_remote_data(config)
     data_dir = Path(config.data_dir)
@@ -48,12 +52,48 @@ def prepare_data(config: TrainConfig) -> dict:
             )
         logger.info("no prepared data in %s: tokenizing the built-in corpus", data_dir)
         prepare_builtin(data_dir)
+    return checked_manifest(data_dir, config.model_config().vocab_size)
+
+
+def checked_manifest(data_dir: Path, vocab_size: int) -> dict:
+    """The manifest of a local shard folder, its validation shards checked (sha256, token ids below `vocab_size`)."""
+    from data_prep import read_manifest
+
     manifest = read_manifest(data_dir)
-    vocab_size = config.model_config().vocab_size
     for entry in manifest["shards"]:
         if entry["split"] == "val":
             check_shard(data_dir, entry, verify_hash=True, vocab_size=vocab_size)
     return manifest
+
+
+MIX = "mixture"  # the key of a data_mix run's manifest: each source's name, weight and manifest
+
+
+def prepare_mixture(config: TrainConfig) -> dict:
+    """Each data_mix source's manifest, checked as `prepare_data` checks a data_dir (a folder must hold one:
+    the built-in corpus is never made for a mixture); main process only."""
+    from data_prep.mixture import parse_mix
+
+    parts = []
+    for source, weight in parse_mix(config.data_mix):
+        if is_url(source):
+            manifest = prepare_remote_data(source_config(config, source))
+        else:
+            with reading(Path(source) / MANIFEST_NAME):
+                found = (Path(source) / MANIFEST_NAME).is_file()
+            if not found:
+                raise ConfigError(
+                    f"data_mix source {source} holds no {MANIFEST_NAME}; make shards there with `python -m data_prep "
+                    f"--out_dir {source}`"
+                )
+            manifest = checked_manifest(Path(source), config.model_config().vocab_size)
+        parts.append({"source": source, "weight": weight, "manifest": manifest})
+    return {MIX: parts}
+
+
+def source_config(config: TrainConfig, source: str) -> TrainConfig:
+    """The config of one data_mix source read alone, as its data_dir."""
+    return dataclasses.replace(config, data_dir=source, data_mix=None)
 
 
 STREAM = "stream"  # the manifest's key, added here, that says where a remote run's shards come from
@@ -104,19 +144,53 @@ def local_data_dir(config: TrainConfig, manifest: dict) -> str:
     return manifest[STREAM]["cache"] if STREAM in manifest else config.data_dir
 
 
+def val_sources(config: TrainConfig, manifest: dict) -> list[tuple[str, float, str]]:
+    """(label, weight, local folder) of each source whose validation shards are measured: data_dir alone
+    (label '', weight 1), or each data_mix source with its weight as a proportion."""
+    if MIX not in manifest:
+        return [("", 1.0, local_data_dir(config, manifest))]
+    from data_prep.mixture import source_labels
+
+    parts = manifest[MIX]
+    total = sum(part["weight"] for part in parts)
+    labels = source_labels([part["source"] for part in parts])
+    return [
+        (label, part["weight"] / total, local_data_dir(source_config(config, part["source"]), part["manifest"]))
+        for label, part in zip(labels, parts, strict=True)
+    ]
+
+
 def data_settings(manifest: dict) -> dict:
-    """What a resume must find unchanged beyond the shards' hashes: the Hub commit a hf:// data_dir read."""
+    """What a resume must find unchanged beyond the shards' hashes: the Hub commit a hf:// data_dir read, or
+    a mixture's sources, weights and shards (`data_mix`, compared by weights and shards, so a moved folder
+    still resumes)."""
+    if MIX in manifest:
+        parts = manifest[MIX]
+        return {
+            "data_mix": [
+                {"source": p["source"], "weight": p["weight"], "data": train_fingerprint(p["manifest"])} for p in parts
+            ]
+        }
     revision = manifest.get(STREAM, {}).get("revision")
     return {"data_revision": revision} if revision else {}
 
 
 def train_fingerprint(manifest: dict) -> str:
-    """The fingerprint of the training shards, the one the loader's state carries."""
+    """The fingerprint of the training shards, the one the loader's state carries (for a mixture: of its
+    weights and its sources' shards)."""
+    if MIX in manifest:
+        from data_prep.mixture import mix_fingerprint
+
+        return mix_fingerprint([(p["weight"], train_fingerprint(p["manifest"])) for p in manifest[MIX]])
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "train"])
 
 
 def val_fingerprint(manifest: dict) -> str:
     """The fingerprint of the validation shards: val/loss is comparable across a resume only on the same ones."""
+    if MIX in manifest:
+        from data_prep.mixture import mix_fingerprint
+
+        return mix_fingerprint([(p["weight"], val_fingerprint(p["manifest"])) for p in manifest[MIX]])
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "val"])
 
 
@@ -125,6 +199,8 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
     data_dir URL (`manifest` from `prepare_data`), each rank reads through the shared cache."""
     from data_prep import ShardLoader
 
+    if manifest and MIX in manifest:
+        return build_mixture(config, accelerator, manifest)
     cache = None
     if manifest and STREAM in manifest:
         cache = open_remote(config, resolve=False, manifest=manifest)[1]
@@ -140,4 +216,42 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
         seed=config.seed,
         vocab_size=config.model_config().vocab_size,
         sequences_per_step=config.total_batch_size // config.seq_len,  # epochs end on a whole step, for any W
+    )
+
+
+def build_mixture(config: TrainConfig, accelerator: Accelerator, manifest: dict):
+    """The data_mix loader: each step allocated among the sources by weight, the same on every rank, each rank
+    reading its own part of it (`data_prep.mixture`)."""
+    from data_prep.mixture import MixtureLoader
+
+    parts = manifest[MIX]
+    return MixtureLoader(
+        [(p["source"], p["weight"], source_loader(config, p["source"], p["manifest"])) for p in parts],
+        batch_size=config.micro_batch_size,
+        seq_len=config.seq_len,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=config.seed,
+        sequences_per_step=config.total_batch_size // config.seq_len,
+        fingerprints=[train_fingerprint(p["manifest"]) for p in parts],
+    )
+
+
+def source_loader(config: TrainConfig, source: str, manifest: dict):
+    """One source of a mixture: a loader with `ShardLoader`'s interface that gives the source's sequences one
+    at a time in its own order (batch_size 1, as rank 0 of 1: the mixture cuts the steps among the ranks)."""
+    from data_prep import ShardLoader
+
+    cache = None
+    if STREAM in manifest:
+        cache = open_remote(source_config(config, source), resolve=False, manifest=manifest)[1]
+        cache.prepare()  # on every rank, as build_loader does: the validation shards on each machine's disk
+    return ShardLoader(
+        cache.folder if cache else source,
+        cache=cache,
+        split="train",
+        batch_size=1,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        vocab_size=config.model_config().vocab_size,
     )

@@ -38,6 +38,12 @@ LAYOUT_TEXT = {
 }
 
 
+VAL_TEXT = {
+    False: "Validation loss is measured on the held-out validation shard of the same data.",
+    True: "Validation loss is the mean of the sources' held-out validation losses, weighted as in training.",
+}
+
+
 @dataclass
 class DataSource:
     """The training data as the manifest records it: `ref` identifies it (a Hub dataset id, the file
@@ -47,11 +53,15 @@ class DataSource:
     text: str
     hub_id: str | None = None
     fields: dict = dataclasses.field(default_factory=dict)  # config, split, revision of a Hub dataset
+    hub_ids: list = dataclasses.field(default_factory=list)  # a mixture's Hub datasets
+    mixed: bool = False  # several sources by weight (`data_mix`)
 
 
 def data_source(manifest: dict) -> DataSource:
     """What the data manifest (`data_prep`'s manifest.json) says the data came from: the Hub dataset with
     its config, split and revision, the files by name (never their local paths), or the built-in corpus."""
+    if isinstance(manifest, dict) and isinstance(manifest.get("mixture"), list):
+        return mixture_source(manifest["mixture"])
     source = manifest.get("source") if isinstance(manifest, dict) else None
     if not isinstance(source, dict):
         return DataSource("unrecorded", "data whose source no manifest records")
@@ -76,6 +86,17 @@ def data_source(manifest: dict) -> DataSource:
         return DataSource(name, f"`{name}`, gpt2-scratch's built-in corpus: the documentation of Python{python}")
     name = str(source.get("name") or source.get("dataset") or kind or "unrecorded")
     return DataSource(name, f"`{name}`")
+
+
+def mixture_source(parts: list[dict]) -> DataSource:
+    """A `data_mix` run's sources (`gpt2_scratch.training.data.prepare_mixture`), each with its share."""
+    total = sum(part["weight"] for part in parts)
+    sources = [(part["weight"] / total, data_source(part["manifest"])) for part in parts]
+    text = "a mixture of " + "; ".join(f"{share:.1%} {source.text}" for share, source in sources)
+    ref = " + ".join(f"{source.ref} ({share:.0%})" for share, source in sources)
+    hub_ids = list(dict.fromkeys(source.hub_id for _, source in sources if source.hub_id))
+    text += " (shares of the training sequences, by `data_mix` weight)"
+    return DataSource(ref, text, hub_ids=hub_ids, mixed=True)
 
 
 def run_results(log: Path, through_step: int | None = None) -> dict:
@@ -132,8 +153,8 @@ class ModelCard:
         meta["tags"] = ["gpt2", "text-generation", "pretraining", "from-scratch"]
         if layout == "scratch":
             meta["tags"].append("custom_code")
-        if self.source.hub_id:
-            meta["datasets"] = [self.source.hub_id]
+        if self.source.hub_id or self.source.hub_ids:
+            meta["datasets"] = [self.source.hub_id] if self.source.hub_id else self.source.hub_ids
         if index := self.model_index():
             meta["model-index"] = index
         front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
@@ -148,7 +169,7 @@ class ModelCard:
             *self.usage(layout),
             "## Training data",
             "",
-            f"{self.source.text}. Validation loss is measured on the held-out validation shard of the same data.",
+            f"{self.source.text}. {VAL_TEXT[self.source.mixed]}",
             "",
             *self.config_section(),
         ]
@@ -169,7 +190,8 @@ class ModelCard:
         if "val/loss" in r:
             step, value = r["val/loss"]
             windows = f"{self.config.seq_len}-token windows, " if self.config else ""
-            dataset = {"type": self.source.ref, "name": f"{self.source.ref} (held-out validation shard)"}
+            held_out = "weighted held-out validation shards" if self.source.mixed else "held-out validation shard"
+            dataset = {"type": self.source.ref, "name": f"{self.source.ref} ({held_out})"}
             metric = {"type": "loss", "value": value, "name": f"validation loss ({windows}step {step})"}
             entries.append({"task": TASK.copy(), "dataset": {**dataset, **self.source.fields}, "metrics": [metric]})
         if "hellaswag/acc" in r and "hellaswag/acc_norm" in r:
@@ -227,6 +249,11 @@ class ModelCard:
         if not self.config:
             return []
         fields = {name: portable(value, self.out_dir) for name, value in dataclasses.asdict(self.config).items()}
+        if self.config.data_mix:  # each source's path made portable, not the whole list as one path
+            from data_prep.mixture import parse_mix
+
+            mix = parse_mix(self.config.data_mix)
+            fields["data_mix"] = ",".join(f"{portable(source, self.out_dir)}:{weight:g}" for source, weight in mix)
         trained = trained_precision(self.out_dir)
         if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16, fp16 or fp32 ('no')
             label = "fp16, loss-scaled" if trained == "fp16" else trained

@@ -191,10 +191,40 @@ def state_problems(folder: Path) -> list[str]:
         return [f"{STATE_FILE} tokens {tokens!r} is not {step} steps of {settings['total_batch_size']}"]
     if type(processes) is not int or processes < 1:
         return [f"{STATE_FILE} processes {processes!r} is not a count of processes"]
-    numbers = ("epoch", "chunks_done", "batch_size", "world_size", "seq_len", "seed")
-    if not isinstance(loader, dict) or not all(type(loader.get(key)) is int and loader[key] >= 0 for key in numbers):
+    if not loader_position_valid(loader):
         return [f"{STATE_FILE} has no valid loader position"]
     return []
+
+
+def counts(value: Any, keys: tuple[str, ...]) -> bool:
+    """Whether `value` is a dict whose `keys` are all non-negative ints."""
+    return isinstance(value, dict) and all(type(value.get(key)) is int and value[key] >= 0 for key in keys)
+
+
+def loader_position_valid(loader: Any) -> bool:
+    """A `ShardLoader` position (plain counts), or a data mixture's (`data_prep.mixture`): its counts, a
+    positive weight, a name and a valid position for each source."""
+    if not isinstance(loader, dict) or loader.get("kind") != "mixture":
+        return counts(loader, ("epoch", "chunks_done", "batch_size", "world_size", "seq_len", "seed"))
+    shape = ("steps", "sequences_done", "batch_size", "world_size", "seq_len", "seed", "sequences_per_step")
+    sources, drawn = loader.get("sources"), loader.get("counts")
+    return (
+        counts(loader, shape)
+        and isinstance(sources, list)
+        and len(sources) > 0
+        and isinstance(drawn, list)
+        and len(drawn) == len(sources)
+        and all(type(c) is int and c >= 0 for c in drawn)
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and isinstance(s.get("data"), str)
+            and type(s.get("weight")) in (int, float)
+            and s["weight"] > 0
+            and loader_position_valid(s.get("state"))
+            for s in sources
+        )
+    )
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
@@ -214,14 +244,40 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
             f"val_batches: {saved['val_batches']!r} -> {current['val_batches']!r} (the batches of all processes "
             f"together; one saved when it counted per process recorded val_batches x processes)"
         )
+    if "data_mix" in saved and "data_mix" in current:
+        if mix_key(saved["data_mix"]) == mix_key(current["data_mix"]):  # the same shards, maybe moved
+            current = {**current, "data_mix": saved["data_mix"]}
+        else:  # named source by source; the combined fingerprints (training, validation) add nothing
+            other["data_mix"] = mix_change(saved["data_mix"], current["data_mix"])
+            other["data"] = other["val_data"] = None
     saved = {**ADDED_SETTINGS, **saved}
     if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
         saved["mixed_precision"] = resolve_mixed_precision("auto")
-    return [
+    changes = [
         other.get(name, f"{name}: {saved.get(name)!r} -> {value!r}")
         for name, value in current.items()
         if saved.get(name) != value and (name in saved or name not in ADDED_LATER)
     ]
+    return [change for change in changes if change is not None]
+
+
+def mix_key(mix: Any) -> Any:
+    """What must stay the same in a data mixture: each source's weight and shards, in order (not its path)."""
+    return [(s.get("weight"), s.get("data")) for s in mix] if isinstance(mix, list) else mix
+
+
+def mix_change(saved: list[dict], current: list[dict]) -> str:
+    """How a data mixture changed, naming its sources: the weights and shards of each, or the list."""
+    if len(saved) != len(current):
+        names = [", ".join(f"{s['source']}:{s['weight']:g}" for s in mix) for mix in (saved, current)]
+        return f"data_mix: {names[0]} -> {names[1]}"
+    found = []
+    for before, now in zip(saved, current, strict=True):
+        if before["weight"] != now["weight"]:
+            found.append(f"the weight of {now['source']} {before['weight']:g} -> {now['weight']:g}")
+        if before["data"] != now["data"]:
+            found.append(f"{before['source']} -> {now['source']}: other training shards")
+    return "data_mix: " + ", ".join(found)
 
 
 def check_resumable(folder: Path, settings: dict[str, Any]) -> None:
