@@ -54,6 +54,19 @@ class TrainConfig:
     prepare_builtin: bool | None = arg(
         None, "tokenize the built-in corpus into an absent or empty data_dir (None: only into the default data_dir)"
     )
+    data_stream: str | None = arg(
+        None,
+        "instead of data_dir, tokenize on the fly: a Hub dataset (HuggingFaceFW/fineweb-edu), local .jsonl/.json/"
+        ".parquet/.txt globs (comma-separated), or 'builtin' (docs/data.md, Training without a prep step)",
+    )
+    data_stream_config: str | None = arg(None, "the Hub dataset's config of data_stream (e.g. sample-10BT)")
+    data_stream_split: str = arg("train", "the Hub dataset's split that data_stream trains on")
+    data_stream_val_split: str | None = arg(
+        None, "validate on the first val_tokens of this Hub split (None: the first val_tokens of data_stream)"
+    )
+    data_stream_text_column: str = arg("text", "the column of data_stream that holds each document's text")
+    data_workers: int = arg(1, "processes that tokenize data_stream per rank (0: a thread of the trainer)")
+    val_tokens: int = arg(65_536, "tokens at the start of data_stream held out for validation (data_prep's)")
     out_dir: str = arg("runs/cpu-micro", "run directory: config, logs, plots, checkpoints, HF export")
     # model
     model: str = arg("cpu-micro", f"model size preset: {', '.join(PRESETS)}")
@@ -163,6 +176,10 @@ AT_LEAST_ZERO += ("remote_keep_last",)
 
 AT_LEAST_ZERO += ("data_cache_gb", "data_retries")
 
+AT_LEAST_ZERO += ("data_workers",)
+
+AT_LEAST_ONE += ("val_tokens",)
+
 AT_LEAST_ONE += ("spike_window",)
 
 AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
@@ -208,6 +225,8 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
             remote.open_store(c.checkpoint_remote)  # the URL's form and protocol; no network is touched
         except remote.RemoteError as err:
             yield str(err)
+    if c.data_stream and c.data_dir != FIELDS["data_dir"].default:
+        yield f"give data_dir ({c.data_dir}) or data_stream ({c.data_stream}), not both"
     if "://" in c.data_dir:
         from data_prep.store import StoreError, open_data_store
 

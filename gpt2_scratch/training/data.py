@@ -1,5 +1,6 @@
 """The run's data: token shards in `data_dir` (a folder, or a store's URL whose shards are fetched into a
-local cache), checked before training, and the training loader."""
+local cache), checked before training, or a text source tokenized on the fly (`data_stream`), and the
+training loader."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def prepare_data(config: TrainConfig) -> dict:
     """
     from data_prep import prepare_builtin, read_manifest
 
+    if config.data_stream:
+        return prepare_stream(config)
     if is_url(config.data_dir):
         return prepare_remote_data(config)
     data_dir = Path(config.data_dir)
@@ -100,7 +103,10 @@ def open_remote(config: TrainConfig, resolve: bool, manifest: dict | None = None
 
 
 def local_data_dir(config: TrainConfig, manifest: dict) -> str:
-    """The folder the shards are read from: data_dir, or for a URL the cache (which holds the validation shards)."""
+    """The folder the validation shards are read from: data_dir, or for a URL the cache, or for a data_stream
+    the folder its validation tokens were written to."""
+    if DATA_STREAM in manifest:
+        return manifest[DATA_STREAM]["folder"]
     return manifest[STREAM]["cache"] if STREAM in manifest else config.data_dir
 
 
@@ -111,7 +117,10 @@ def data_settings(manifest: dict) -> dict:
 
 
 def train_fingerprint(manifest: dict) -> str:
-    """The fingerprint of the training shards, the one the loader's state carries."""
+    """The fingerprint of the training shards, the one the loader's state carries (of a data_stream: its
+    source, where its training tokens start and the reader's block size)."""
+    if DATA_STREAM in manifest:
+        return manifest[DATA_STREAM]["fingerprint"]
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "train"])
 
 
@@ -125,6 +134,8 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
     data_dir URL (`manifest` from `prepare_data`), each rank reads through the shared cache."""
     from data_prep import ShardLoader
 
+    if DATA_STREAM in (manifest or {}):
+        return build_stream_loader(config, accelerator, manifest[DATA_STREAM])
     cache = None
     if manifest and STREAM in manifest:
         cache = open_remote(config, resolve=False, manifest=manifest)[1]
@@ -140,4 +151,91 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
         seed=config.seed,
         vocab_size=config.model_config().vocab_size,
         sequences_per_step=config.total_batch_size // config.seq_len,  # epochs end on a whole step, for any W
+    )
+
+
+DATA_STREAM = "data_stream"  # the manifest's key, added here, for a run that tokenizes its data on the fly
+
+
+def stream_spec(config: TrainConfig, revision: str | None = None):
+    """What `data_stream` names, as `data_prep.stream` reads it."""
+    from data_prep.stream import StreamSpec
+
+    return StreamSpec(
+        config.data_stream,
+        config.data_stream_config,
+        config.data_stream_split,
+        config.data_stream_text_column,
+        revision,
+    )
+
+
+def prepare_stream(config: TrainConfig) -> dict:
+    """A data_stream's validation tokens (the first `val_tokens` of the stream, or of `data_stream_val_split`),
+    written as a val shard into out_dir's data cache, and where training starts; main process only. The same
+    source gives the same tokens in every run, so a resume measures val/loss on the same ones. A source that
+    yields no text, or nothing after the validation tokens, is a one-line error here, before training."""
+    import numpy as np
+
+    from data_prep.shards import MANIFEST_FORMAT_VERSION, TOKENIZER_NAME, write_manifest, write_shard
+    from data_prep.stream import DEFAULT_BLOCK_DOCS, describe, fingerprint, head_tokens
+
+    spec = stream_spec(config, pinned_stream_revision(config))
+    val_split = config.data_stream_val_split
+    tokens, end, description = head_tokens(spec, config.val_tokens, split=val_split)
+    if val_split:  # training starts at the training split's first document
+        train = spec.open()
+        description, end = train.description, {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+    elif end is None:
+        raise ConfigError(
+            f"data_stream {describe(description)} gave {len(tokens)} tokens, all within val_tokens "
+            f"({config.val_tokens}): lower --val_tokens to leave training tokens"
+        )
+    if len(tokens) < config.seq_len + 1:
+        raise ConfigError(f"data_stream: {len(tokens)} validation tokens, fewer than one window of seq_len + 1")
+    key = {"source": description, "val_split": val_split, "val_tokens": config.val_tokens}
+    stream_id = fingerprint({**key, "block_docs": DEFAULT_BLOCK_DOCS})
+    folder = RunPaths(config.out_dir).data_cache / f"stream-{stream_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sha256 = write_shard(folder / "val_000000.bin", np.asarray(tokens))
+    entry = {"file": "val_000000.bin", "split": "val", "tokens": len(tokens), "sha256": sha256}
+    entry |= {"first_doc": 0, "first_doc_offset": 0}
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "source": description}
+    manifest |= {"complete": True, "shards": [entry]}
+    write_manifest(folder, manifest)
+    revision = description.get("revision")
+    logger.info("data_stream: %s, %d validation tokens in %s", describe(description), len(tokens), folder)
+    stream = {"folder": str(folder), "fingerprint": stream_id, "train_start": end, "revision": revision}
+    return {**manifest, DATA_STREAM: stream}
+
+
+def pinned_stream_revision(config: TrainConfig) -> str | None:
+    """The Hub commit an earlier launch of this run streamed (recorded in its data cache), so that a resume
+    reads the same commit even after the dataset changed upstream; None for a new run or local files."""
+    if not config.resume:
+        return None
+    for manifest in sorted(RunPaths(config.out_dir).data_cache.glob("stream-*/manifest.json")):
+        try:
+            source = json.loads(manifest.read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
+        if source.get("kind") == "hub" and (source.get("dataset"), source.get("config"), source.get("split")) == wanted:
+            return source.get("revision")
+    return None
+
+
+def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: dict):
+    """This rank's `StreamLoader`, reading the commit the main process pinned."""
+    from data_prep.stream import StreamLoader
+
+    return StreamLoader(
+        stream_spec(config, stream.get("revision")),
+        stream["train_start"],
+        batch_size=config.micro_batch_size,
+        seq_len=config.seq_len,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        workers=config.data_workers,
+        log=logger.info,
     )

@@ -191,6 +191,11 @@ def state_problems(folder: Path) -> list[str]:
         return [f"{STATE_FILE} tokens {tokens!r} is not {step} steps of {settings['total_batch_size']}"]
     if type(processes) is not int or processes < 1:
         return [f"{STATE_FILE} processes {processes!r} is not a count of processes"]
+    if isinstance(loader, dict) and loader.get("kind") == "stream":  # a data_stream position
+        from data_prep.stream import stream_state_problem
+
+        problem = stream_state_problem(loader)
+        return [f"{STATE_FILE} has no valid stream position: {problem}"] if problem else []
     numbers = ("epoch", "chunks_done", "batch_size", "world_size", "seq_len", "seed")
     if not isinstance(loader, dict) or not all(type(loader.get(key)) is int and loader[key] >= 0 for key in numbers):
         return [f"{STATE_FILE} has no valid loader position"]
@@ -203,7 +208,10 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
-    other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
+    other = {
+        "data": "data: other training shards (or another data_stream source)",
+        "val_data": "val_data: other validation shards",
+    }
     if "data_revision" in saved and "data_revision" in current:
         other["data_revision"] = (
             f"data_revision: the data repository changed, commit {saved['data_revision']} -> "
