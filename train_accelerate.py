@@ -63,6 +63,7 @@ from gpt2_scratch.training.checkpoints import (
 from gpt2_scratch.training.config import TrainConfig, parse_config, parse_duration
 from gpt2_scratch.training.data import (
     build_loader,
+    data_facts,
     data_settings,
     local_data_dir,
     prepare_data,
@@ -436,7 +437,7 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
     run.hellaswag = load_hellaswag(run.config, accelerator)
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
-        facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
+        facts["data"] = data_facts(run.config, run.manifest)  # a URL's commit and cache, or the stream
         describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 

@@ -10,9 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from trainer_runs import kill_at_step, metric, nano_args, run_cli, train_in_process
+from accelerate.state import AcceleratorState
+from trainer_runs import ROOT, kill_at_step, metric, nano_args, train_in_process
 
 import data_prep.stream as stream
+import train_accelerate as ta
 from data_prep import prepare
 from data_prep.shards import DataPrepError, load_tokens, read_manifest
 from data_prep.stream import StreamLoader, StreamSpec, head_tokens, stream_state_problem
@@ -21,6 +23,7 @@ from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
 from gpt2_scratch.training.data import prepare_data
 from gpt2_scratch.training.verify import state_problems
+from gpt2_scratch.user_errors import run_command
 
 WORDS = "the quick brown fox jumps over a lazy dog école naïve 😀 , . ! ? \n 1999".split(" ")
 SEQ_LEN = 16
@@ -200,11 +203,18 @@ def test_a_bad_stream_is_one_line_before_training(kind, tmp_path):
         prepare_data(stream_config(str(path), tmp_path))
 
 
-def test_a_bad_stream_exits_2_with_one_line(tmp_path):
+def test_a_bad_stream_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "docs.jsonl").write_bytes(bytes(range(256)) * 4)
-    done = run_cli(stream_args(str(tmp_path / "docs.jsonl"), tmp_path / "run"))
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "docs.jsonl is not UTF-8 text" in done.stderr and "Traceback" not in done.stderr
+    argv = stream_args(str(tmp_path / "docs.jsonl"), tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:
+        try:
+            run_command(ta.command, argv)  # the trainer's command line, in this process
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "docs.jsonl is not UTF-8 text" in lines[-1]
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_data_prep_names_a_binary_jsonl(tmp_path):
@@ -222,5 +232,7 @@ def test_a_hub_stream_offline_fails_at_once(tmp_path, monkeypatch):
 
 
 def test_data_dir_and_data_stream_together_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="give data_dir .* or data_stream .*, not both"):
+    with pytest.raises(ConfigError, match="command line: give data_dir .* or data_stream, not both"):
         parse_config(["--data_dir", str(tmp_path), "--data_stream", "builtin"])
+    preset = ROOT / "configs" / "gpt2-124m-fineweb-edu.yaml"  # its data_dir gives way to a stream
+    assert parse_config(["--config", str(preset), "--data_stream", "builtin"]).data_stream == "builtin"

@@ -225,8 +225,6 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
             remote.open_store(c.checkpoint_remote)  # the URL's form and protocol; no network is touched
         except remote.RemoteError as err:
             yield str(err)
-    if c.data_stream and c.data_dir != FIELDS["data_dir"].default:
-        yield f"give data_dir ({c.data_dir}) or data_stream ({c.data_stream}), not both"
     if "://" in c.data_dir:
         from data_prep.store import StoreError, open_data_store
 
@@ -396,6 +394,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     overrides = vars(args)
     values = load_preset(overrides.pop("config")) if overrides.get("config") else {}
     overrides.pop("config", None)
+    for where, layer in (("command line", overrides), ("config file", values)):
+        if layer.get("data_stream") not in (None, "None", "none") and "data_dir" in layer:
+            raise ConfigError(f"{where}: give data_dir ({layer['data_dir']}) or data_stream, not both")
+    if overrides.get("data_stream") not in (None, "None", "none"):
+        values.pop("data_dir", None)  # a stream on the command line replaces a preset's shards
     values.update({name: parse_value(name, value, "command line") for name, value in overrides.items()})
     return TrainConfig(**values)
 

@@ -110,6 +110,15 @@ def local_data_dir(config: TrainConfig, manifest: dict) -> str:
     return manifest[STREAM]["cache"] if STREAM in manifest else config.data_dir
 
 
+def data_facts(config: TrainConfig, manifest: dict) -> dict:
+    """Where the run's data came from, for run_info.json: a URL's commit and cache, a data_stream's source,
+    commit and validation folder, or the data_dir."""
+    if DATA_STREAM in manifest:
+        stream = manifest[DATA_STREAM]
+        return {"data_stream": config.data_stream, "revision": stream["revision"], "val_folder": stream["folder"]}
+    return manifest.get(STREAM, {"url": config.data_dir})
+
+
 def data_settings(manifest: dict) -> dict:
     """What a resume must find unchanged beyond the shards' hashes: the Hub commit a hf:// data_dir read."""
     revision = manifest.get(STREAM, {}).get("revision")
@@ -171,21 +180,59 @@ def stream_spec(config: TrainConfig, revision: str | None = None):
 
 
 def prepare_stream(config: TrainConfig) -> dict:
-    """A data_stream's validation tokens (the first `val_tokens` of the stream, or of `data_stream_val_split`),
-    written as a val shard into out_dir's data cache, and where training starts; main process only. The same
-    source gives the same tokens in every run, so a resume measures val/loss on the same ones. A source that
-    yields no text, or nothing after the validation tokens, is a one-line error here, before training."""
-    import numpy as np
+    """A data_stream's validation tokens (the first `val_tokens` of the stream, or of `data_stream_val_split`)
+    as a val shard in out_dir's data cache, and where training starts; main process only. Tokenized by the
+    first launch, read back (sha256 checked) by the next ones: the same tokens in every run and on resume.
+    A source that yields no text, or nothing after the validation tokens, is a one-line error here, before
+    training."""
+    import dataclasses
 
-    from data_prep.shards import MANIFEST_FORMAT_VERSION, TOKENIZER_NAME, write_manifest, write_shard
-    from data_prep.stream import DEFAULT_BLOCK_DOCS, describe, fingerprint, head_tokens
+    from data_prep.stream import DEFAULT_BLOCK_DOCS, check_local_files, describe, fingerprint
 
     spec = stream_spec(config, pinned_stream_revision(config))
+    train = spec.open()
+    check_local_files(train)
+    spec = dataclasses.replace(spec, revision=train.description.get("revision"))  # one commit for both splits
+    val_split = config.data_stream_val_split
+    key = {"source": train.description, "val_tokens": config.val_tokens, "block_docs": DEFAULT_BLOCK_DOCS}
+    if val_split:
+        key["val_source"] = spec.open(val_split).description
+    stream_id = fingerprint(key)
+    folder = RunPaths(config.out_dir).data_cache / f"stream-{stream_id}"
+    manifest = read_stream_val(folder, stream_id, config) or write_stream_val(folder, stream_id, spec, config, train)
+    tokens = manifest["shards"][0]["tokens"]
+    logger.info("data_stream: %s, %d validation tokens in %s", describe(train.description), tokens, folder)
+    revision = train.description.get("revision")
+    stream = {"folder": str(folder), "fingerprint": stream_id, "train_start": manifest["train_start"]}
+    return {**manifest, DATA_STREAM: {**stream, "revision": revision}}
+
+
+def read_stream_val(folder: Path, stream_id: str, config: TrainConfig) -> dict | None:
+    """The manifest of the validation tokens an earlier launch wrote for this stream, its shard checked;
+    None when there is none, or it is not intact (then it is written again)."""
+    from data_prep.shards import DataPrepError, read_manifest
+
+    try:
+        manifest = read_manifest(folder)
+        if manifest.get("stream_id") != stream_id or len(manifest["shards"]) != 1:
+            return None
+        check_shard(folder, manifest["shards"][0], verify_hash=True, vocab_size=config.model_config().vocab_size)
+    except (FileNotFoundError, DataPrepError):
+        return None
+    return manifest
+
+
+def write_stream_val(folder: Path, stream_id: str, spec, config: TrainConfig, train) -> dict:
+    """Tokenize the validation tokens of a stream into `folder` (val_000000.bin and manifest.json, each
+    written under a temporary name first), with the position where training starts; the manifest names the
+    training source (`train`), as a model card reads it."""
+    from data_prep.shards import MANIFEST_FORMAT_VERSION, TOKENIZER_NAME, write_manifest, write_shard
+    from data_prep.stream import describe, head_tokens
+
     val_split = config.data_stream_val_split
     tokens, end, description = head_tokens(spec, config.val_tokens, split=val_split)
     if val_split:  # training starts at the training split's first document
-        train = spec.open()
-        description, end = train.description, {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+        end = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
     elif end is None:
         raise ConfigError(
             f"data_stream {describe(description)} gave {len(tokens)} tokens, all within val_tokens "
@@ -193,20 +240,14 @@ def prepare_stream(config: TrainConfig) -> dict:
         )
     if len(tokens) < config.seq_len + 1:
         raise ConfigError(f"data_stream: {len(tokens)} validation tokens, fewer than one window of seq_len + 1")
-    key = {"source": description, "val_split": val_split, "val_tokens": config.val_tokens}
-    stream_id = fingerprint({**key, "block_docs": DEFAULT_BLOCK_DOCS})
-    folder = RunPaths(config.out_dir).data_cache / f"stream-{stream_id}"
     folder.mkdir(parents=True, exist_ok=True)
-    sha256 = write_shard(folder / "val_000000.bin", np.asarray(tokens))
+    sha256 = write_shard(folder / "val_000000.bin", tokens)
     entry = {"file": "val_000000.bin", "split": "val", "tokens": len(tokens), "sha256": sha256}
-    entry |= {"first_doc": 0, "first_doc_offset": 0}
-    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "source": description}
-    manifest |= {"complete": True, "shards": [entry]}
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "source": train.description}
+    manifest |= {"complete": True, "shards": [{**entry, "first_doc": 0, "first_doc_offset": 0}]}
+    manifest |= {"stream_id": stream_id, "train_start": end}
     write_manifest(folder, manifest)
-    revision = description.get("revision")
-    logger.info("data_stream: %s, %d validation tokens in %s", describe(description), len(tokens), folder)
-    stream = {"folder": str(folder), "fingerprint": stream_id, "train_start": end, "revision": revision}
-    return {**manifest, DATA_STREAM: stream}
+    return manifest
 
 
 def pinned_stream_revision(config: TrainConfig) -> str | None:
