@@ -333,6 +333,7 @@ def shut_down(run: Run) -> None:
     if run.shut:
         return
     run.shut = True
+    run.state.loader.close()  # a data_stream's reader thread and tokenizing processes
     run.model = run.optimizer = None
     run.accelerator.free_memory()
     if run.config.compile:

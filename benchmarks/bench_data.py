@@ -269,6 +269,7 @@ def bench_stream(docs: list[str], work: Path, batches: int) -> list[dict]:
         rows.append(
             {"bench": f"stream/workers={workers}", "procs": workers, "tokens": batches * 8 * 1024, "seconds": seconds}
         )
+        print(f"stream, {workers} workers: {batches * 8 * 1024 / seconds:,.0f} tokens/s", flush=True)
     return rows
 
 
@@ -299,15 +300,16 @@ def bench_stream_resume(work: Path, docs: int) -> dict:
     loader.next_batch()
     seconds = time.perf_counter() - t0
     loader.close()
+    print(f"resume at document {docs:,}: {seconds:.2f} s", flush=True)
     return {"bench": "stream/resume", "documents": docs, "bytes": src.stat().st_size, "seconds": seconds}
 
 
-def bench_default_run(work: Path, repeats: int) -> list[dict]:
+def bench_default_run(work: Path, repeats: int, max_steps: int) -> list[dict]:
     """`python train_accelerate.py` on the built-in corpus's shards and streamed, interleaved: steps/s."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    common = ["--log_interval", "1", "--report_to", "none", "--hellaswag_path", "none"]
+    common = ["--log_interval", "1", "--report_to", "none", "--hellaswag_path", "none", "--max_steps", str(max_steps)]
     runs = (
         ("shards", ["--data_dir", str(work / "builtin"), "--prepare_builtin", "true"]),
         ("stream", ["--data_stream", "builtin"]),
@@ -319,7 +321,9 @@ def bench_default_run(work: Path, repeats: int) -> list[dict]:
             cmd = [sys.executable, str(root / "train_accelerate.py"), *common, *data, "--out_dir", str(out)]
             subprocess.run(cmd, cwd=root, check=True, capture_output=True)
             steps, _ = run_steps(out)
-            rows.append({"bench": f"train/{name}", "repeat": repeat, "steps_per_s": len(steps) / sum(steps)})
+            rate, after_first = len(steps) / sum(steps), (len(steps) - 1) / sum(steps[1:])
+            rows.append({"bench": f"train/{name}", "repeat": repeat, "steps_per_s": rate, "after_step_1": after_first})
+            print(f"{name} run {repeat}: {rate:.3f} steps/s, {after_first:.3f} after step 1", flush=True)
     return rows
 
 
@@ -333,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench_data.json", help="JSON file for the results")
     parser.add_argument("--remote", action="store_true", help="only the local vs S3 (loopback) training comparison")
     parser.add_argument("--data_cache_gb", type=float, default=0.0004, help="--remote: the run's cache limit")
-    parser.add_argument("--max_steps", type=int, default=80, help="--remote: steps of each run (80: the default run)")
+    parser.add_argument(
+        "--max_steps",
+        type=int,
+        default=80,
+        help="--remote, --stream: steps of each training run (80: the default run's)",
+    )
     parser.add_argument("--stream", action="store_true", help="only the data_stream measurements")
     parser.add_argument("--resume_docs", type=int, default=1_000_000, help="--stream: documents before the resume")
     args = parser.parse_args(argv)
@@ -400,7 +409,7 @@ def report_stream(args: argparse.Namespace) -> int:
         work = Path(tmp)
         rows = bench_stream(docs, work, max(1, args.tokens // 8192))
         rows.append(bench_stream_resume(work, args.resume_docs))
-        rows += bench_default_run(work, args.repeats)
+        rows += bench_default_run(work, args.repeats, args.max_steps)
     print(f"corpus: {corpus}, {len(docs):,} documents; {os.cpu_count()} cores; load avg {os.getloadavg()[0]:.2f}")
     for row in rows:
         if "tokens" in row:
@@ -416,6 +425,8 @@ def report_stream(args: argparse.Namespace) -> int:
     resume = next(r for r in rows if r["bench"] == "stream/resume")
     print(f"resume at document {resume['documents']:,} ({resume['bytes']:,} bytes in): {resume['seconds']:.2f} s")
     train = {name: [r["steps_per_s"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
+    later = {name: [r["after_step_1"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
+    print(f"after step 1: ratio of the means {np.mean(later['stream']) / np.mean(later['shards']):.3f}")
     print(
         f"default run steps/s: shards {train['shards']}, stream {train['stream']}; ratio of the means "
         f"{np.mean(train['stream']) / np.mean(train['shards']):.3f}"

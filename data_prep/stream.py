@@ -54,7 +54,7 @@ class StreamSpec:
     config: str | None = None
     split: str = "train"
     text_column: str = "text"
-    revision: str | None = None  # a Hub dataset's commit (pinned by `hub_revision`)
+    revision: str | None = None  # a Hub dataset's commit (the trainer pins the one its first launch read)
 
     @property
     def is_local(self) -> bool:
@@ -176,15 +176,22 @@ class Workers:
         """(meta, encode_from(*args)) for each (meta, args) of `tasks`, in order; task k goes to worker k % N,
         one at a time each (so that neither side ever blocks writing to the other)."""
         busy: collections.deque = collections.deque()
-        for k, (meta, args) in enumerate(tasks):
-            worker = self.procs[k % len(self.procs)]
-            if len(busy) == len(self.procs):
+        try:
+            for k, (meta, args) in enumerate(tasks):
+                worker = self.procs[k % len(self.procs)]
+                if len(busy) == len(self.procs):
+                    yield self._receive(*busy.popleft())
+                pickle.dump(args, worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                worker.stdin.flush()
+                busy.append((meta, worker))
+            while busy:
                 yield self._receive(*busy.popleft())
-            pickle.dump(args, worker.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            worker.stdin.flush()
-            busy.append((meta, worker))
-        while busy:
-            yield self._receive(*busy.popleft())
+        finally:  # a reader stopped early (to resume elsewhere) leaves no result unread: the next one is in step
+            for _, worker in busy:
+                try:
+                    pickle.load(worker.stdout)
+                except (EOFError, OSError, ValueError):  # a worker that `close` killed
+                    pass
 
     @staticmethod
     def _receive(meta: Any, worker: subprocess.Popen) -> tuple[Any, tuple]:
@@ -240,37 +247,42 @@ class StreamLoader:
             )
         self.spec, self.batch_size, self.seq_len = spec, batch_size, seq_len
         self.rank, self.world_size, self.workers, self.block_docs = rank, world_size, workers, block_docs
-        self.start = rank_start(start, rank, world_size)
+        self.train_start = rank_start(start, rank, world_size)
         self.log = log
         self.source_fingerprint: str | None = None
-        self.position = {**self.start, "epoch": 0}
+        self.position = {**self.train_start, "epoch": 0}
         self._blocks: collections.deque[Block] = collections.deque()
         self._cursor = 0  # next window's first token in self._blocks[0]
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._workers: Workers | None = None
+        self._thread: threading.Thread | None = None
         self._waited = 0.0
 
     # -- the background pipeline: read blocks, tokenize them on the workers, in order --------------
+
+    def start(self) -> None:
+        """Begin reading and tokenizing now, so that the first batch is ready when training begins (the
+        trainer calls it for a new run; `next_batch` and `load_state_dict` start the reader otherwise)."""
+        if self._queue is None:
+            self._start()
 
     def _start(self) -> None:
         if self._workers is None and self.workers > 0:
             self._workers = Workers(self.workers)
         self._queue, self._stop = queue.Queue(maxsize=BLOCKS_AHEAD * max(1, self.workers)), threading.Event()
-        thread = threading.Thread(
+        self._thread = threading.Thread(
             target=self._produce, args=(dict(self.position), self._queue, self._stop), daemon=True, name="stream"
         )
-        thread.start()
+        self._thread.start()
 
     def _halt(self) -> None:
+        """Stop the reader thread and wait for it (it finishes the block in hand, and collects the results of
+        the tasks it gave the workers)."""
         if self._stop is not None:
             self._stop.set()
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-        self._queue = self._stop = None
+            self._thread.join()
+        self._queue = self._stop = self._thread = None
 
     def close(self) -> None:
         """Stop the reader and the worker processes."""
@@ -293,9 +305,12 @@ class StreamLoader:
             tasks = ((meta, (texts, meta[3], meta[4])) for meta, texts in self._owned_blocks(position, stop))
             workers = self._workers
             results = workers.map_in_order(tasks) if workers else ((m, encode_from(*a)) for m, a in tasks)
-            for (epoch, block_doc, state, doc_ids, _), (starts, lengths, tokens) in results:
-                if not put(Block(epoch, block_doc, state, np.asarray(doc_ids), starts, lengths, tokens)):
-                    return
+            try:
+                for (epoch, block_doc, state, doc_ids, _), (starts, lengths, tokens) in results:
+                    if not put(Block(epoch, block_doc, state, np.asarray(doc_ids), starts, lengths, tokens)):
+                        return
+            finally:
+                results.close()
         except BaseException as err:  # handed to the trainer's thread, which raises it
             put(err)
 
@@ -320,13 +335,13 @@ class StreamLoader:
                 if ids:
                     found = True
                     yield (epoch, block_doc, state, ids, position), [texts[g - block_doc] for g in ids]
-            if not found and position == {**self.start, "epoch": epoch}:
+            if not found and position == {**self.train_start, "epoch": epoch}:
                 raise DataPrepError(
                     f"{describe(source.description)} has no training documents for rank {self.rank} of "
                     f"{self.world_size} after the validation tokens; use a larger source or fewer processes"
                 )
             epoch += 1
-            position = {**self.start, "epoch": epoch}
+            position = {**self.train_start, "epoch": epoch}
             if self.log is not None:
                 self.log(f"data_stream: rank {self.rank} reached the end of the stream; epoch {epoch} starts")
 
@@ -344,7 +359,7 @@ class StreamLoader:
         item = self._queue.get()
         self._waited += time.perf_counter() - t0
         if isinstance(item, BaseException):
-            self._queue = None
+            self._halt()
             raise item
         return item
 
@@ -424,10 +439,11 @@ class StreamLoader:
             if state[key] != mine:
                 what = {"source": "data_stream source (its files or commit)", "world_size": "processes"}.get(key, key)
                 raise ValueError(f"cannot resume: the saved stream has {what} {state[key]!r}, this run {mine!r}")
-        self.close()
+        self._halt()
         self._blocks.clear()
         self._cursor = 0
         self.position = dict(state["ranks"][self.rank])
+        self._start()
 
 
 def stream_state_problem(state: Any) -> str | None:

@@ -5,13 +5,15 @@ resumed with `--resume auto` logs the same losses; bad sources are one line befo
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from accelerate.state import AcceleratorState
-from trainer_runs import ROOT, kill_at_step, metric, nano_args, train_in_process
+from stores import free_port, hub_mirror  # noqa: F401  (fixtures)
+from trainer_runs import ROOT, kill_at_step, metric, nano_args, run_cli, train_in_process
 
 import data_prep.stream as stream
 import train_accelerate as ta
@@ -87,6 +89,7 @@ def test_parquet_streams_the_same_tokens_as_tiktoken(tmp_path):
     head, start, _ = head_tokens(spec, 100, block_docs=8)
     loader = StreamLoader(spec, start, batch_size=2, seq_len=SEQ_LEN, workers=0, block_docs=8)
     got = stream_tokens(loader, 20)
+    loader.close()
     assert np.array_equal(np.concatenate([head, got]), reference[: 100 + len(got)])
 
 
@@ -98,6 +101,7 @@ def test_ranks_read_disjoint_documents(corpus):
     for rank in (0, 1):
         loader = StreamLoader(spec, start, batch_size=2, seq_len=SEQ_LEN, rank=rank, world_size=2, workers=0)
         got = stream_tokens(loader, 30)
+        loader.close()
         mine = [t for text in texts[rank::2] for t in [EOT_ID, *enc.encode_ordinary(text)]]
         assert np.array_equal(got, mine[: len(got)])
 
@@ -120,22 +124,27 @@ def test_a_position_resumes_exactly_without_tokenizing_from_the_start(corpus, mo
     resumed = StreamLoader(spec, start, batch_size=3, seq_len=SEQ_LEN, workers=0, block_docs=16)
     resumed.load_state_dict(state)
     assert np.array_equal(stream_tokens(resumed, 250), expected)
+    resumed.close()
     doc = state["ranks"][0]["doc"]
     assert tokenized[0] == texts[doc : doc + len(tokenized[0])]  # from the position's document, not the start
 
     other = StreamLoader(spec, start, batch_size=3, seq_len=SEQ_LEN + 1, workers=0, block_docs=16)
     with pytest.raises(ValueError, match="seq_len 16, this run 17"):
         other.load_state_dict(state)
+    other.close()
     two = StreamLoader(spec, start, batch_size=3, seq_len=SEQ_LEN, rank=0, world_size=2, workers=0, block_docs=16)
     with pytest.raises(ValueError, match="processes 1, this run 2"):
         two.load_state_dict(state)
+    two.close()
 
 
 def test_a_malformed_stream_position_is_named(corpus):
     folder, _, _, _ = corpus
     spec = StreamSpec(str(folder / "*.jsonl"))
-    state = StreamLoader(spec, {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}, batch_size=1, seq_len=8)
-    good = state.state_dict()
+    start = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+    loader = StreamLoader(spec, start, batch_size=1, seq_len=8, workers=0)
+    good = loader.state_dict()
+    loader.close()
     assert stream_state_problem(good) is None
     bad = json.loads(json.dumps(good))
     bad["ranks"][0]["offset"] = -1
@@ -222,6 +231,24 @@ def test_data_prep_names_a_binary_jsonl(tmp_path):
     (tmp_path / "docs.jsonl").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
     with pytest.raises(DataPrepError, match=r"docs.jsonl is not UTF-8 text: invalid start byte at byte 136"):
         prepare(tmp_path / "out", files=[str(tmp_path / "docs.jsonl")], num_proc=1)
+
+
+def test_a_hub_dataset_streams_the_tokens_data_prep_writes(corpus, hub_mirror, tmp_path):  # noqa: F811
+    """A real Hub stream: the dataset repository me/streamed on olah (a Hub mirror on 127.0.0.1), read by
+    `datasets` through huggingface_hub as from huggingface.co."""
+    folder, _, _, _ = corpus
+    (tmp_path / "repo").mkdir()
+    shutil.copy(folder / "a.jsonl", tmp_path / "repo" / "train.jsonl")
+    commit = hub_mirror.publish("streamed", tmp_path / "repo")
+    out = tmp_path / "run"
+    argv = stream_args("me/streamed", out, max_steps=3, eval_interval=3, save_interval=3, num_samples=0)
+    done = run_cli(argv, env={**hub_mirror.env, "HF_DATASETS_OFFLINE": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_info.json").read_text())["data"]["revision"] == commit
+
+    reference = prepare(tmp_path / "shards", files=[str(folder / "a.jsonl")], val_tokens=2048, num_proc=1)
+    (val,) = (out / "data_cache").glob("stream-*/val_000000.bin")
+    assert np.array_equal(load_tokens(val), load_tokens(reference / "val_000000.bin"))
 
 
 def test_a_hub_stream_offline_fails_at_once(tmp_path, monkeypatch):

@@ -267,10 +267,11 @@ def pinned_stream_revision(config: TrainConfig) -> str | None:
 
 
 def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: dict):
-    """This rank's `StreamLoader`, reading the commit the main process pinned."""
+    """This rank's `StreamLoader`, reading the commit the main process pinned; for a new run already reading
+    (a resume starts it at the saved position instead)."""
     from data_prep.stream import StreamLoader
 
-    return StreamLoader(
+    loader = StreamLoader(
         stream_spec(config, stream.get("revision")),
         stream["train_start"],
         batch_size=config.micro_batch_size,
@@ -280,3 +281,6 @@ def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: d
         workers=config.data_workers,
         log=logger.info,
     )
+    if not config.resume:  # a new run: tokenize while the model is built and evaluated at step 0
+        loader.start()
+    return loader
