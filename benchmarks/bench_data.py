@@ -71,7 +71,7 @@ def load_documents(target_tokens: int) -> tuple[str, list[str]]:
     if SHAKESPEARE.is_file():
         name, docs = "tinyshakespeare paragraphs", [p for p in SHAKESPEARE.read_text().split("\n\n") if p]
     else:
-        name, docs = "built-in corpus", builtin_documents()
+        name, docs = "built-in corpus", list(builtin_documents())
     enc = get_encoding()
     tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
     return name, docs * max(1, round(target_tokens / tokens))

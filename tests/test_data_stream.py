@@ -174,6 +174,11 @@ def test_sigkill_then_resume_auto_logs_the_same_losses_from_a_stream(corpus, tmp
     assert newest is not None and int(newest.name[5:]) < 8
     saved = json.loads((newest / "train_state.json").read_text())
     assert saved["loader"]["kind"] == "stream" and state_problems(newest) == []
+    damaged = tmp_path / "damaged" / newest.name  # verify.py judges the position's form before a resume
+    shutil.copytree(newest, damaged)
+    saved["loader"]["ranks"][0]["doc"] = "7"
+    (damaged / "train_state.json").write_text(json.dumps(saved))
+    assert state_problems(damaged) == ["train_state.json has no valid stream position: ranks[0].doc '7' is not a count"]
     train_in_process(stream_args(source, out, resume="auto", **common))
 
     reference = tmp_path / "reference"
