@@ -67,6 +67,7 @@ from gpt2_scratch.training.checkpoints import (
 from gpt2_scratch.training.config import TrainConfig, parse_config, parse_duration
 from gpt2_scratch.training.data import (
     build_loader,
+    data_facts,
     data_settings,
     prepare_data,
     train_fingerprint,
@@ -366,6 +367,7 @@ def shut_down(run: Run) -> None:
     if run.shut:
         return
     run.shut = True
+    run.state.loader.close()  # a data_stream's reader thread and tokenizing processes
     run.model = run.optimizer = None
     run.accelerator.free_memory()
     if run.config.compile:
@@ -473,10 +475,7 @@ def resume_train_finish(run: Run, checkpoint: Path | None, flops_per_token: int)
             check_room_to_save(run, state.step + 1, "the checkpoints and exports this run saves")
     if accelerator.is_main_process:
         facts = launch_facts(accelerator, run.unwrapped, flops_per_token, run.meter.peak, checkpoint)
-        facts["data"] = run.manifest.get("stream", {"url": run.config.data_dir})  # a URL's commit and cache
-        if run.config.data_mix is not None:  # each source as a data_dir's: a URL's commit and cache
-            sources = [p["manifest"].get("stream", {"url": p["source"]}) for p in run.manifest["mixture"]]
-            facts["data"] = {"mix": run.config.data_mix, "sources": sources}
+        facts["data"] = data_facts(run.config, run.manifest)  # a URL's commit and cache, the stream or the mix
         describe_run(run.config, run.paths, facts)
     start_logs(run, resumed=checkpoint is not None)
 

@@ -21,6 +21,15 @@ shard (log.jsonl's step_time plus data_wait_s); "cached" leaves out step 1, whic
 training shard. The cache folder's size is sampled every 5 ms during each remote run; its peak is reported.
 
     python benchmarks/bench_data.py --remote --repeats 2 --out runs/bench_data_remote.json
+
+Streams (`--stream`, instead of the above): `data_prep.stream.StreamLoader` on a .jsonl of the benchmark
+documents, in tokens/s with one tokenizing worker process and with none (the reader's thread), and the
+workers one rank needs to feed GPT-2 124M on one H100 at 50% MFU (about 575K tokens/s) and on 8; the time
+a resume takes to reach a position `--resume_docs` documents into a .jsonl (short documents); and the
+default training run (`python train_accelerate.py`) on its shards and with `--data_stream builtin` (the
+same documents, tokenized on the fly), the runs interleaved, in steps/s (log.jsonl's step_time).
+
+    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/bench_data.py --stream --repeats 2
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ def load_documents(target_tokens: int) -> tuple[str, list[str]]:
     if SHAKESPEARE.is_file():
         name, docs = "tinyshakespeare paragraphs", [p for p in SHAKESPEARE.read_text().split("\n\n") if p]
     else:
-        name, docs = "built-in corpus", builtin_documents()
+        name, docs = "built-in corpus", list(builtin_documents())
     enc = get_encoding()
     tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
     return name, docs * max(1, round(target_tokens / tokens))
@@ -238,6 +247,86 @@ def bench_remote(work: Path, repeats: int, cache_gb: float, max_steps: int) -> l
     return rows
 
 
+H100_TOKENS_PER_S = 575_000  # GPT-2 124M on one H100 at 50% MFU (docs/data.md)
+
+
+def bench_stream(docs: list[str], work: Path, batches: int) -> list[dict]:
+    """Tokens/s of a StreamLoader (seq_len 1024, batch 8) with one worker process and with none."""
+    from data_prep.stream import StreamLoader, StreamSpec
+
+    src = work / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    start = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+    rows = []
+    for workers in (1, 0):
+        loader = StreamLoader(StreamSpec(str(src)), start, batch_size=8, seq_len=1024, workers=workers)
+        loader.next_batch()  # the workers started, the first block read
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            loader.next_batch()
+        seconds = time.perf_counter() - t0
+        loader.close()
+        rows.append(
+            {"bench": f"stream/workers={workers}", "procs": workers, "tokens": batches * 8 * 1024, "seconds": seconds}
+        )
+        print(f"stream, {workers} workers: {batches * 8 * 1024 / seconds:,.0f} tokens/s", flush=True)
+    return rows
+
+
+def bench_stream_resume(work: Path, docs: int) -> dict:
+    """Seconds from `load_state_dict` of a position `docs` documents into a .jsonl to the first batch."""
+    import datasets
+
+    from data_prep.stream import DEFAULT_BLOCK_DOCS, StreamLoader, StreamSpec
+
+    src = work / "many.jsonl"
+    with open(src, "w") as f:
+        for i in range(docs + 10 * DEFAULT_BLOCK_DOCS):
+            f.write(
+                json.dumps({"text": f"Document {i}: a short text about the number {i}, for the resume benchmark."})
+                + "\n"
+            )
+    block_doc = docs // DEFAULT_BLOCK_DOCS * DEFAULT_BLOCK_DOCS
+    dataset = datasets.load_dataset("json", data_files=[str(src)], split="train", streaming=True)
+    batches = dataset.iter(batch_size=DEFAULT_BLOCK_DOCS)
+    for _ in range(block_doc // DEFAULT_BLOCK_DOCS):
+        next(batches)
+    position = {"epoch": 0, "block_doc": block_doc, "source_state": dataset.state_dict(), "doc": docs, "offset": 3}
+    spec = StreamSpec(str(src))
+    loader = StreamLoader(spec, {**position, "doc": 0, "offset": 0}, batch_size=1, seq_len=64, workers=1)
+    state = {**loader.state_dict(), "ranks": [position]}
+    t0 = time.perf_counter()
+    loader.load_state_dict(state)
+    loader.next_batch()
+    seconds = time.perf_counter() - t0
+    loader.close()
+    print(f"resume at document {docs:,}: {seconds:.2f} s", flush=True)
+    return {"bench": "stream/resume", "documents": docs, "bytes": src.stat().st_size, "seconds": seconds}
+
+
+def bench_default_run(work: Path, repeats: int, max_steps: int) -> list[dict]:
+    """`python train_accelerate.py` on the built-in corpus's shards and streamed, interleaved: steps/s."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--log_interval", "1", "--report_to", "none", "--hellaswag_path", "none", "--max_steps", str(max_steps)]
+    runs = (
+        ("shards", ["--data_dir", str(work / "builtin"), "--prepare_builtin", "true"]),
+        ("stream", ["--data_stream", "builtin"]),
+    )
+    rows = []
+    for repeat in range(repeats):
+        for name, data in runs:
+            out = work / f"{name}_{repeat}"
+            cmd = [sys.executable, str(root / "train_accelerate.py"), *common, *data, "--out_dir", str(out)]
+            subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+            steps, _ = run_steps(out)
+            rate, after_first = len(steps) / sum(steps), (len(steps) - 1) / sum(steps[1:])
+            rows.append({"bench": f"train/{name}", "repeat": repeat, "steps_per_s": rate, "after_step_1": after_first})
+            print(f"{name} run {repeat}: {rate:.3f} steps/s, {after_first:.3f} after step 1", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=3_000_000, help="about this many tokens per tokenization run")
@@ -248,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench_data.json", help="JSON file for the results")
     parser.add_argument("--remote", action="store_true", help="only the local vs S3 (loopback) training comparison")
     parser.add_argument("--data_cache_gb", type=float, default=0.0004, help="--remote: the run's cache limit")
-    parser.add_argument("--max_steps", type=int, default=80, help="--remote: steps of each run (80: the default run)")
+    parser.add_argument(
+        "--max_steps",
+        type=int,
+        default=80,
+        help="--remote, --stream: steps of each training run (80: the default run's)",
+    )
+    parser.add_argument("--stream", action="store_true", help="only the data_stream measurements")
+    parser.add_argument("--resume_docs", type=int, default=1_000_000, help="--stream: documents before the resume")
     args = parser.parse_args(argv)
     flags = {f"--{name}": value for name, value in vars(args).items()}
     check_at_least(flags, dict.fromkeys(("--tokens", "--num_proc", "--batch_docs", "--repeats", "--steps"), 1))
@@ -270,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
 
+    if args.stream:
+        return report_stream(args)
     corpus, docs = load_documents(args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -299,6 +397,43 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def report_stream(args: argparse.Namespace) -> int:
+    import math
+
+    corpus, docs = load_documents(args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows = bench_stream(docs, work, max(1, args.tokens // 8192))
+        rows.append(bench_stream_resume(work, args.resume_docs))
+        rows += bench_default_run(work, args.repeats, args.max_steps)
+    print(f"corpus: {corpus}, {len(docs):,} documents; {os.cpu_count()} cores; load avg {os.getloadavg()[0]:.2f}")
+    for row in rows:
+        if "tokens" in row:
+            row["tokens_per_s"] = row["tokens"] / row["seconds"]
+            print(f"{row['bench']:<20} {row['tokens_per_s']:>12,.0f} tokens/s")
+    per_worker = next(r["tokens_per_s"] for r in rows if r["bench"] == "stream/workers=1")
+    for gpus in (1, 8):
+        need = math.ceil(gpus * H100_TOKENS_PER_S / per_worker)
+        print(
+            f"workers for {gpus} H100 ({gpus * H100_TOKENS_PER_S:,} tokens/s): {need}, "
+            f"{math.ceil(need / gpus)} per rank"
+        )
+    resume = next(r for r in rows if r["bench"] == "stream/resume")
+    print(f"resume at document {resume['documents']:,} ({resume['bytes']:,} bytes in): {resume['seconds']:.2f} s")
+    train = {name: [r["steps_per_s"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
+    later = {name: [r["after_step_1"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
+    print(f"after step 1: ratio of the means {np.mean(later['stream']) / np.mean(later['shards']):.3f}")
+    print(
+        f"default run steps/s: shards {train['shards']}, stream {train['stream']}; ratio of the means "
+        f"{np.mean(train['stream']) / np.mean(train['shards']):.3f}"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"corpus": corpus, "args": vars(args), "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -166,6 +166,9 @@ class ShardLoader:
         """Seconds spent waiting for remote shards since the last call (0 for a local folder)."""
         return self.cache.take_waited() if self.cache is not None else 0.0
 
+    def close(self) -> None:
+        """Nothing to release (the shards are memory-mapped); `StreamLoader.close` stops its workers."""
+
     def _epoch_shard_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.entries)

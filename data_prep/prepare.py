@@ -41,6 +41,7 @@ from data_prep.sources import (
     hub_source,
     local_source,
     undecodable,
+    undecodable_file,
 )
 from data_prep.tokenizer import EOT_ID, encode_pieces, get_encoding
 
@@ -83,27 +84,44 @@ def iter_text_batches(source: Source, start_doc: int, max_docs: int | None, batc
         dataset = dataset.take(max(0, max_docs - start_doc))
     doc = start_doc
     batches = dataset.iter(batch_size=batch_docs)
-    while True:
-        try:
-            batch = next(batches, None)
-        except UnicodeDecodeError as err:
-            raise undecodable(source.description, err) from err
-        if batch is None:
-            return
-        if source.text_column not in batch:
-            raise DataPrepError(
-                f"text column {source.text_column!r} not found in {describe(source.description)}; "
-                f"columns: {sorted(batch)}. Pass --text_column"
-            )
-        texts = batch[source.text_column]
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise DataPrepError(
-                    f"document {doc + i} of {describe(source.description)}: column {source.text_column!r} holds "
-                    f"{type(text).__name__}, expected str"
-                )
+    while (texts := next_texts(source, batches, doc)) is not None:
         doc += len(texts)
         yield texts
+
+
+def next_texts(source: Source, batches: Iterator[dict[str, list]], doc: int) -> list[str] | None:
+    """The texts of the next batch of `batches` (read from `source`, its first document number `doc`), or
+    None at the end; a file that is not UTF-8 text or not JSON, a missing text column or a text that is not a
+    string is a one-line `DataPrepError`."""
+    import pyarrow as pa
+
+    try:
+        batch = next(batches, None)
+    except UnicodeDecodeError as err:
+        raise undecodable(source.description, err) from err
+    except pa.ArrowInvalid as err:  # pyarrow's JSON reader meets bytes (binary, or not UTF-8) it cannot parse
+        raise unreadable(source.description, err) from err
+    if batch is None:
+        return None
+    if source.text_column not in batch:
+        raise DataPrepError(
+            f"text column {source.text_column!r} not found in {describe(source.description)}; "
+            f"columns: {sorted(batch)}. Pass --text_column"
+        )
+    texts = batch[source.text_column]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataPrepError(
+                f"document {doc + i} of {describe(source.description)}: column {source.text_column!r} holds "
+                f"{type(text).__name__}, expected str"
+            )
+    return texts
+
+
+def unreadable(description: dict[str, Any], err: Exception) -> DataPrepError:
+    """The one-line error for files pyarrow cannot parse: the first one that is not UTF-8 (a binary file),
+    else the parser's own message."""
+    return undecodable_file(description) or DataPrepError(f"{describe(description)} cannot be parsed: {err}")
 
 
 def iter_encoded(batches: Iterator[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import functools
 import glob
 import itertools
 import json
@@ -56,18 +57,19 @@ class Source:
     num_docs: int | None  # known for the Hub (from its metadata) and the built-in corpus
 
 
-def resolve_files(patterns: list[str]) -> list[Path]:
+def resolve_files(patterns: list[str], flag: str = "--files") -> list[Path]:
     """Expand file names and glob patterns in order (each sorted), without duplicates. Each pattern goes to
-    `glob` as given: on Windows both `\\` and `/` separate folders there; elsewhere `\\` is part of a name."""
+    `glob` as given: on Windows both `\\` and `/` separate folders there; elsewhere `\\` is part of a name.
+    Errors name the option the patterns came from, `flag`."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise DataPrepError(f"--files: no file matches '{pattern}'{separator_hint(pattern)}")
+            raise DataPrepError(f"{flag}: no file matches '{pattern}'{separator_hint(pattern)}")
         for match in matches:
             path = Path(match).resolve()
             if path.is_dir():
-                raise DataPrepError(f"--files: {match} is a folder; give files or a glob such as '{match}/*.jsonl'")
+                raise DataPrepError(f"{flag}: {match} is a folder; give files or a glob such as '{match}/*.jsonl'")
             if path not in files:
                 files.append(path)
     return files
@@ -81,7 +83,11 @@ def separator_hint(pattern: str, sep: str = os.sep) -> str:
 
 
 def local_source(
-    patterns: list[str], text_column: str = "text", txt_sample_by: str = "document", encoding_errors: str = "strict"
+    patterns: list[str],
+    text_column: str = "text",
+    txt_sample_by: str = "document",
+    encoding_errors: str = "strict",
+    flag: str = "--files",
 ) -> Source:
     """Stream `.txt`, `.jsonl`/`.json` or `.parquet` files, all of one kind, in the given order.
 
@@ -94,14 +100,14 @@ def local_source(
 
     if encoding_errors not in ENCODING_ERRORS:
         raise DataPrepError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}")
-    files = resolve_files(patterns)
+    files = resolve_files(patterns, flag)
     kinds = {path.suffix.lower() for path in files}
     unknown = sorted(k for k in kinds if k not in BUILDERS)
     if unknown:
-        raise DataPrepError(f"--files: unsupported extension {unknown[0]!r}; use one of {sorted(BUILDERS)}")
+        raise DataPrepError(f"{flag}: unsupported extension {unknown[0]!r}; use one of {sorted(BUILDERS)}")
     builders = {BUILDERS[k] for k in kinds}
     if len(builders) > 1:
-        raise DataPrepError(f"--files mixes file kinds {sorted(kinds)}; prepare one kind at a time")
+        raise DataPrepError(f"{flag} mixes file kinds {sorted(kinds)}; give one kind at a time")
     builder = builders.pop()
     kwargs: dict[str, Any] = {}
     if builder == "text":
@@ -187,6 +193,11 @@ def first_invalid_utf8(path: Path, block: int = 1 << 20) -> tuple[int, str] | No
 def undecodable(description: dict[str, Any], err: UnicodeDecodeError) -> DataPrepError:
     """The one-line error for bytes that are not UTF-8 in a source: the file and the offset of the first
     such byte (the reader's own offset counts from a chunk it read, not from the file's start)."""
+    return undecodable_file(description) or DataPrepError(f"the source is not UTF-8 text: {err}")
+
+
+def undecodable_file(description: dict[str, Any]) -> DataPrepError | None:
+    """The error naming the first file of a files source that is not UTF-8 (a binary file, say), or None."""
     for entry in description.get("files", []) if description.get("kind") == "files" else []:
         found = first_invalid_utf8(Path(entry["path"]))
         if found is not None:
@@ -195,11 +206,16 @@ def undecodable(description: dict[str, Any], err: UnicodeDecodeError) -> DataPre
                 f"{entry['path']} is not UTF-8 text: {reason} at byte {offset}; fix the file, or pass "
                 "--encoding_errors replace (each bad byte becomes U+FFFD) or ignore (bad bytes are dropped)"
             )
-    return DataPrepError(f"the source is not UTF-8 text: {err}")
+    return None
 
 
 def hub_source(
-    dataset: str, config: str | None, split: str, text_column: str = "text", revision: str | None = None
+    dataset: str,
+    config: str | None,
+    split: str,
+    text_column: str = "text",
+    revision: str | None = None,
+    hint: str = "Use --files for local files or --builtin for the offline built-in corpus.",
 ) -> Source:
     """Stream a Hub dataset at `revision`, or at its current one; the revision is pinned in the manifest.
 
@@ -209,11 +225,11 @@ def hub_source(
     from huggingface_hub import HfApi
     from huggingface_hub import constants as hub_constants
 
-    hint = "Use --files for local files or --builtin for the offline built-in corpus."
     if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
         raise DataPrepError(f"cannot stream {dataset}: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
     try:
-        info = HfApi().dataset_info(dataset, revision=revision, timeout=20)
+        # The default branch by name: Hub mirrors (olah) answer only the API's /revision/ form.
+        info = HfApi().dataset_info(dataset, revision=revision or "main", timeout=20)
     except Exception as err:  # network errors come from several libraries; all mean the same here
         raise DataPrepError(f"cannot reach the Hub for dataset {dataset!r}: {err}. {hint}") from err
     stream = datasets.load_dataset(dataset, name=config, split=split, streaming=True, revision=info.sha)
@@ -232,12 +248,15 @@ def hub_source(
     return Source(stream, description, text_column, num_docs)
 
 
-def builtin_documents() -> list[str]:
+@functools.cache
+def builtin_documents() -> tuple[str, ...]:
     """The built-in corpus: English prose that ships with every CPython install.
 
     The `pydoc_data.topics` help pages (the text behind `help("if")`), then the longer
     module, class and function docstrings of the top-level standard-library modules, read
-    with `ast` so that no module is imported. About 340k GPT-2 tokens on Python 3.11.
+    with `ast` so that no module is imported. About 340k GPT-2 tokens on Python 3.11. Parsed once
+    per process (a few CPU seconds): a streaming run reads it for its validation tokens, then for
+    every epoch.
     """
     from pydoc_data import topics
 
@@ -253,17 +272,25 @@ def builtin_documents() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= MIN_DOCSTRING_CHARS:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 class DocumentStream:
-    """Documents (strings) or rows (dicts) read lazily from `documents()`, with the three methods of
-    `datasets.IterableDataset` that `prepare` uses (`skip`, `take`, `iter`), so that the built-in corpus
-    needs no `datasets` (machines without it, such as the GPU image, prepare it too), and a `.txt`
-    document or `.jsonl` row is read by us, held once."""
+    """Documents (strings) or rows (dicts) read lazily from `documents()`, with the methods of
+    `datasets.IterableDataset` that `prepare` and `stream` use (`skip`, `take`, `iter`, `state_dict`,
+    `load_state_dict`), so that the built-in corpus needs no `datasets` (machines without it, such as the
+    GPU image, prepare it too), and a `.txt` document or `.jsonl` row is read by us, held once."""
 
     def __init__(self, documents: Callable[[], Iterable[str]], start: int = 0, stop: int | None = None) -> None:
         self.documents, self.start, self.stop = documents, start, stop
+        self.position = 0  # documents after `start` that `iter` has yielded (or `load_state_dict` set)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next `iter` begins, as `datasets.IterableDataset.state_dict` says it for a Hub stream."""
+        return {"doc": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["doc"])
 
     def skip(self, n: int) -> DocumentStream:
         start = self.start + n
@@ -274,8 +301,9 @@ class DocumentStream:
         return DocumentStream(self.documents, self.start, stop if self.stop is None else min(stop, self.stop))
 
     def iter(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
-        docs = itertools.islice(self.documents(), self.start, self.stop)
+        docs = itertools.islice(self.documents(), self.start + self.position, self.stop)
         while batch := list(itertools.islice(docs, batch_size)):
+            self.position += len(batch)
             yield as_columns(batch)
 
 

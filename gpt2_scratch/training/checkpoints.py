@@ -76,7 +76,8 @@ MUON_RESUME_FIELDS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_adj
 
 class TrainState:
     """What `save_state` does not hold: the step, the tokens seen and the data position, saved by us
-    as JSON (never a pickle). `ShardLoader`'s state is the same on every rank."""
+    as JSON (never a pickle). `ShardLoader`'s state is the same on every rank; `StreamLoader`'s holds every
+    rank's position."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -157,11 +158,12 @@ def save_checkpoint(
         if acc.is_main_process:
             remove_ours(tmp)  # what save_state began, on whichever rank the disk refused it
         raise refusals[0]
+    train_state = state.state_dict()  # on every rank: a data_stream loader gathers each rank's position
 
     def complete() -> None:
         with writing(checkpoints, what, partial=[tmp]):
             share_as_umask(tmp)
-            record = {**state.state_dict(), "processes": acc.num_processes, "settings": settings}
+            record = {**train_state, "processes": acc.num_processes, "settings": settings}
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
             write_manifest(tmp, state.step)
         os.replace(tmp, final)

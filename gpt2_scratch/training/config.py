@@ -59,6 +59,19 @@ class TrainConfig:
     prepare_builtin: bool | None = arg(
         None, "tokenize the built-in corpus into an absent or empty data_dir (None: only into the default data_dir)"
     )
+    data_stream: str | None = arg(
+        None,
+        "instead of data_dir, tokenize on the fly: a Hub dataset (HuggingFaceFW/fineweb-edu), local .jsonl/.json/"
+        ".parquet/.txt globs (comma-separated), or 'builtin' (docs/data.md, Training without a prep step)",
+    )
+    data_stream_config: str | None = arg(None, "the Hub dataset's config of data_stream (e.g. sample-10BT)")
+    data_stream_split: str = arg("train", "the Hub dataset's split that data_stream trains on")
+    data_stream_val_split: str | None = arg(
+        None, "validate on the first val_tokens of this Hub split (None: the first val_tokens of data_stream)"
+    )
+    data_stream_text_column: str = arg("text", "the column of data_stream that holds each document's text")
+    data_workers: int = arg(1, "processes that tokenize data_stream per rank (0: a thread of the trainer)")
+    val_tokens: int = arg(65_536, "tokens at the start of data_stream held out for validation (data_prep's)")
     out_dir: str = arg("runs/cpu-micro", "run directory: config, logs, plots, checkpoints, HF export")
     # model
     model: str = arg("cpu-micro", f"model size preset: {', '.join(PRESETS)}")
@@ -170,6 +183,10 @@ AT_LEAST_ZERO += ("remote_keep_last",)
 
 AT_LEAST_ZERO += ("data_cache_gb", "data_retries")
 
+AT_LEAST_ZERO += ("data_workers",)
+
+AT_LEAST_ONE += ("val_tokens",)
+
 AT_LEAST_ONE += ("spike_window",)
 
 AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
@@ -247,6 +264,9 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield f"seq_len ({c.seq_len}) exceeds the model's n_positions ({n_positions}, preset {c.model!r})"
     if c.num_samples and c.sample_tokens >= n_positions:
         yield f"sample_tokens ({c.sample_tokens}) leaves no room for the prompt in the model's {n_positions} positions"
+
+
+DATA_SOURCES = ("data_dir", "data_mix", "data_stream")  # where the training data comes from: one of them
 
 
 def mix_problems(c: TrainConfig) -> Iterator[str]:
@@ -408,9 +428,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     overrides = vars(args)
     values = load_preset(overrides.pop("config")) if overrides.get("config") else {}
     overrides.pop("config", None)
-    for mine, other in (("data_mix", "data_dir"), ("data_dir", "data_mix")):  # the command line's data wins
-        if mine in overrides and other not in overrides:
-            values.pop(other, None)
+    for where, layer in (("command line", overrides), ("config file", values)):
+        given = [name for name in DATA_SOURCES if layer.get(name) not in (None, "None", "none")]
+        if len(given) > 1:
+            raise ConfigError(f"{where}: give {given[0]} ({layer[given[0]]}) or {given[1]}, not both")
+        if where == "command line" and given:  # the command line's data replaces a preset's
+            for name in DATA_SOURCES:
+                if name != given[0]:
+                    values.pop(name, None)
     values.update({name: parse_value(name, value, "command line") for name, value in overrides.items()})
     return TrainConfig(**values)
 

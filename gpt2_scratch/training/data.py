@@ -1,6 +1,6 @@
 """The run's data: token shards in `data_dir` (a folder, or a store's URL whose shards are fetched into a
-local cache), or several such sources mixed by weight (`data_mix`), checked before training, and the
-training loader."""
+local cache), several such sources mixed by weight (`data_mix`), or a text source tokenized on the fly
+(`data_stream`); checked before training; and the training loader."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def prepare_data(config: TrainConfig) -> dict:
 
     if config.data_mix is not None:
         return prepare_mixture(config)
+    if config.data_stream:
+        return prepare_stream(config)
     if is_url(config.data_dir):
         return prepare_remote_data(config)
     data_dir = Path(config.data_dir)
@@ -140,7 +142,10 @@ def open_remote(config: TrainConfig, resolve: bool, manifest: dict | None = None
 
 
 def local_data_dir(config: TrainConfig, manifest: dict) -> str:
-    """The folder the shards are read from: data_dir, or for a URL the cache (which holds the validation shards)."""
+    """The folder the validation shards are read from: data_dir, or for a URL the cache, or for a data_stream
+    the folder its validation tokens were written to."""
+    if DATA_STREAM in manifest:
+        return manifest[DATA_STREAM]["folder"]
     return manifest[STREAM]["cache"] if STREAM in manifest else config.data_dir
 
 
@@ -160,6 +165,18 @@ def val_sources(config: TrainConfig, manifest: dict) -> list[tuple[str, float, s
     ]
 
 
+def data_facts(config: TrainConfig, manifest: dict) -> dict:
+    """Where the run's data came from, for run_info.json: a URL's commit and cache, a data_stream's source,
+    commit and validation folder, each data_mix source as a data_dir's, or the data_dir."""
+    if MIX in manifest:
+        sources = [part["manifest"].get(STREAM, {"url": part["source"]}) for part in manifest[MIX]]
+        return {"mix": config.data_mix, "sources": sources}
+    if DATA_STREAM in manifest:
+        stream = manifest[DATA_STREAM]
+        return {"data_stream": config.data_stream, "revision": stream["revision"], "val_folder": stream["folder"]}
+    return manifest.get(STREAM, {"url": config.data_dir})
+
+
 def data_settings(manifest: dict) -> dict:
     """What a resume must find unchanged beyond the shards' hashes: the Hub commit a hf:// data_dir read, or
     a mixture's sources, weights and shards (`data_mix`, compared by weights and shards, so a moved folder
@@ -177,11 +194,14 @@ def data_settings(manifest: dict) -> dict:
 
 def train_fingerprint(manifest: dict) -> str:
     """The fingerprint of the training shards, the one the loader's state carries (for a mixture: of its
-    weights and its sources' shards)."""
+    weights and its sources' shards; of a data_stream: its source, where its training tokens start and the
+    reader's block size)."""
     if MIX in manifest:
         from data_prep.mixture import mix_fingerprint
 
         return mix_fingerprint([(p["weight"], train_fingerprint(p["manifest"])) for p in manifest[MIX]])
+    if DATA_STREAM in manifest:
+        return manifest[DATA_STREAM]["fingerprint"]
     return data_fingerprint([entry for entry in manifest["shards"] if entry["split"] == "train"])
 
 
@@ -201,6 +221,8 @@ def build_loader(config: TrainConfig, accelerator: Accelerator, manifest: dict |
 
     if manifest and MIX in manifest:
         return build_mixture(config, accelerator, manifest)
+    if DATA_STREAM in (manifest or {}):
+        return build_stream_loader(config, accelerator, manifest[DATA_STREAM])
     cache = None
     if manifest and STREAM in manifest:
         cache = open_remote(config, resolve=False, manifest=manifest)[1]
@@ -255,3 +277,126 @@ def source_loader(config: TrainConfig, source: str, manifest: dict):
         seed=config.seed,
         vocab_size=config.model_config().vocab_size,
     )
+
+
+DATA_STREAM = "data_stream"  # the manifest's key, added here, for a run that tokenizes its data on the fly
+
+
+def stream_spec(config: TrainConfig, revision: str | None = None):
+    """What `data_stream` names, as `data_prep.stream` reads it."""
+    from data_prep.stream import StreamSpec
+
+    return StreamSpec(
+        config.data_stream,
+        config.data_stream_config,
+        config.data_stream_split,
+        config.data_stream_text_column,
+        revision,
+    )
+
+
+def prepare_stream(config: TrainConfig) -> dict:
+    """A data_stream's validation tokens (the first `val_tokens` of the stream, or of `data_stream_val_split`)
+    as a val shard in out_dir's data cache, and where training starts; main process only. Tokenized by the
+    first launch, read back (sha256 checked) by the next ones: the same tokens in every run and on resume.
+    A source that yields no text, or nothing after the validation tokens, is a one-line error here, before
+    training."""
+    import dataclasses
+
+    from data_prep.stream import DEFAULT_BLOCK_DOCS, check_local_files, describe, fingerprint
+
+    spec = stream_spec(config, pinned_stream_revision(config))
+    train = spec.open()
+    check_local_files(train)
+    spec = dataclasses.replace(spec, revision=train.description.get("revision"))  # one commit for both splits
+    val_split = config.data_stream_val_split
+    key = {"source": train.description, "val_tokens": config.val_tokens, "block_docs": DEFAULT_BLOCK_DOCS}
+    if val_split:
+        key["val_source"] = spec.open(val_split).description
+    stream_id = fingerprint(key)
+    folder = RunPaths(config.out_dir).data_cache / f"stream-{stream_id}"
+    manifest = read_stream_val(folder, stream_id, config) or write_stream_val(folder, stream_id, spec, config, train)
+    tokens = manifest["shards"][0]["tokens"]
+    logger.info("data_stream: %s, %d validation tokens in %s", describe(train.description), tokens, folder)
+    revision = train.description.get("revision")
+    stream = {"folder": str(folder), "fingerprint": stream_id, "train_start": manifest["train_start"]}
+    return {**manifest, DATA_STREAM: {**stream, "revision": revision}}
+
+
+def read_stream_val(folder: Path, stream_id: str, config: TrainConfig) -> dict | None:
+    """The manifest of the validation tokens an earlier launch wrote for this stream, its shard checked;
+    None when there is none, or it is not intact (then it is written again)."""
+    from data_prep.shards import DataPrepError, read_manifest
+
+    try:
+        manifest = read_manifest(folder)
+        if manifest.get("stream_id") != stream_id or len(manifest["shards"]) != 1:
+            return None
+        check_shard(folder, manifest["shards"][0], verify_hash=True, vocab_size=config.model_config().vocab_size)
+    except (FileNotFoundError, DataPrepError):
+        return None
+    return manifest
+
+
+def write_stream_val(folder: Path, stream_id: str, spec, config: TrainConfig, train) -> dict:
+    """Tokenize the validation tokens of a stream into `folder` (val_000000.bin and manifest.json, each
+    written under a temporary name first), with the position where training starts; the manifest names the
+    training source (`train`), as a model card reads it."""
+    from data_prep.shards import MANIFEST_FORMAT_VERSION, TOKENIZER_NAME, write_manifest, write_shard
+    from data_prep.stream import describe, head_tokens
+
+    val_split = config.data_stream_val_split
+    tokens, end, description = head_tokens(spec, config.val_tokens, split=val_split)
+    if val_split:  # training starts at the training split's first document
+        end = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+    elif end is None:
+        raise ConfigError(
+            f"data_stream {describe(description)} gave {len(tokens)} tokens, all within val_tokens "
+            f"({config.val_tokens}): lower --val_tokens to leave training tokens"
+        )
+    if len(tokens) < config.seq_len + 1:
+        raise ConfigError(f"data_stream: {len(tokens)} validation tokens, fewer than one window of seq_len + 1")
+    folder.mkdir(parents=True, exist_ok=True)
+    sha256 = write_shard(folder / "val_000000.bin", tokens)
+    entry = {"file": "val_000000.bin", "split": "val", "tokens": len(tokens), "sha256": sha256}
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "source": train.description}
+    manifest |= {"complete": True, "shards": [{**entry, "first_doc": 0, "first_doc_offset": 0}]}
+    manifest |= {"stream_id": stream_id, "train_start": end}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def pinned_stream_revision(config: TrainConfig) -> str | None:
+    """The Hub commit an earlier launch of this run streamed (recorded in its data cache), so that a resume
+    reads the same commit even after the dataset changed upstream; None for a new run or local files."""
+    if not config.resume:
+        return None
+    for manifest in sorted(RunPaths(config.out_dir).data_cache.glob("stream-*/manifest.json")):
+        try:
+            source = json.loads(manifest.read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
+        if source.get("kind") == "hub" and (source.get("dataset"), source.get("config"), source.get("split")) == wanted:
+            return source.get("revision")
+    return None
+
+
+def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: dict):
+    """This rank's `StreamLoader`, reading the commit the main process pinned; for a new run already reading
+    (a resume starts it at the saved position instead)."""
+    from data_prep.stream import StreamLoader
+
+    loader = StreamLoader(
+        stream_spec(config, stream.get("revision")),
+        stream["train_start"],
+        batch_size=config.micro_batch_size,
+        seq_len=config.seq_len,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        workers=config.data_workers,
+        log=logger.info,
+    )
+    if not config.resume:  # a new run: tokenize while the model is built and evaluated at step 0
+        loader.start()
+    return loader

@@ -191,6 +191,11 @@ def state_problems(folder: Path) -> list[str]:
         return [f"{STATE_FILE} tokens {tokens!r} is not {step} steps of {settings['total_batch_size']}"]
     if type(processes) is not int or processes < 1:
         return [f"{STATE_FILE} processes {processes!r} is not a count of processes"]
+    if isinstance(loader, dict) and loader.get("kind") == "stream":  # a data_stream position
+        from data_prep.stream import stream_state_problem
+
+        problem = stream_state_problem(loader)
+        return [f"{STATE_FILE} has no valid stream position: {problem}"] if problem else []
     if not loader_position_valid(loader):
         return [f"{STATE_FILE} has no valid loader position"]
     return []
@@ -202,8 +207,12 @@ def counts(value: Any, keys: tuple[str, ...]) -> bool:
 
 
 def loader_position_valid(loader: Any) -> bool:
-    """A `ShardLoader` position (plain counts), or a data mixture's (`data_prep.mixture`): its counts, a
-    positive weight, a name and a valid position for each source."""
+    """A `ShardLoader` position (plain counts), a data_stream's (`data_prep.stream`), or a data mixture's
+    (`data_prep.mixture`): its counts, a positive weight, a name and a valid position for each source."""
+    if isinstance(loader, dict) and loader.get("kind") == "stream":
+        from data_prep.stream import stream_state_problem
+
+        return stream_state_problem(loader) is None
     if not isinstance(loader, dict) or loader.get("kind") != "mixture":
         return counts(loader, ("epoch", "chunks_done", "batch_size", "world_size", "seq_len", "seed"))
     shape = ("steps", "sequences_done", "batch_size", "world_size", "seq_len", "seed", "sequences_per_step")
@@ -233,7 +242,10 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Each setting that differs between a checkpoint and this launch, as 'name: old -> new'."""
-    other = {"data": "data: other training shards", "val_data": "val_data: other validation shards"}
+    other = {
+        "data": "data: other training shards (or another data_stream source)",
+        "val_data": "val_data: other validation shards",
+    }
     if "data_revision" in saved and "data_revision" in current:
         other["data_revision"] = (
             f"data_revision: the data repository changed, commit {saved['data_revision']} -> "
