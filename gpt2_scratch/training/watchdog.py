@@ -79,14 +79,18 @@ class StallWatchdog:
         seen: dict[int, tuple[str, int, str]] = {}  # each peer's last (heartbeat, step, host)
         while not self._stop.wait(self.interval):
             beat += 1
-            try:
+            try:  # three requests a second per rank, once every rank has written: set, check, read all
                 store.set(f"{PREFIX}{self.rank}", f"{beat} {self.step} {host}")
-                for r in peers:
-                    if store.check([f"{PREFIX}{r}"]):
-                        count, step, where = store.get(f"{PREFIX}{r}").decode().split(" ", 2)
-                        if seen.get(r, ("",))[0] != count:
-                            heard[r] = time.monotonic()
-                        seen[r] = (count, int(step), where)
+                keys = [f"{PREFIX}{r}" for r in peers]
+                if store.check(keys):
+                    values = dict(zip(peers, store.multi_get(keys), strict=True))
+                else:  # some have not written yet (or never will): those that have
+                    values = {r: store.get(key) for r, key in zip(peers, keys, strict=True) if store.check([key])}
+                for r, value in values.items():
+                    count, step, where = value.decode().split(" ", 2)
+                    if seen.get(r, ("",))[0] != count:
+                        heard[r] = time.monotonic()
+                    seen[r] = (count, int(step), where)
             except dist.DistError:  # the store's host (rank 0 under srun) does not answer: its peers fall silent
                 pass
             if self.last_progress is None:
