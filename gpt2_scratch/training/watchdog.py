@@ -10,7 +10,8 @@ heartbeat stopped (a stopped, dead or frozen process), else one still at an earl
 thread stuck while its process lives). It prints one `error:` line naming that rank and ends this
 process at once with `STALL_STATUS`; nothing is written, so the newest complete checkpoint stays the
 run's state and `--resume auto` continues from it. When every rank answers at the same step (a long
-evaluation on all of them), it waits; the process group's timeout is the last resort.
+evaluation on all of them, or a rank whose main thread is stuck within a step while its heartbeat
+goes on: the two look alike from here), it waits; the process group's timeout is the last resort.
 """
 
 from __future__ import annotations
