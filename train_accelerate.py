@@ -102,6 +102,7 @@ from gpt2_scratch.training.run_dir import (
 )
 from gpt2_scratch.training.step import StepResult, train_step
 from gpt2_scratch.training.verify import CheckpointError
+from gpt2_scratch.training.watchdog import StallWatchdog
 from gpt2_scratch.user_errors import run_command
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
@@ -272,7 +273,9 @@ def train(run: Run) -> bool:
     end = c.stop_at_step or c.max_steps
     bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=not run.accelerator.is_main_process)
     limit = parse_duration(c.time_limit) if c.time_limit else None
-    with StopRequest(limit, run.started) as stop, bar, logging_redirect_tqdm([logger]):
+    acc = run.accelerator
+    watchdog = StallWatchdog(c.collective_timeout, acc.process_index, acc.num_processes)
+    with StopRequest(limit, run.started) as stop, watchdog, bar, logging_redirect_tqdm([logger]):
         if stop.requested(run.accelerator):  # a signal while starting (or the time limit spent): no step taken
             logger.warning("stopped before the first step: the newest checkpoint, if any, is the run's state")
             run.requeue, run.idle = stop.requeue, True
@@ -309,6 +312,7 @@ def train(run: Run) -> bool:
             if stop.requested(run.accelerator):
                 run.requeue = stop.requeue and state.step < c.max_steps
                 break
+            watchdog.progress(state.step)
     return state.step >= c.max_steps
 
 
@@ -393,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lock = RunLock(paths.lock)  # held by the main process for the whole run
     made = on_main_process(accelerator, lambda: claim_out_dir(paths, config.resume, lock))
     try:
-        return run_training(config, accelerator, paths, started)
+        with stop_signals.SecondSignal():  # a second signal ends the process, even while it is blocked in C++
+            return run_training(config, accelerator, paths, started)
     except BaseException:
         if accelerator.is_main_process and holds_only_leftovers(paths):  # refused before training: no stray .lock
             let_go_of_out_dir(paths, lock, made)

@@ -13,7 +13,9 @@ import pytest
 from trainer_runs import (
     ONE_THREAD,
     ROOT,
+    end_all,
     launch,
+    launch_ranks,
     metric,
     nano_args,
     reserved_port,
@@ -77,21 +79,13 @@ def test_sigusr1_to_every_task_of_an_srun_style_launch_exits_75_on_each(data_dir
     out, tasks = tmp_path / "srun", []
     with reserved_port() as port:
         try:
-            for rank in (0, 1):
-                env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
-                argv = [sys.executable, str(ROOT / "train_accelerate.py")]
-                argv += nano_args(data_dir, out, **LONG, val_batches=1)
-                pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                tasks.append(subprocess.Popen(argv, cwd=ROOT, env=env, **pipes))
+            tasks = launch_ranks(nano_args(data_dir, out, **LONG, val_batches=1), port)
             wait_for_step(out, tasks[0], 2)
             for task in tasks:
                 task.send_signal(signal.SIGUSR1)
             assert [task.wait(timeout=120) for task in tasks] == [REQUEUE_STATUS] * 2
         finally:
-            for task in tasks:  # a run the signal did not stop would otherwise train on for good
-                task.kill()
-                task.wait()
+            end_all(tasks)  # a run the signal did not stop would otherwise train on for good
     info = json.loads((out / "run_info.json").read_text())
     last = latest_checkpoint(out / "checkpoints")
     assert info["processes"] == 2 and sorted(p.name for p in last.glob("random_states_*.pkl")) == [

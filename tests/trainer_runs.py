@@ -68,6 +68,26 @@ def launch(argv: list[str], script: Path = ROOT / "train_accelerate.py", env: di
     )
 
 
+def launch_ranks(argv: list[str], port: int, processes: int = 2) -> list[subprocess.Popen]:
+    """The trainer as srun starts it (the SLURM script in docs/training.md): one plain process per rank,
+    told its place by the environment that srun's task variables become; rendezvous on 127.0.0.1:`port`."""
+    tasks = []
+    for rank in range(processes):
+        env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+        argv_ = [sys.executable, str(ROOT / "train_accelerate.py"), *argv]
+        pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tasks.append(subprocess.Popen(argv_, cwd=ROOT, env=env, **pipes))
+    return tasks
+
+
+def end_all(tasks: list[subprocess.Popen]) -> None:
+    """SIGKILL what is left of `tasks` (a stopped process too) and reap them."""
+    for task in tasks:
+        task.kill()
+        task.wait()
+
+
 def train_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
     """A whole run launched by `accelerate launch` with two CPU processes (gloo), to its end."""
     config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"

@@ -3,11 +3,12 @@ compile) and each process's log lines. The device and what it can run are `gpt2_
 
 from __future__ import annotations
 
+import datetime
 import logging
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 
 from gpt2_scratch.training.config import ConfigError, TrainConfig, tracker_names
 from gpt2_scratch.training.devices import compile_problem, compile_supported, pick_device, precision_problem
@@ -31,7 +32,10 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     if compile and (problem := compile_problem(device.type)):
         raise ConfigError(problem)
     cpu = device.type == "cpu"
-    world_size = PartialState(cpu=cpu).num_processes  # needed before the accumulation steps are known
+    # The process group's timeout: a collective that waits longer fails (gloo's default is 30 minutes,
+    # NCCL's 10). Given to the first PartialState, which starts the group; the Accelerator's is too late.
+    timeout = datetime.timedelta(seconds=config.collective_timeout)
+    world_size = PartialState(cpu=cpu, timeout=timeout).num_processes  # needed before the accumulation steps
     trackers = [t for t in tracker_names(config.report_to) if t != "none"]
     accelerator = Accelerator(
         cpu=cpu,
@@ -40,6 +44,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=config.out_dir, logging_dir=f"{config.out_dir}/tensorboard"),
         dynamo_backend="inductor" if compile else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         # Accelerate turns FSDP on only for accelerator devices; on CPU it would silently run DDP instead

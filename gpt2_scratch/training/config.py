@@ -157,6 +157,11 @@ class TrainConfig:
     time_limit: str | None = arg(
         None, "after this wall time (e.g. 23h50m, 90m, 45s) checkpoint and exit with status 75 to be requeued"
     )
+    collective_timeout: float = arg(
+        300.0,
+        "seconds a collective may wait before the process group fails it; a rank that holds the others up for "
+        "a quarter to half of it ends the run with status 76 (gpt2_scratch/training/watchdog.py)",
+    )
 
     def __post_init__(self) -> None:
         problems = list(config_problems(self))
@@ -191,6 +196,8 @@ AT_LEAST_ONE += ("spike_window",)
 
 AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
 
+ABOVE_ZERO = ("collective_timeout",)
+
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
     """Each inconsistent or out-of-range value of `c`, as a message naming the field."""
@@ -207,6 +214,9 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
         yield f"seed must be in [0, 2**32), got {c.seed}"
     yield from (f"{name} must be >= 1, got {getattr(c, name)}" for name in AT_LEAST_ONE if getattr(c, name) < 1)
     yield from (f"{name} must be >= 0, got {getattr(c, name)}" for name in AT_LEAST_ZERO if getattr(c, name) < 0)
+    for name in ABOVE_ZERO:  # `not` also catches NaN
+        if not 0 < getattr(c, name) < 10**9:
+            yield f"{name} must be a number of seconds > 0, got {getattr(c, name)}"
     for name in ("warmup_steps", "stop_at_step"):
         if getattr(c, name) > c.max_steps:
             yield f"{name} ({getattr(c, name)}) must be <= max_steps ({c.max_steps})"

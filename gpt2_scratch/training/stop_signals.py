@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
 from typing import Any
 
@@ -64,6 +66,59 @@ def hand_over() -> tuple[dict[int, Any], int | None]:
     _originals.clear()
     _pending = None
     return originals, pending
+
+
+def pending() -> int | None:
+    """The stop signal recorded while starting and not yet handed over, if any."""
+    return _pending
+
+
+class SecondSignal:
+    """A second stop signal ends the process at once, even while its main thread is blocked in C++ (a
+    collective waiting for a stalled rank): Python runs signal handlers only in the main thread, between
+    bytecodes, so the handler that would have given the second signal the default action never ran,
+    and SIGINT twice then SIGTERM left a stuck run running. Python's own C handler still writes each
+    signal's number to the wakeup fd (`signal.set_wakeup_fd`) from whatever thread the signal lands
+    on; a thread reads it and, at the second of `STOP_SIGNALS` (the first recorded while starting
+    counts), writes one line and exits with 128 + the signal's number, as a shell reports a killed
+    process. Where the first one was handled, its handler restored the default action and the kernel
+    ends the process before this thread hears the second. Main thread only; elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        self._reader: socket.socket | None = None
+        self._writer: socket.socket | None = None
+        self._previous = -1
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> SecondSignal:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        seen = 0 if _pending is None else 1
+        self._thread = threading.Thread(target=self._watch, args=(seen,), name="second-signal", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        signal.set_wakeup_fd(self._previous)
+        self._writer.close()  # reader.recv returns b"": the thread ends
+        self._thread.join()
+        self._reader.close()
+
+    def _watch(self, seen: int) -> None:
+        while data := self._reader.recv(64):
+            for signum in data:
+                if signum not in STOP_SIGNALS:
+                    continue
+                seen += 1
+                if seen >= 2:
+                    name = signal.Signals(signum).name
+                    os.write(2, f"{name} again, while the run is blocked: ending the process now\n".encode())
+                    os._exit(128 + signum)
 
 
 def process_started() -> float | None:
