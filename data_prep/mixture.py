@@ -47,6 +47,7 @@ class Source(Protocol):
     def take_waited(self) -> float: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
 
 
 def source_key(source: str) -> str:
@@ -195,6 +196,11 @@ class MixtureLoader:
     def take_waited(self) -> float:
         """Seconds the sources spent waiting for remote data since the last call."""
         return sum(loader.take_waited() for loader in self.loaders)
+
+    def close(self) -> None:
+        """Release each source's readers (a stream's worker processes)."""
+        for loader in self.loaders:
+            loader.close()
 
     def metrics(self) -> dict[str, int]:
         """Tokens read from each source so far (inputs, as the run's `tokens` counts them) and its epoch."""
