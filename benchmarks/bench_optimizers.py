@@ -65,7 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adamw-wsd-lrs", default=None, help="AdamW-wsd peak LRs (default: --adamw-lrs)")
     p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon-cosine peak muon_lr values, comma-separated")
     p.add_argument("--muon-wsd-lrs", default=None, help="Muon-wsd peak muon_lr values (default: --muon-lrs)")
-    p.add_argument("--schedules", default="cosine,wsd", help="LR schedules to run: cosine, wsd or both")
+    p.add_argument(
+        "--families",
+        default="adamw-cosine,adamw-wsd,muon-cosine,muon-wsd",
+        help="which optimizer-schedule pairs to run (a subset: to spread the work over processes, then --reuse)",
+    )
+    p.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=None,
+        help="the AdamW LR of the Muon runs' other parameters (default: the best AdamW-cosine run's)",
+    )
     p.add_argument("--bracket", type=int, default=2, help="more LRs per family while its best is at an edge")
     p.add_argument("--min-lr-ratio", type=float, default=TrainConfig.min_lr_ratio, help="final LR / peak LR")
     p.add_argument("--decay-fraction", type=float, default=TrainConfig.decay_fraction, help="wsd: decaying share")
@@ -95,9 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.data_dir is None) == (args.corpus is None):
         raise UserError("give one of --data-dir and --corpus")
     check_at_least({flag: getattr(args, flag[2:].replace("-", "_")) for flag in minimums}, minimums)
-    args.schedule_list = [name.strip() for name in args.schedules.split(",") if name.strip()]
-    if not args.schedule_list or not set(args.schedule_list) <= {"cosine", "wsd"}:
-        raise UserError(f"--schedules takes cosine, wsd or both, comma-separated; got {args.schedules!r}")
+    args.family_list = [name.strip() for name in args.families.split(",") if name.strip()]
+    known = [family(*pair) for pair in FAMILIES]
+    if not args.family_list or not set(args.family_list) <= set(known):
+        raise UserError(f"--families takes some of {', '.join(known)}, comma-separated; got {args.families!r}")
+    if args.muon_adamw_lr is None and TARGET not in args.family_list and "muon" in args.families:
+        raise UserError(f"Muon runs without {TARGET} need --muon-adamw-lr (the LR of their AdamW part)")
     try:
         args.lr_values = {
             ("adamw", "cosine"): lrs(args.adamw_lrs),
@@ -313,7 +326,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             linewidth=1.8 if best else 0.6,
             alpha=1.0 if best else 0.5,
         )
-    ax.axhline(report["target_val_loss"], color="grey", linewidth=0.8, label="best AdamW-cosine final")
+    if report["target_val_loss"] is not None:
+        ax.axhline(report["target_val_loss"], color="grey", linewidth=0.8, label="best AdamW-cosine final")
     finals = [run["final_val_loss"] for run in report["runs"].values()]
     ax.set_ylim(min(finals) - 0.2, min(finals) + 2.5)
     ax.set_xlabel(f"optimizer step ({report['tokens_per_step']:,} tokens each)")
@@ -329,10 +343,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def table(report: dict[str, Any]) -> str:
     lines = ["| run | final val loss | steps to target | x AdamW-cosine's steps |", "|---|---|---|---|"]
-    best_steps = report["runs"][report["best"][TARGET]]["steps_to_target"]
+    best_steps = report["runs"][report["best"][TARGET]]["steps_to_target"] if TARGET in report["best"] else None
     for name, run in report["runs"].items():
         reached = run["steps_to_target"]
-        ratio = f"{reached / best_steps:.2f}" if reached is not None else "-"
+        ratio = f"{reached / best_steps:.2f}" if reached is not None and best_steps else "-"
         shown = f"{reached:.0f}" if reached is not None else f"not in {report['settings']['steps']}"
         best = " (best)" if name in report["best"].values() else ""
         lines.append(f"| {name}{best} | {run['final_val_loss']:.4f} | {shown} | {ratio} |")
@@ -372,10 +386,10 @@ def edge(runs: dict[str, dict], kind: str) -> float | None:
 def summarize(args: argparse.Namespace, runs: dict[str, dict], timing: dict, started, loads: list) -> dict[str, Any]:
     """The report of the runs so far (written after each, so a run cut short leaves what it measured)."""
     best = best_runs(runs)
-    target = runs[best[TARGET]]["final_val_loss"]
+    target = runs[best[TARGET]]["final_val_loss"] if TARGET in best else None  # None: not run in this process
     for run in runs.values():
-        run["steps_to_target"] = steps_to(target, run["steps"], run["val_loss"])
-    base_steps = runs[best[TARGET]]["steps_to_target"]
+        run["steps_to_target"] = steps_to(target, run["steps"], run["val_loss"]) if target is not None else None
+    base_steps = runs[best[TARGET]]["steps_to_target"] if target is not None else None
     families = {}
     for kind, name in best.items():
         swept = sorted(peak_lr(run) for n, run in runs.items() if n.split(" ")[0] == kind)
@@ -386,7 +400,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, dict], timing: dict, sta
             "lrs_swept": swept,
             "best_inside_sweep": edge(runs, kind) is None,
             "final_val_loss": runs[name]["final_val_loss"],
-            "final_minus_target": runs[name]["final_val_loss"] - target,
+            "final_minus_target": runs[name]["final_val_loss"] - target if target is not None else None,
             "steps_to_target": reached,
             "steps_ratio": reached / base_steps if reached is not None and base_steps else None,
         }
@@ -475,16 +489,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{family(optimizer, schedule)}: best at an edge of the sweep, adding {beyond:g}", file=sys.stderr)
             lrs = [beyond]
 
-    sweep("adamw", "cosine")  # the target, and the AdamW LR of the Muon runs' other parameters
-    adamw_lr = runs[best_runs(runs)[TARGET]]["config"].max_lr
+    if TARGET in args.family_list:
+        sweep("adamw", "cosine")  # the target, and the AdamW LR of the Muon runs' other parameters
+    adamw_lr = args.muon_adamw_lr or (runs[best_runs(runs)[TARGET]]["config"].max_lr if runs else None)
     for optimizer, schedule in FAMILIES[1:]:
-        if schedule in args.schedule_list:
+        if family(optimizer, schedule) in args.family_list:
             sweep(optimizer, schedule, adamw_lr)
     report = summarize(args, runs, {}, started, [])
     write(report, out)
     best = report["best"]
     rival = best.get("muon-wsd") or best.get("muon-cosine")
-    if args.time_steps and rival:
+    if args.time_steps and rival and TARGET in best:
         print(f"timing {best[TARGET]} against {rival}, alternating steps", file=sys.stderr)
         load_before = os.getloadavg()
         timing = time_steps({n: runs[n]["config"] for n in (best[TARGET], rival)}, args.time_steps)
