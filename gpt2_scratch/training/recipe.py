@@ -33,8 +33,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
     min_lr = min_lr_ratio * max_lr. Or 'wsd' (warmup-stable-decay, Hagele et al. 2024, arXiv 2405.18392,
     section 3): max_lr until `decay_start`, then over the last `decay_steps` a decay to min_lr, at progress
     p = (s - decay_start) / decay_steps: 'linear' 1 - p, or '1-sqrt' 1 - sqrt(p), scaled between max_lr and
-    min_lr (the paper decays to 0: min_lr_ratio 0). Before its decay a wsd step's LR does not depend on
-    max_steps, which is what lets a run be extended (`stable_step`).
+    min_lr, as the authors' `wsd_schedule` does with its final_lr_factor (epfml/schedules-and-scaling; the
+    paper decays to 0: min_lr_ratio 0). Before its decay a wsd step's LR does not depend on max_steps,
+    which is what lets a run be extended (`stable_step`).
     """
     max_lr, min_lr = config.max_lr, config.max_lr * config.min_lr_ratio
     if step < config.warmup_steps:
