@@ -83,12 +83,7 @@ from gpt2_scratch.training.memory import check_training_fits, parameter_count
 from gpt2_scratch.training.metrics import Meter, append_jsonl, format_value, keep_records_through, peak_flops
 from gpt2_scratch.training.model_card import write_model_cards
 from gpt2_scratch.training.processes import REQUEUE_STATUS, StopRequest, on_main_process
-from gpt2_scratch.training.recipe import (
-    build_optimizer,
-    launcher_precision_note,
-    lr_at,
-    set_lr,
-)
+from gpt2_scratch.training.recipe import build_optimizer, launcher_precision_note, set_schedule, stable_step
 from gpt2_scratch.training.run_dir import (
     RunLock,
     RunPaths,
@@ -225,12 +220,20 @@ def save(run: Run, upload: bool = True) -> Path:
             f"checkpoint in {run.paths.checkpoints} is the last good state (resume it with a lower --max_lr)"
         )
     run.state.guard = run.guard.state_dict()
+    stable = step == stable_step(c)
     with stopping_on_a_full_disk(run):
         check_room_to_save(run, step)
-        checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints)
+        checkpoint = save_checkpoint(acc, run.paths.checkpoints, run.state, run.settings, c.keep_checkpoints, stable)
         if on_main_process(acc, lambda: exported_step(run.paths.out_dir) != step):
             export_model(acc, run.model, run.paths.out_dir, step)
     logger.info("saved %s and the HF exports in %s", checkpoint, run.paths.out_dir)
+    if stable:
+        logger.info(
+            "%s is the stable checkpoint (the last step before the decay, kept by pruning): --resume auto "
+            "--max_steps N with N > %d extends this run from it",
+            checkpoint.name,
+            c.max_steps,
+        )
     if upload:
         queue_upload(run, checkpoint)
     return checkpoint
@@ -283,8 +286,7 @@ def train(run: Run) -> bool:
         if state.step == 0:
             evaluate(run)  # the loss of the untrained model starts the curve
         while state.step < end:
-            lr = lr_at(state.step, c)
-            set_lr(run.optimizer, lr)
+            lr = set_schedule(run.optimizer, state.step, c)  # the LR (and Muon's momentum) of this step
             step = train_step(run.model, run.optimizer, state.loader, run.accelerator, c.grad_clip)
             run.meter.exclude(state.loader.take_waited())  # a late remote shard is not training time
             for event in state.loader.take_events() if hasattr(state.loader, "take_events") else ():
@@ -305,7 +307,8 @@ def train(run: Run) -> bool:
             if state.step % c.eval_interval == 0 or state.step == c.max_steps:
                 evaluate(run)
                 run.meter.restart()  # evaluation time is not training throughput
-            if state.step % c.save_interval == 0 and state.step < end and not run.guard.streak:
+            due = state.step % c.save_interval == 0 or state.step == stable_step(c)  # wsd: the run's `stable` one
+            if due and state.step < end and not run.guard.streak:
                 # finish() saves the last step; during a bad streak the save waits (see gpt2_scratch/training/guard.py)
                 save(run)
                 run.meter.restart()

@@ -1,13 +1,16 @@
-"""AdamW (the GPT-3 recipe) against `--optimizer muon`: the same model, data, seed and token budget.
+"""AdamW (the GPT-3 recipe) against `--optimizer muon`, each with the cosine and the wsd LR schedule: the same
+model, data, seed and token budget.
 
 1. Curves: each run trains the same initial weights on the same batches for `--steps` optimizer steps
    with the trainer's own step (`gpt2_scratch.training.step.train_step`), schedule and optimizer, and measures the
-   validation loss every `--eval-interval` steps on the same validation batches. First AdamW at each
-   LR of `--adamw-lrs`; the best (lowest final validation loss) sets the target and the AdamW LR that
-   the Muon runs keep for the embeddings, head, LayerNorms and biases; then Muon at each `--muon-lrs`.
-   For every run: the steps it needs to reach the target (linear between evaluations). These do not
-   depend on the machine's load.
-2. Step time and memory: the best AdamW run and the best Muon run again, each in its own worker
+   validation loss every `--eval-interval` steps on the same validation batches. Four families, each with
+   its peak LR swept: AdamW-cosine (`--adamw-lrs`), whose best (lowest final validation loss) sets the target
+   and the AdamW LR that every Muon run keeps for the embeddings, head, LayerNorms and biases; AdamW-wsd
+   (`--adamw-wsd-lrs`); Muon-cosine and Muon-wsd (`--muon-lrs`, `--muon-wsd-lrs`: muon_lr). A family whose
+   best LR is at an edge of its sweep gets the next LR beyond it (x2 or /2), up to `--bracket` more, so that
+   every best value lies inside its sweep. For every run: the steps it needs to reach the target (linear
+   between evaluations). These do not depend on the machine's load.
+2. Step time and memory: the best AdamW-cosine run and the best Muon-wsd run again, each in its own worker
    process (so each has its own peak memory), taking turns one step each (A B A B ...) so that a busy
    spell of a shared machine hits both alike. Their ratio is the figure to quote, with the load average.
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import machine, peak_memory_bytes, receive  # noqa: E402
 from gpt2_scratch.training.config import TrainConfig  # noqa: E402
-from gpt2_scratch.training.recipe import build_optimizer, lr_at, set_lr  # noqa: E402
+from gpt2_scratch.training.recipe import build_optimizer, set_schedule  # noqa: E402
 from gpt2_scratch.training.step import train_step  # noqa: E402
 from gpt2_scratch.user_errors import UserError, check_at_least, run_command  # noqa: E402
 from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
@@ -46,15 +49,44 @@ from modeling_gpt2_scratch import GPT2ScratchForCausalLM  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="token shards written by `python -m data_prep`")
+    p.add_argument("--data-dir", help="token shards written by `python -m data_prep` (or give --corpus)")
+    p.add_argument(
+        "--corpus",
+        choices=sorted(CORPORA),
+        help="tokenize a corpus into data/NAME first (once): the built-in one, or ../shared/data/tinyshakespeare.txt "
+        "beside the repository (skipped with a message when absent)",
+    )
     p.add_argument("--model", default="cpu-micro", help="model size preset (cpu-micro: 4 layers x 128)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, T")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (16 x 128 = 2,048 tokens)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (the token budget)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps of linear LR warmup")
-    p.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3,1.2e-2", help="AdamW peak LRs to sweep, comma-separated")
-    p.add_argument("--muon-lrs", default="0.02,0.05", help="Muon peak LRs to sweep, comma-separated")
+    p.add_argument("--adamw-lrs", default="3e-3,6e-3,1.2e-2", help="AdamW-cosine peak LRs, comma-separated")
+    p.add_argument("--adamw-wsd-lrs", default=None, help="AdamW-wsd peak LRs (default: --adamw-lrs)")
+    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon-cosine peak muon_lr values, comma-separated")
+    p.add_argument("--muon-wsd-lrs", default=None, help="Muon-wsd peak muon_lr values (default: --muon-lrs)")
+    p.add_argument(
+        "--families",
+        default="adamw-cosine,adamw-wsd,muon-cosine,muon-wsd",
+        help="which optimizer-schedule pairs to run (a subset: to spread the work over processes, then --reuse)",
+    )
+    p.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=None,
+        help="the AdamW LR of the Muon runs' other parameters (default: the best AdamW-cosine run's)",
+    )
+    p.add_argument("--bracket", type=int, default=2, help="more LRs per family while its best is at an edge")
+    p.add_argument("--min-lr-ratio", type=float, default=TrainConfig.min_lr_ratio, help="final LR / peak LR")
+    p.add_argument("--decay-fraction", type=float, default=TrainConfig.decay_fraction, help="wsd: decaying share")
+    p.add_argument("--decay-shape", default=TrainConfig.decay_shape, help="wsd: linear or 1-sqrt")
     p.add_argument("--muon-momentum", type=float, default=TrainConfig.muon_momentum, help="Muon's momentum")
+    p.add_argument(
+        "--muon-momentum-start", type=float, default=TrainConfig.muon_momentum_start, help="Muon's momentum at step 0"
+    )
+    p.add_argument(
+        "--muon-momentum-warmup", type=int, default=TrainConfig.muon_momentum_warmup, help="its warmup steps"
+    )
     p.add_argument("--muon-weight-decay", type=float, default=TrainConfig.muon_weight_decay, help="Muon's decay")
     p.add_argument("--muon-adjust-lr-fn", default=TrainConfig.muon_adjust_lr_fn, help="original or match_rms_adamw")
     p.add_argument("--eval-interval", type=int, default=10, help="steps between validation losses")
@@ -69,17 +101,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     minimums = {"--seq-len": 1, "--batch-size": 1, "--steps": 1, "--warmup-steps": 0, "--eval-interval": 1}
+    minimums |= {"--bracket": 0}
+    if (args.data_dir is None) == (args.corpus is None):
+        raise UserError("give one of --data-dir and --corpus")
     check_at_least({flag: getattr(args, flag[2:].replace("-", "_")) for flag in minimums}, minimums)
+    args.family_list = [name.strip() for name in args.families.split(",") if name.strip()]
+    known = [family(*pair) for pair in FAMILIES]
+    if not args.family_list or not set(args.family_list) <= set(known):
+        raise UserError(f"--families takes some of {', '.join(known)}, comma-separated; got {args.families!r}")
+    if args.muon_adamw_lr is None and TARGET not in args.family_list and "muon" in args.families:
+        raise UserError(f"Muon runs without {TARGET} need --muon-adamw-lr (the LR of their AdamW part)")
     try:
-        args.adamw_lr_values = [float(lr) for lr in args.adamw_lrs.split(",")]
-        args.muon_lr_values = [float(lr) for lr in args.muon_lrs.split(",")]
+        args.lr_values = {
+            ("adamw", "cosine"): lrs(args.adamw_lrs),
+            ("adamw", "wsd"): lrs(args.adamw_wsd_lrs or args.adamw_lrs),
+            ("muon", "cosine"): lrs(args.muon_lrs),
+            ("muon", "wsd"): lrs(args.muon_wsd_lrs or args.muon_lrs),
+        }
     except ValueError as err:
-        raise UserError(f"--adamw-lrs and --muon-lrs take comma-separated numbers ({err})") from None
+        raise UserError(f"--adamw-lrs, --muon-lrs and their -wsd- ones take comma-separated numbers ({err})") from None
     return args
 
 
-def run_config(args: argparse.Namespace, optimizer: str, max_lr: float, muon_lr: float | None = None) -> TrainConfig:
-    """The trainer's config of one run: only the optimizer and its LRs differ between runs."""
+# The corpora of --corpus: where the text is (None: the built-in one) and how data_prep cuts it.
+CORPORA = {
+    "builtin": None,
+    "tinyshakespeare": (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt", "paragraph", 32_768),
+}
+
+
+def corpus_dir(name: str) -> Path | None:
+    """The token shards of corpus `name` in data/NAME, tokenized on first use; None when its text is absent."""
+    from data_prep import prepare_builtin
+    from data_prep.prepare import prepare
+
+    out = ROOT / "data" / name
+    if CORPORA[name] is None:
+        return prepare_builtin(out)
+    text, sample_by, val_tokens = CORPORA[name]
+    if not text.is_file():
+        return None
+    return prepare(out, files=[str(text)], txt_sample_by=sample_by, val_tokens=val_tokens)
+
+
+def lrs(text: str) -> list[float]:
+    return [float(lr) for lr in text.split(",")]
+
+
+def run_config(
+    args: argparse.Namespace, optimizer: str, schedule: str, max_lr: float, muon_lr: float | None = None
+) -> TrainConfig:
+    """The trainer's config of one run: only the optimizer, the schedule and the LRs differ between runs."""
     muon = {} if muon_lr is None else {"muon_lr": muon_lr}
     return TrainConfig(
         data_dir=args.data_dir,
@@ -90,8 +162,14 @@ def run_config(args: argparse.Namespace, optimizer: str, max_lr: float, muon_lr:
         max_steps=args.steps,
         warmup_steps=args.warmup_steps,
         max_lr=max_lr,
+        min_lr_ratio=args.min_lr_ratio,
+        lr_schedule=schedule,
+        decay_fraction=args.decay_fraction,
+        decay_shape=args.decay_shape,
         optimizer=optimizer,
         muon_momentum=args.muon_momentum,
+        muon_momentum_start=args.muon_momentum_start,
+        muon_momentum_warmup=args.muon_momentum_warmup,
         muon_weight_decay=args.muon_weight_decay,
         muon_adjust_lr_fn=args.muon_adjust_lr_fn,
         seed=args.seed,
@@ -102,9 +180,13 @@ def run_config(args: argparse.Namespace, optimizer: str, max_lr: float, muon_lr:
 
 
 def relevant(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields a run's curve depends on: an AdamW run ignores Muon's."""
-    adamw = config.get("optimizer") == "adamw"
-    return {k: v for k, v in config.items() if not (adamw and k.startswith("muon_"))}
+    """The fields a run's curve depends on: an AdamW run ignores Muon's, a cosine run the wsd decay's. A run
+    recorded before a field existed had its old behaviour (cosine; Muon's momentum without warmup)."""
+    config = {"lr_schedule": "cosine", "muon_momentum_warmup": 0, **config}
+    adamw, cosine = config.get("optimizer") == "adamw", config.get("lr_schedule") == "cosine"
+    ignored = {"decay_fraction", "decay_shape"} if cosine else set()
+    ignored |= {"muon_momentum_start"} if not config.get("muon_momentum_warmup") else set()
+    return {k: v for k, v in config.items() if not (adamw and k.startswith("muon_")) and k not in ignored}
 
 
 def build(config: TrainConfig):
@@ -125,7 +207,7 @@ def build(config: TrainConfig):
 
 
 def step(model, optimizer, loader, accelerator, config: TrainConfig, i: int) -> float:
-    set_lr(optimizer, lr_at(i, config))
+    set_schedule(optimizer, i, config)
     loss = train_step(model, optimizer, loader, accelerator, config.grad_clip).loss
     return loss
 
@@ -212,21 +294,46 @@ def time_steps(configs: dict[str, TrainConfig], steps: int, warmup: int = 2) -> 
     return results
 
 
+FAMILIES = (("adamw", "cosine"), ("adamw", "wsd"), ("muon", "cosine"), ("muon", "wsd"))
+TARGET = "adamw-cosine"  # its best run's final validation loss is every run's target
+
+
+def family(optimizer: str, schedule: str) -> str:
+    return f"{optimizer}-{schedule}"
+
+
+def run_name(optimizer: str, schedule: str, lr: float) -> str:
+    return f"{family(optimizer, schedule)} lr {lr:g}"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = {"adamw-cosine": "tab:blue", "adamw-wsd": "tab:cyan", "muon-cosine": "tab:red", "muon-wsd": "tab:orange"}
     for name, run in report["runs"].items():
-        ax.plot(run["steps"], run["val_loss"], label=name, linestyle="-" if name.startswith("muon") else "--")
-    ax.axhline(report["target_val_loss"], color="grey", linewidth=0.8, label="best AdamW final")
+        kind = name.split(" ")[0]
+        best = name in report["best"].values()
+        ax.plot(
+            run["steps"],
+            run["val_loss"],
+            label=name if best else None,
+            color=colours.get(kind, "grey"),
+            linestyle="-" if kind.endswith("wsd") else "--",
+            linewidth=1.8 if best else 0.6,
+            alpha=1.0 if best else 0.5,
+        )
+    if report["target_val_loss"] is not None:
+        ax.axhline(report["target_val_loss"], color="grey", linewidth=0.8, label="best AdamW-cosine final")
     finals = [run["final_val_loss"] for run in report["runs"].values()]
     ax.set_ylim(min(finals) - 0.2, min(finals) + 2.5)
-    ax.set_xlabel("optimizer step (2,048 tokens each)" if report["tokens_per_step"] == 2048 else "optimizer step")
+    ax.set_xlabel(f"optimizer step ({report['tokens_per_step']:,} tokens each)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"{report['settings']['model']} on {Path(report['settings']['data_dir']).name}")
+    settings = report["settings"]
+    ax.set_title(f"{settings['model']}, T={settings['seq_len']}, on {Path(settings['data_dir']).name} (thick: best LR)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -235,49 +342,100 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| run | final val loss | steps to target | x AdamW's steps |", "|---|---|---|---|"]
-    best_steps = report["runs"][report["best_adamw"]]["steps_to_target"]
+    lines = ["| run | final val loss | steps to target | x AdamW-cosine's steps |", "|---|---|---|---|"]
+    best_steps = report["runs"][report["best"][TARGET]]["steps_to_target"] if TARGET in report["best"] else None
     for name, run in report["runs"].items():
         reached = run["steps_to_target"]
-        ratio = f"{reached / best_steps:.2f}" if reached is not None else "-"
+        ratio = f"{reached / best_steps:.2f}" if reached is not None and best_steps else "-"
         shown = f"{reached:.0f}" if reached is not None else f"not in {report['settings']['steps']}"
-        lines.append(f"| {name} | {run['final_val_loss']:.4f} | {shown} | {ratio} |")
+        best = " (best)" if name in report["best"].values() else ""
+        lines.append(f"| {name}{best} | {run['final_val_loss']:.4f} | {shown} | {ratio} |")
     return "\n".join(lines)
+
+
+def best_runs(runs: dict[str, dict]) -> dict[str, str]:
+    """Each family's run with the lowest final validation loss."""
+    best = {}
+    for name, run in runs.items():
+        kind = name.split(" ")[0]
+        if kind not in best or run["final_val_loss"] < runs[best[kind]]["final_val_loss"]:
+            best[kind] = name
+    return best
+
+
+def peak_lr(run: dict[str, Any]) -> float:
+    config = run["config"]
+    config = config if isinstance(config, dict) else dataclasses.asdict(config)
+    return config["muon_lr"] if config["optimizer"] == "muon" else config["max_lr"]
+
+
+def edge(runs: dict[str, dict], kind: str) -> float | None:
+    """The LR beyond the edge that family `kind`'s best run sits at (x2 above the highest, /2 below the lowest
+    LR swept), or None when the best lies inside its sweep."""
+    members = {peak_lr(run): run["final_val_loss"] for name, run in runs.items() if name.split(" ")[0] == kind}
+    if not members:
+        return None
+    best = min(members, key=members.get)
+    if best == max(members):
+        return best * 2
+    if best == min(members):
+        return best / 2
+    return None
 
 
 def summarize(args: argparse.Namespace, runs: dict[str, dict], timing: dict, started, loads: list) -> dict[str, Any]:
     """The report of the runs so far (written after each, so a run cut short leaves what it measured)."""
-    adamws = [n for n in runs if n.startswith("adamw")]
-    best_adamw = min(adamws, key=lambda n: runs[n]["final_val_loss"])
-    target = runs[best_adamw]["final_val_loss"]
+    best = best_runs(runs)
+    target = runs[best[TARGET]]["final_val_loss"] if TARGET in best else None  # None: not run in this process
     for run in runs.values():
-        run["steps_to_target"] = steps_to(target, run["steps"], run["val_loss"])
-    muons = [n for n in runs if n.startswith("muon")]
-    best_muon = min(muons, key=lambda n: runs[n]["final_val_loss"]) if muons else None
-    muon_steps = runs[best_muon]["steps_to_target"] if best_muon else None
-    timed = timing and best_muon in timing
+        run["steps_to_target"] = steps_to(target, run["steps"], run["val_loss"]) if target is not None else None
+    base_steps = runs[best[TARGET]]["steps_to_target"] if target is not None else None
+    families = {}
+    for kind, name in best.items():
+        swept = sorted(peak_lr(run) for n, run in runs.items() if n.split(" ")[0] == kind)
+        reached = runs[name]["steps_to_target"]
+        families[kind] = {
+            "best": name,
+            "best_lr": peak_lr(runs[name]),
+            "lrs_swept": swept,
+            "best_inside_sweep": edge(runs, kind) is None,
+            "final_val_loss": runs[name]["final_val_loss"],
+            "final_minus_target": runs[name]["final_val_loss"] - target if target is not None else None,
+            "steps_to_target": reached,
+            "steps_ratio": reached / base_steps if reached is not None and base_steps else None,
+        }
+        if name in timing:
+            families[kind] |= {k: timing[name][k] for k in ("median_step_s", "peak_memory_bytes")}
+    timed = [n for n in timing if n != best[TARGET]]
+    ratios = {
+        f"{n.split(' ')[0].replace('-', '_')}_{what}_ratio": timing[n][key] / timing[best[TARGET]][key]
+        for n in timed
+        for what, key in (("step_time", "median_step_s"), ("peak_memory", "peak_memory_bytes"))
+    }
     return {
         "command": " ".join(["python", *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
         "machine": {**machine(argparse.Namespace(device="cpu")), "load_average_during_timing": loads},
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "lr_values"},
         "tokens_per_step": args.batch_size * args.seq_len,
         "target_val_loss": target,
-        "best_adamw": best_adamw,
-        "best_muon": best_muon,
-        "runs": {n: {**run, "config": dataclasses.asdict(run["config"])} for n, run in runs.items()},
+        "best": best,
+        "families": families,
+        "runs": {n: {**run, "config": as_dict(run["config"])} for n, run in runs.items()},
         "timing": timing,
         "summary": {
-            "muon_steps_ratio": muon_steps / runs[best_adamw]["steps_to_target"] if muon_steps else None,
-            "muon_step_time_ratio": (
-                timing[best_muon]["median_step_s"] / timing[best_adamw]["median_step_s"] if timed else None
-            ),
-            "muon_peak_memory_ratio": (
-                timing[best_muon]["peak_memory_bytes"] / timing[best_adamw]["peak_memory_bytes"] if timed else None
-            ),
+            "adamw_wsd_minus_cosine": families.get("adamw-wsd", {}).get("final_minus_target"),
+            "muon_wsd_steps_ratio": families.get("muon-wsd", {}).get("steps_ratio"),
+            "muon_cosine_steps_ratio": families.get("muon-cosine", {}).get("steps_ratio"),
+            "every_best_inside_its_sweep": all(f["best_inside_sweep"] for f in families.values()),
+            **ratios,
         },
     }
+
+
+def as_dict(config) -> dict[str, Any]:
+    return config if isinstance(config, dict) else dataclasses.asdict(config)
 
 
 def write(report: dict[str, Any], out: Path) -> None:
@@ -294,6 +452,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(1)  # steadier on a shared machine; the step-count results do not depend on it
     started, out = datetime.datetime.now(datetime.timezone.utc), Path(args.out)
+    if args.corpus is not None:
+        args.data_dir = corpus_dir(args.corpus)
+        if args.data_dir is None:
+            print(f"skipped: corpus {args.corpus}: {CORPORA[args.corpus][0]} is not there", file=sys.stderr)
+            return {}
+        args.data_dir = str(args.data_dir)
+    if not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder; write it with `python -m data_prep`")
     accelerator = Accelerator(cpu=True)
     runs: dict[str, dict[str, Any]] = {}
 
@@ -308,18 +474,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[name] = {"config": config, **curve(args, config, accelerator), "load_average_after": os.getloadavg()}
         write(summarize(args, runs, {}, started, []), out)
 
-    for lr in args.adamw_lr_values:
-        train_run(f"adamw lr {lr:g}", run_config(args, "adamw", lr))
+    def sweep(optimizer: str, schedule: str, adamw_lr: float | None = None) -> None:
+        """A family's LRs, then one more beyond the edge while its best is there (at most --bracket more)."""
+        lrs = list(args.lr_values[(optimizer, schedule)])
+        for extra in range(args.bracket + 1):
+            for lr in lrs:
+                if optimizer == "adamw":
+                    train_run(run_name(optimizer, schedule, lr), run_config(args, optimizer, schedule, lr))
+                else:
+                    train_run(run_name(optimizer, schedule, lr), run_config(args, optimizer, schedule, adamw_lr, lr))
+            beyond = edge(runs, family(optimizer, schedule))
+            if beyond is None or extra == args.bracket:
+                break
+            print(f"{family(optimizer, schedule)}: best at an edge of the sweep, adding {beyond:g}", file=sys.stderr)
+            lrs = [beyond]
+
+    if TARGET in args.family_list:
+        sweep("adamw", "cosine")  # the target, and the AdamW LR of the Muon runs' other parameters
+    adamw_lr = args.muon_adamw_lr or (runs[best_runs(runs)[TARGET]]["config"].max_lr if runs else None)
+    for optimizer, schedule in FAMILIES[1:]:
+        if family(optimizer, schedule) in args.family_list:
+            sweep(optimizer, schedule, adamw_lr)
     report = summarize(args, runs, {}, started, [])
-    adamw_lr = runs[report["best_adamw"]]["config"].max_lr  # the Muon runs keep it for the non-matrix params
-    for lr in args.muon_lr_values:
-        train_run(f"muon lr {lr:g}", run_config(args, "muon", adamw_lr, lr))
-    report = summarize(args, runs, {}, started, [])
-    best_adamw, best_muon = report["best_adamw"], report["best_muon"]
-    if args.time_steps and best_muon:
-        print(f"timing {best_adamw} against {best_muon}, alternating steps", file=sys.stderr)
+    write(report, out)
+    best = report["best"]
+    rival = best.get("muon-wsd") or best.get("muon-cosine")
+    if args.time_steps and rival and TARGET in best:
+        print(f"timing {best[TARGET]} against {rival}, alternating steps", file=sys.stderr)
         load_before = os.getloadavg()
-        timing = time_steps({n: runs[n]["config"] for n in (best_adamw, best_muon)}, args.time_steps)
+        timing = time_steps({n: runs[n]["config"] for n in (best[TARGET], rival)}, args.time_steps)
         report = summarize(args, runs, timing, started, [load_before, os.getloadavg()])
         write(report, out)
     print(table(report))

@@ -13,7 +13,7 @@ from trainer_runs import kill_at_step, metric, nano_args, train_in_process, trai
 
 from gpt2_scratch.training.checkpoints import latest_checkpoint, run_settings
 from gpt2_scratch.training.config import ConfigError, TrainConfig, parse_config
-from gpt2_scratch.training.recipe import build_optimizer, check_optimizer_supported, lr_at, set_lr
+from gpt2_scratch.training.recipe import build_optimizer, check_optimizer_supported, lr_at, set_schedule
 from gpt2_scratch.training.verify import CheckpointError, checkpoint_problems, optimizer_problems, settings_changes
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
@@ -64,7 +64,7 @@ def test_block_matrices_go_to_muon_as_out_by_in_and_everything_else_to_adamw():
 
 def test_a_step_is_torch_muon_on_the_matrices_and_gpt3_adamw_on_the_rest():
     """Against torch.optim.Muon and AdamW built here by hand from parameter names, each from its own
-    peak LR along the one warmup + cosine schedule."""
+    peak LR along the one warmup + cosine schedule, Muon's momentum warming up from 0.85."""
     config = TrainConfig(
         optimizer="muon",
         max_lr=3e-3,
@@ -93,10 +93,11 @@ def test_a_step_is_torch_muon_on_the_matrices_and_gpt3_adamw_on_the_rest():
     )
     tokens = torch.randint(0, 50257, (3, 4, 17), generator=torch.Generator().manual_seed(1))
     for step in range(3):
-        set_lr(optimizer, lr_at(step, config))
+        set_schedule(optimizer, step, config)
         for group in hand_adamw.param_groups:
             group["lr"] = lr_at(step, config)
         hand_muon.param_groups[0]["lr"] = 0.02 * lr_at(step, config) / 3e-3
+        hand_muon.param_groups[0]["momentum"] = 0.85 + (0.9 - 0.85) * step / 300  # the momentum warmup
         for model, opts in ((ours, [optimizer]), (theirs, [hand_adamw, hand_muon])):
             x = tokens[step]
             model(input_ids=x[:, :-1], shift_labels=x[:, 1:], loss_only=True).loss.backward()

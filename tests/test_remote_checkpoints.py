@@ -15,7 +15,7 @@ from stores import s3_server  # noqa: F401  (fixture)
 from trainer_runs import kill_at_step, metric, nano_args, train_in_process
 
 from gpt2_scratch.training import remote as cr
-from gpt2_scratch.training.checkpoints import find_resume_checkpoint, write_manifest
+from gpt2_scratch.training.checkpoints import extend_from, find_resume_checkpoint, write_manifest
 from gpt2_scratch.training.config import ConfigError, TrainConfig
 from gpt2_scratch.training.paths import RunPaths, local_files
 from gpt2_scratch.training.verify import CheckpointError
@@ -180,6 +180,35 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert cr.prune(store, keep_last=1) == [8]
     assert cr.remote_checkpoints(store) == {12: True, 16: False}  # the newest complete one stays
     assert cr.prune(store, keep_last=0) == [] and cr.complete_steps(store)[-1] == 12
+
+
+def test_prune_keeps_the_newest_stable_checkpoint(tmp_path):
+    """A wsd run's stable checkpoint (marked in its train_state.json) is uploaded as one and outlives pruning."""
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    stable = make_checkpoint(tmp_path / "local" / "step_000004", 4)
+    state = json.loads((stable / "train_state.json").read_text())
+    (stable / "train_state.json").write_text(json.dumps({**state, "stable": True}))
+    write_manifest(stable, 4)
+    cr.upload_checkpoint(store, 4, stable, make_export(tmp_path / "local" / "hf"), [], keep_last=1)
+    for step in (8, 12):
+        mirror(store, tmp_path, step, keep_last=1)
+    assert cr.complete_steps(store) == [4, 12]
+    assert [cr.marked_stable(store, step) for step in (4, 12)] == [True, False]
+
+
+def test_extending_a_wsd_run_sets_its_old_decay_aside_and_removes_it_from_the_remote(tmp_path):
+    """The longer run's checkpoints of the same steps must not meet the shorter run's there."""
+    store = cr.open_store(f"file://{tmp_path}/remote")
+    for step in (4, 8, 12):
+        mirror(store, tmp_path, step)
+    local = tmp_path / "local"
+    extend_from(local / "step_000004", [local / "step_000012", local / "step_000008"], store)
+    assert cr.complete_steps(store) == [4]
+    assert sorted(p.name.rsplit("_", 1)[0] for p in local.glob("decayed_*")) == [
+        "decayed_step_000008",
+        "decayed_step_000012",
+    ]
+    assert (local / "step_000004").is_dir()
 
 
 def test_preflight_rejects_an_unwritable_remote(tmp_path):

@@ -33,12 +33,14 @@ from gpt2_scratch.training.recipe import resolve_mixed_precision
 from gpt2_scratch.training.verify import (
     MANIFEST,
     MANIFEST_FORMAT,
+    STABLE,
     STATE_FILE,
     CheckpointError,
     check_resumable,
     check_rng_restored,
     checkpoint_files,
     checkpoint_problems,
+    past_stable_phase,
     read_train_state,
     saved_weights_finite,
     sharding_problem,
@@ -69,9 +71,10 @@ RESUME_FIELDS = (
     "seed",
     "mixed_precision",
     "optimizer",
+    "lr_schedule",
 )
 # Compared only when the run uses Muon, so that an AdamW run does not care about them.
-MUON_RESUME_FIELDS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr_fn")
+MUON_RESUME_FIELDS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr_fn", "muon_momentum_warmup")
 
 
 class TrainState:
@@ -113,6 +116,8 @@ def run_settings(
     process recorded `val_batches x processes`, the same count: they resume with that `--val_batches`.
     Muon's settings count only for a Muon run."""
     names = RESUME_FIELDS + (MUON_RESUME_FIELDS if config.optimizer == "muon" else ())
+    names += ("muon_momentum_start",) if config.optimizer == "muon" and config.muon_momentum_warmup else ()
+    names += ("decay_fraction", "decay_shape") if config.lr_schedule == "wsd" else ()
     fields = {name: getattr(config, name) for name in names}
     # the precision trained in, not its spelling: 'auto' is bf16 on a GPU and fp32 on a CPU
     fields["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)
@@ -125,9 +130,15 @@ def run_settings(
 
 
 def save_checkpoint(
-    accelerator: Accelerator, checkpoints: Path, state: TrainState, settings: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    checkpoints: Path,
+    state: TrainState,
+    settings: dict[str, Any],
+    keep: int,
+    stable: bool = False,
 ) -> Path:
-    """The full training state in checkpoints/step_NNNNNN; then only the newest `keep` are kept.
+    """The full training state in checkpoints/step_NNNNNN; then only the newest `keep` are kept. A `stable`
+    one (a wsd run's last step before its decay) says so in its train_state.json and outlives pruning.
 
     Written under a temporary name with `checkpoint.json` last, and renamed once complete, so a crash
     mid-save never leaves a folder that `--resume auto` would take for a checkpoint. A step already
@@ -164,6 +175,7 @@ def save_checkpoint(
         with writing(checkpoints, what, partial=[tmp]):
             share_as_umask(tmp)
             record = {**train_state, "processes": acc.num_processes, "settings": settings}
+            record |= {STABLE: True} if stable else {}
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
             write_manifest(tmp, state.step)
         os.replace(tmp, final)
@@ -233,15 +245,25 @@ def write_manifest(folder: Path, step: int) -> None:
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints, and never the newest one with finite weights (one
-    written by an older trainer may hold NaN; the guard rolls back to the newest finite one)."""
+    written by an older trainer may hold NaN; the guard rolls back to the newest finite one) nor the newest
+    `stable` one (the one a wsd run is extended from)."""
     if keep <= 0:
         return
     complete = complete_checkpoints(checkpoints)
     steps = sorted(complete)  # by step number: step_1000000 sorts before step_999999 by name
     newest_finite = next((step for step in reversed(steps) if saved_weights_finite(complete[step])), None)
+    newest_stable = next((step for step in reversed(steps) if is_stable(complete[step])), None)
     for step in steps[:-keep]:
-        if step != newest_finite:
+        if step not in (newest_finite, newest_stable):
             shutil.rmtree(complete[step])
+
+
+def is_stable(folder: Path) -> bool:
+    """Whether the checkpoint in `folder` is marked `stable` in its train_state.json (False when unreadable)."""
+    try:
+        return read_train_state(folder).get(STABLE) is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +285,10 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[max(found)] if found else None
 
 
-def set_aside(folder: Path) -> Path:
-    """Rename a damaged checkpoint out of the way (kept for inspection, never resumed or pruned), so
-    that its step can be saved again."""
-    target = folder.with_name(f"damaged_{folder.name}_{time.strftime('%Y%m%dT%H%M%S')}")
+def set_aside(folder: Path, why: str = "damaged") -> Path:
+    """Rename a damaged checkpoint (or one of the decay a longer wsd run replaces, `why` 'decayed') out of
+    the way: kept for inspection, never resumed or pruned, so that its step can be saved again."""
+    target = folder.with_name(f"{why}_{folder.name}_{time.strftime('%Y%m%dT%H%M%S')}")
     os.replace(folder, target)
     return target
 
@@ -350,7 +372,7 @@ def newest_intact(
     ones are skipped with a warning; a change of settings is an error (an older checkpoint has the
     same settings, so falling back would not help). None when there is no checkpoint at all; an error
     when there are some but none is intact, so a long run never silently restarts from step 0."""
-    rejected = []
+    rejected, decayed = [], []
     for step in sorted(set(local) | set(remote_steps), reverse=True):
         try:
             if step in local:
@@ -368,8 +390,18 @@ def newest_intact(
             )
             rejected.append(f"{folder}: {'; '.join(problems)}")
             continue
+        if past_stable_phase(folder, settings):  # a wsd run made longer continues from before this decay
+            decayed.append(folder)
+            continue
         check_resumable(folder, settings)
+        if decayed:
+            extend_from(folder, decayed, store)
         return folder
+    if decayed:
+        raise CheckpointError(
+            f"--max_steps {settings['max_steps']} extends the wsd run in {out_dir}, but none of its checkpoints is "
+            f"from before its decay ({', '.join(f.name for f in decayed)} are all decayed); start a new run"
+        )
     set_aside_before = sorted(p.name for p in checkpoints.glob("damaged_step_*")) if checkpoints.is_dir() else []
     if rejected or set_aside_before:
         found = " | ".join(rejected) or f"only damaged checkpoints remain: {', '.join(set_aside_before)}"
@@ -378,6 +410,23 @@ def newest_intact(
             "a new run in another --out_dir"
         )
     return None
+
+
+def extend_from(stable: Path, decayed: list[Path], store: remote.RemoteStore | None) -> None:
+    """A wsd run made longer resumes from `stable`: the checkpoints of its old decay (`decayed`, all local by
+    now) are set aside as decayed_step_NNNNNN_TIME (the shorter run's result, kept; never resumed or pruned),
+    and removed from checkpoint_remote, so that the longer run's checkpoints of the same steps take their
+    place."""
+    for folder in decayed:
+        logger.warning(
+            "extending the wsd run from %s: %s is of the shorter run's decay, set aside as %s",
+            stable.name,
+            folder.name,
+            set_aside(folder, "decayed").name,
+        )
+    steps = [parse_step(folder.name) for folder in decayed]
+    if store is not None and (gone := [s for s in remote.complete_steps(store) if s in steps]):
+        remote.write(store, {store.checkpoint(s): None for s in gone}, "extending the wsd run: remove its old decay")
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState) -> None:

@@ -83,12 +83,17 @@ class TrainConfig:
     micro_batch_size: int = arg(16, "sequences per process per forward/backward pass")
     seq_len: int = arg(128, "tokens per sequence (T)")
     total_batch_size: int = arg(2048, "tokens per optimizer step, summed over processes and accumulation")
-    # schedule (linear warmup, then cosine decay to min_lr_ratio * max_lr at max_steps)
-    max_steps: int = arg(80, "optimizer steps of the LR schedule (the run's length)")
+    # schedule (linear warmup, then cosine decay, or constant and a short decay, to min_lr_ratio * max_lr)
+    max_steps: int = arg(80, "optimizer steps of the LR schedule (the run's length; a wsd run can be extended)")
     stop_at_step: int = arg(0, "end this launch after this step, schedule unchanged (0: at max_steps)")
     warmup_steps: int = arg(8, "steps of linear LR warmup from max_lr / warmup_steps to max_lr")
     max_lr: float = arg(3e-3, "peak learning rate")
     min_lr_ratio: float = arg(0.1, "final LR as a fraction of max_lr (GPT-3: 10%)")
+    lr_schedule: str = arg(
+        "cosine", "'cosine' after warmup (GPT-3), or 'wsd': warmup, constant max_lr, then decay over decay_fraction"
+    )
+    decay_fraction: float = arg(0.2, "wsd: the last fraction of max_steps that decays (Hagele et al. 2024: 0.1-0.2)")
+    decay_shape: str = arg("1-sqrt", "wsd: the decay's shape, 'linear' or '1-sqrt' (Hagele et al. 2024's better one)")
     # optimizer (GPT-3 paper, section 2.3 and appendix B)
     weight_decay: float = arg(0.1, "AdamW decoupled weight decay, on parameters with 2+ dimensions only")
     adam_beta1: float = arg(0.9, "AdamW beta1")
@@ -96,7 +101,9 @@ class TrainConfig:
     adam_eps: float = arg(1e-8, "AdamW epsilon")
     optimizer: str = arg("adamw", "'adamw' (GPT-3), or 'muon': Muon for the blocks' weight matrices, AdamW the rest")
     muon_lr: float = arg(0.02, "Muon's peak LR; the same warmup and cosine as max_lr, which stays AdamW's")
-    muon_momentum: float = arg(0.95, "Muon's (Nesterov) momentum")
+    muon_momentum: float = arg(0.95, "Muon's (Nesterov) momentum, after its warmup")
+    muon_momentum_start: float = arg(0.85, "Muon's momentum at step 0, rising linearly to muon_momentum")
+    muon_momentum_warmup: int = arg(300, "steps of Muon's momentum warmup (modded-nanogpt: 300; 0: none)")
     muon_weight_decay: float = arg(0.0, "Muon's decoupled weight decay (each step multiplies by 1 - lr * this)")
     muon_adjust_lr_fn: str = arg(
         "original", "Muon's per-matrix LR scale: 'original' sqrt(max(1, out/in)), 'match_rms_adamw' 0.2 sqrt(max)"
@@ -176,6 +183,8 @@ class TrainConfig:
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 
 AT_LEAST_ONE = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval", "eval_interval")
@@ -197,6 +206,7 @@ AT_LEAST_ONE += ("spike_window",)
 AT_LEAST_ZERO += ("spike_factor", "max_bad_steps", "max_rollbacks")
 
 ABOVE_ZERO = ("collective_timeout",)
+AT_LEAST_ZERO += ("muon_momentum_warmup",)
 
 
 def config_problems(c: TrainConfig) -> Iterator[str]:
@@ -227,6 +237,12 @@ def config_problems(c: TrainConfig) -> Iterator[str]:
     for name in ("dropout", "adam_beta1", "adam_beta2"):
         if not 0 <= getattr(c, name) < 1:
             yield f"{name} must be in [0, 1), got {getattr(c, name)}"
+    if c.lr_schedule not in LR_SCHEDULES:
+        yield f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}"
+    if not 0 < c.decay_fraction <= 1:
+        yield f"decay_fraction must be in (0, 1], got {c.decay_fraction}"
+    if c.decay_shape not in DECAY_SHAPES:
+        yield f"decay_shape must be one of {DECAY_SHAPES}, got {c.decay_shape!r}"
     yield from optimizer_problems(c)
     if c.mixed_precision not in PRECISIONS:
         yield f"mixed_precision must be one of {PRECISIONS}, got {c.mixed_precision!r}"
@@ -309,8 +325,9 @@ def optimizer_problems(c: TrainConfig) -> Iterator[str]:
         yield f"optimizer muon needs torch.optim.Muon (torch >= 2.9), this is torch {torch.__version__}"
     if c.muon_lr <= 0:
         yield f"muon_lr must be > 0, got {c.muon_lr}"
-    if not 0 <= c.muon_momentum < 1:
-        yield f"muon_momentum must be in [0, 1), got {c.muon_momentum}"
+    for name in ("muon_momentum", "muon_momentum_start"):
+        if not 0 <= getattr(c, name) < 1:
+            yield f"{name} must be in [0, 1), got {getattr(c, name)}"
     if c.muon_weight_decay < 0:
         yield f"muon_weight_decay must be >= 0, got {c.muon_weight_decay}"
     if c.muon_adjust_lr_fn not in MUON_ADJUST_LR_FNS:

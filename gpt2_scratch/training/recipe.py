@@ -26,18 +26,60 @@ def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup, then cosine to the minimum.
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then `config.lr_schedule`.
 
-    The GPT-3 schedule as build-nanogpt writes it: step s < warmup gets max_lr * (s + 1) / warmup; from
-    the end of warmup to max_steps a half cosine from max_lr down to min_lr_ratio * max_lr.
+    Warmup as build-nanogpt writes it: step s < warmup gets max_lr * (s + 1) / warmup. Then 'cosine', the
+    GPT-3 schedule: from the end of warmup to max_steps a half cosine from max_lr down to
+    min_lr = min_lr_ratio * max_lr. Or 'wsd' (warmup-stable-decay, Hagele et al. 2024, arXiv 2405.18392,
+    section 3): max_lr until `decay_start`, then over the last `decay_steps` a decay to min_lr, at progress
+    p = (s - decay_start) / decay_steps: 'linear' 1 - p, or '1-sqrt' 1 - sqrt(p), scaled between max_lr and
+    min_lr, as the authors' `wsd_schedule` does with its final_lr_factor (epfml/schedules-and-scaling; the
+    paper decays to 0: min_lr_ratio 0). Before its decay a wsd step's LR does not depend on max_steps,
+    which is what lets a run be extended (`stable_step`).
     """
     max_lr, min_lr = config.max_lr, config.max_lr * config.min_lr_ratio
     if step < config.warmup_steps:
         return max_lr * (step + 1) / config.warmup_steps
     if step >= config.max_steps:
         return min_lr
+    if config.lr_schedule == "wsd":
+        start = decay_start(config)
+        if step < start:
+            return max_lr
+        progress = (step - start) / (config.max_steps - start)
+        remaining = 1.0 - (math.sqrt(progress) if config.decay_shape == "1-sqrt" else progress)
+        return min_lr + remaining * (max_lr - min_lr)
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def decay_start(config: TrainConfig) -> int:
+    """The first step of a wsd run's decay: max_steps - ceil(decay_fraction * max_steps) (floor((1 - fraction)
+    * max_steps), never before the end of warmup). It never falls as max_steps grows, so the stable phase
+    of a run is the start of the stable phase of any longer one."""
+    return wsd_decay_start(config.max_steps, config.decay_fraction, config.warmup_steps)
+
+
+def wsd_decay_start(max_steps: int, decay_fraction: float, warmup_steps: int) -> int:
+    """`decay_start` of these settings (also those a checkpoint recorded)."""
+    decay_steps = math.ceil(round(decay_fraction * max_steps, 9))  # 0.1 * 30 is 3.0000000000000004
+    return max(warmup_steps, max_steps - decay_steps)
+
+
+def stable_step(config: TrainConfig) -> int | None:
+    """The step of a wsd run's `stable` checkpoint: the last one before its decay, whose weights every longer
+    run with the same settings also reaches (None for cosine, whose every step depends on max_steps)."""
+    return decay_start(config) if config.lr_schedule == "wsd" else None
+
+
+def muon_momentum_at(step: int, config: TrainConfig) -> float:
+    """Muon's momentum at optimizer step `step` (0-based): from muon_momentum_start linearly up to
+    muon_momentum over the first muon_momentum_warmup steps, as modded-nanogpt's train_gpt.py does
+    (frac = min(step / 300, 1); momentum = (1 - frac) * 0.85 + frac * 0.95)."""
+    if config.muon_momentum_warmup <= 0:
+        return config.muon_momentum
+    frac = min(step / config.muon_momentum_warmup, 1.0)
+    return (1 - frac) * config.muon_momentum_start + frac * config.muon_momentum
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -45,6 +87,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     gets `lr * lr_scale`, so that it follows the same warmup and cosine from its own peak."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    """Everything that is a function of the step, set for optimizer step `step`: the LR, and Muon's momentum
+    (in its groups, those with an `lr_scale`). Returns the LR. A resumed run sets the same values."""
+    lr = lr_at(step, config)
+    set_lr(optimizer, lr)
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["momentum"] = muon_momentum_at(step, config)
+    return lr
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -82,7 +135,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
         [{"params": matrices, "lr_scale": config.muon_lr / config.max_lr}],
         lr=config.muon_lr * lr_at(0, config) / config.max_lr,
         weight_decay=config.muon_weight_decay,
-        momentum=config.muon_momentum,
+        momentum=muon_momentum_at(0, config),
         adjust_lr_fn=config.muon_adjust_lr_fn,
     )
     return MuonWithAdamW(muon, adamw(decay_groups(rest, config.weight_decay), config, device))

@@ -363,6 +363,9 @@ def upload_plan(store: RemoteStore, step: int, checkpoint: Path, export: Path, l
     folder = store.checkpoint(step)
     listing = {name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for name, path in files.items()}
     marker = {"step": step, "files": listing}
+    state = files.get("train_state.json")
+    if state is not None and json.loads(state.read_text()).get("stable") is True:
+        marker["stable"] = True  # a wsd run's last checkpoint before its decay: prune keeps it
     return [
         (step_name(step), {f"{folder}/{name}": path for name, path in files.items()}),
         ("HF export", {f"{store.export}/{name}": path for name, path in local_files(export).items()}),
@@ -397,16 +400,27 @@ def upload_checkpoint(
 
 def prune(store: RemoteStore, keep_last: int) -> list[int]:
     """Delete complete checkpoints older than the newest `keep_last` ones (0: keep all) and folders
-    without a marker older than the newest complete one. The newest complete one always stays."""
+    without a marker older than the newest complete one. The newest complete one always stays, and so does
+    the newest `stable` one (a wsd run's last before its decay, which a longer run continues from)."""
     found = remote_checkpoints(store)
     complete = [step for step, done in found.items() if done]
     if not complete:
         return []
     kept = set(complete[-keep_last:] if keep_last > 0 else complete)
+    kept |= {next((step for step in reversed(complete) if marked_stable(store, step)), -1)}
     doomed = [step for step in found if step not in kept and step < complete[-1]]
     if doomed:
         write(store, {store.checkpoint(s): None for s in doomed}, f"prune {', '.join(map(step_name, doomed))}")
     return doomed
+
+
+def marked_stable(store: RemoteStore, step: int) -> bool:
+    """Whether the complete remote checkpoint of `step` is marked `stable` (False when its marker is unreadable)."""
+    try:
+        marker = read_marker(store.fs, store.checkpoint(step))
+    except (RemoteError, OSError):
+        return False
+    return isinstance(marker, dict) and marker.get("stable") is True
 
 
 def marker_files(marker: Any, folder: str) -> dict[str, dict[str, Any]]:

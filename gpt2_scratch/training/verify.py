@@ -19,10 +19,11 @@ from data_prep.shards import file_sha256
 from gpt2_scratch.training import UserError
 from gpt2_scratch.training.files import read_regular
 from gpt2_scratch.training.paths import local_files, parse_step
-from gpt2_scratch.training.recipe import resolve_mixed_precision
+from gpt2_scratch.training.recipe import resolve_mixed_precision, wsd_decay_start
 
 MANIFEST = "checkpoint.json"
 STATE_FILE = "train_state.json"
+STABLE = "stable"  # train_state.json's mark of a wsd run's last checkpoint before its decay
 MANIFEST_FORMAT = 1
 # What a checkpoint's pickled files may contain besides tensors and plain values: numpy arrays and
 # dtypes in the RNG states, exactly the globals Accelerate itself allows when it loads them.
@@ -41,9 +42,10 @@ SAFE_PICKLE_GLOBALS = {
 # JSON files we read (manifest, train state) are small; a bigger one is damaged, not read into memory.
 MAX_JSON_BYTES = 64_000_000
 # Settings that checkpoints written before them lack, with the value those runs had.
-ADDED_SETTINGS = {"optimizer": "adamw"}
-# Settings that checkpoints saved before they were recorded do not hold: not compared for those.
-ADDED_LATER = ("val_batches", "val_data", "data_revision")
+ADDED_SETTINGS = {"optimizer": "adamw", "lr_schedule": "cosine", "muon_momentum_warmup": 0}
+# Settings that checkpoints saved before they were recorded do not hold: not compared for those. The wsd
+# decay's and Muon's momentum warmup's own are recorded only when the schedule or the warmup is used.
+ADDED_LATER = ("val_batches", "val_data", "data_revision", "decay_fraction", "decay_shape", "muon_momentum_start")
 
 
 class CheckpointError(UserError):
@@ -265,6 +267,11 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     saved = {**ADDED_SETTINGS, **saved}
     if saved.get("mixed_precision") == "auto":  # recorded unresolved before: what it means on this machine
         saved["mixed_precision"] = resolve_mixed_precision("auto")
+    if saved.get("lr_schedule") == "cosine" and current.get("max_steps", 0) > saved.get("max_steps", 0):
+        other["max_steps"] = (
+            f"max_steps: {saved.get('max_steps')!r} -> {current['max_steps']!r} (a cosine schedule is fixed to its "
+            "length; a run trained with --lr_schedule wsd can be extended so, from its stable checkpoint)"
+        )
     changes = [
         other.get(name, f"{name}: {saved.get(name)!r} -> {value!r}")
         for name, value in current.items()
@@ -292,13 +299,40 @@ def mix_change(saved: list[dict], current: list[dict]) -> str:
     return "data_mix: " + ", ".join(found)
 
 
+def stable_phase_end(saved: dict[str, Any], current: dict[str, Any]) -> int | None:
+    """When `current` settings make the wsd run that saved `saved` settings longer: the last step of that run's
+    stable phase (its decay start), up to which its checkpoints are the longer run's too, since no LR before
+    it depended on max_steps. None otherwise: a cosine run's every LR depends on max_steps, and
+    `--max_steps` is only ever raised."""
+    saved = {**ADDED_SETTINGS, **saved}
+    before, after = saved.get("max_steps"), current.get("max_steps")
+    if not (saved.get("lr_schedule") == current.get("lr_schedule") == "wsd" and type(before) is int):
+        return None
+    if not (type(after) is int and after > before):
+        return None
+    return wsd_decay_start(before, saved.get("decay_fraction"), saved.get("warmup_steps"))
+
+
+def past_stable_phase(folder: Path, settings: dict[str, Any]) -> bool:
+    """Whether `folder` is a checkpoint of a wsd run's decay that `settings` make longer: never resumed by the
+    longer run, which continues from the stable checkpoint before it."""
+    state = read_train_state(folder)
+    end = stable_phase_end(state.get("settings", {}), settings)
+    return end is not None and state["step"] > end
+
+
 def check_resumable(folder: Path, settings: dict[str, Any]) -> None:
     """Raise a one-line `CheckpointError` unless `folder` is intact and was saved with `settings`."""
     problems = checkpoint_problems(folder)
     if problems:
         raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}")
-    saved = read_train_state(folder).get("settings", {})
-    changes = settings_changes(saved, {name: value for name, value in settings.items() if name != "processes"})
+    state = read_train_state(folder)
+    saved = state.get("settings", {})
+    current = {name: value for name, value in settings.items() if name != "processes"}
+    end = stable_phase_end(saved, current)
+    if end is not None and state["step"] <= end:  # a wsd run made longer, from its stable phase
+        current["max_steps"] = saved["max_steps"]
+    changes = settings_changes(saved, current)
     if not changes and (problem := process_count_problem(saved, settings)):
         changes = [problem]
     if changes:
