@@ -15,6 +15,7 @@ from trainer_runs import kill_at_step, metric, nano_args, records, train_in_proc
 import train_accelerate as ta
 from data_prep.mixture import parse_mix
 from data_prep.shards import DataPrepError
+from gpt2_scratch.export_gpt2 import run_manifest
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
 from gpt2_scratch.training.data import build_loader, prepare_data, val_sources
@@ -102,6 +103,9 @@ def test_a_stream_source_gives_the_sequences_of_data_stream_alone_and_the_weight
     # validation: the stream's first val_tokens, measured as a source of its own (val/loss/stream:texts.jsonl)
     labels = [label for label, _, _ in val_sources(config, manifest)]
     assert labels == ["shards", "stream:texts.jsonl"]
+    # export_gpt2's card reads what the stream is from the run's data cache: its files, not a folder's name
+    for exported in (run_manifest(config)["mixture"][1]["manifest"], run_manifest(alone)):
+        assert exported["source"]["kind"] == "files" and exported["source"]["files"][0]["path"] == str(texts)
     assert state["sources"][1]["state"]["kind"] == "stream" and state["sources"][1]["state"]["world_size"] == 1
 
     resumed = loader_of(config, prepare_data(config))

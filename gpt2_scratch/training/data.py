@@ -385,15 +385,41 @@ def pinned_stream_revision(config: TrainConfig) -> str | None:
     reads the same commit even after the dataset changed upstream; None for a new run or local files."""
     if not config.resume:
         return None
-    for manifest in sorted(RunPaths(config.out_dir).data_cache.glob("stream-*/manifest.json")):
+    manifest = recorded_stream(config, RunPaths(config.out_dir).data_cache)
+    source = manifest["source"] if manifest else {}
+    return source.get("revision") if source.get("kind") == "hub" else None
+
+
+def recorded_stream(config: TrainConfig, data_cache: Path) -> dict | None:
+    """The manifest of the validation tokens a launch of this run wrote for `config.data_stream` in
+    `data_cache` (its `source` describes the stream: files, Hub commit), or None."""
+    for path in sorted(data_cache.glob("stream-*/manifest.json")):
         try:
-            source = json.loads(manifest.read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = json.loads(path.read_text())
+            if stream_described(manifest["source"], config):
+                return manifest
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
-        if source.get("kind") == "hub" and (source.get("dataset"), source.get("config"), source.get("split")) == wanted:
-            return source.get("revision")
     return None
+
+
+def stream_described(source: dict, config: TrainConfig) -> bool:
+    """Whether `source` (a stream's description) is what `config.data_stream` names: the Hub dataset with
+    its config and split, the built-in corpus, or local files whose names its patterns match."""
+    from fnmatch import fnmatch
+    from pathlib import PureWindowsPath
+
+    from data_prep.stream import BUILTIN
+
+    kind = source.get("kind")
+    if kind == "hub":
+        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
+        return (source.get("dataset"), source.get("config"), source.get("split")) == wanted
+    if kind == "builtin":
+        return config.data_stream == BUILTIN
+    patterns = [PureWindowsPath(p.strip()).name for p in config.data_stream.split(",") if p.strip()]
+    names = [PureWindowsPath(str(f["path"])).name for f in source.get("files") or []] if kind == "files" else []
+    return bool(names) and all(any(fnmatch(name, pattern) for pattern in patterns) for name in names)
 
 
 def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: dict):
