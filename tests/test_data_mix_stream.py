@@ -18,7 +18,7 @@ from data_prep.shards import DataPrepError
 from gpt2_scratch.export_gpt2 import run_manifest
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
-from gpt2_scratch.training.data import build_loader, prepare_data, val_sources
+from gpt2_scratch.training.data import build_loader, prepare_data, source_config, val_sources
 from gpt2_scratch.training.verify import state_problems
 from gpt2_scratch.user_errors import run_command
 
@@ -165,6 +165,23 @@ def test_sigkill_then_resume_auto_logs_the_same_losses_with_a_stream_source(data
     assert info["data"]["sources"][1]["data_stream"] == str(texts)
     card = (out / "hf" / "README.md").read_text()
     assert "40.0% local files `small.jsonl`" in card and "stream:small.jsonl:0.4` |" in card
+
+
+def test_a_stream_source_reads_the_runs_stream_settings_and_a_val_split_only_for_a_hub_dataset(sources):
+    folder, texts = sources
+    mix = f"{folder}:1,stream:{texts}:1,stream:me/corpus:1,stream:builtin:1"
+    fields = ["--data_stream_config", "c", "--data_stream_split", "s", "--data_stream_val_split", "v"]
+    config = parse_config(["--data_mix", mix, "--data_stream_text_column", "body", *fields])
+    read = [source_config(config, source) for source, _ in parse_mix(mix)]
+    assert [(c.data_dir, c.data_stream, c.data_stream_val_split) for c in read] == [
+        (str(folder), None, "v"),  # a folder's config keeps it: it has no effect there
+        ("data/builtin", str(texts), None),
+        ("data/builtin", "me/corpus", "v"),
+        ("data/builtin", "builtin", None),
+    ]
+    assert {(c.data_stream_config, c.data_stream_split, c.data_stream_text_column, c.data_mix) for c in read} == {
+        ("c", "s", "body", None)
+    }
 
 
 @pytest.mark.parametrize(

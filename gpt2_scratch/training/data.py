@@ -98,12 +98,21 @@ def prepare_mixture(config: TrainConfig) -> dict:
 
 def source_config(config: TrainConfig, source: str) -> TrainConfig:
     """The config of one data_mix source read alone: as its data_dir, or for `stream:SOURCE` as its
-    data_stream (with the run's data_stream_* settings)."""
+    data_stream (with the run's data_stream_* settings; data_stream_val_split only for a Hub dataset, the
+    others have no splits and validate on their first val_tokens)."""
     from data_prep.mixture import stream_of
+    from data_prep.stream import BUILTIN, StreamSpec
 
     stream = stream_of(source)
     if stream is not None:
-        return dataclasses.replace(config, data_dir=FIELDS["data_dir"].default, data_mix=None, data_stream=stream)
+        hub = stream != BUILTIN and not StreamSpec(stream).is_local
+        return dataclasses.replace(
+            config,
+            data_dir=FIELDS["data_dir"].default,
+            data_mix=None,
+            data_stream=stream,
+            data_stream_val_split=config.data_stream_val_split if hub else None,
+        )
     return dataclasses.replace(config, data_dir=source, data_mix=None, data_stream=None)
 
 
