@@ -19,7 +19,7 @@ from gpt2_scratch.export_gpt2 import run_manifest
 from gpt2_scratch.training.checkpoints import latest_checkpoint
 from gpt2_scratch.training.config import ConfigError, parse_config
 from gpt2_scratch.training.data import build_loader, prepare_data, source_config, val_sources
-from gpt2_scratch.training.verify import state_problems
+from gpt2_scratch.training.verify import loader_position_valid, state_problems
 from gpt2_scratch.user_errors import run_command
 
 SEQ = 32
@@ -107,6 +107,9 @@ def test_a_stream_source_gives_the_sequences_of_data_stream_alone_and_the_weight
     for exported in (run_manifest(config)["mixture"][1]["manifest"], run_manifest(alone)):
         assert exported["source"]["kind"] == "files" and exported["source"]["files"][0]["path"] == str(texts)
     assert state["sources"][1]["state"]["kind"] == "stream" and state["sources"][1]["state"]["world_size"] == 1
+    damaged = json.loads(json.dumps(state))  # verify.py judges the stream's position inside the mixture's
+    damaged["sources"][1]["state"]["ranks"][0]["offset"] = -1
+    assert loader_position_valid(state) and not loader_position_valid(damaged)
 
     resumed = loader_of(config, prepare_data(config))
     try:
