@@ -50,8 +50,23 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+STREAM_PREFIX = "stream:"  # `stream:SOURCE`: a source tokenized on the fly, as `--data_stream SOURCE` reads it
+
+
+def stream_of(source: str) -> str | None:
+    """What `stream:SOURCE` streams (SOURCE), or None for a shard folder or a URL."""
+    return source[len(STREAM_PREFIX) :] if source.startswith(STREAM_PREFIX) else None
+
+
 def source_key(source: str) -> str:
-    """What makes two sources the same: a URL without a trailing slash, a folder's normalised path."""
+    """What makes two sources the same: a URL without a trailing slash, a folder's normalised path, a
+    stream's `stream:` and its local files' normalised path (or its Hub dataset id)."""
+    stream = stream_of(source)
+    if stream is not None:
+        from data_prep.stream import BUILTIN, StreamSpec
+
+        named = stream == BUILTIN or not StreamSpec(stream).is_local  # the built-in corpus, a Hub dataset id
+        return STREAM_PREFIX + (stream if named else os.path.normpath(os.path.abspath(os.path.expanduser(stream))))
     return source.rstrip("/") if is_url(source) else os.path.normpath(os.path.abspath(os.path.expanduser(source)))
 
 
@@ -65,8 +80,13 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
     mix, seen = [], {}
     for part in parts:
         source, sep, weight_text = part.rpartition(":")
-        if not sep or not source or "/" in weight_text:  # `s3://bucket/x` alone: its last colon is the URL's
+        # `s3://bucket/x` alone: its last colon is the URL's; `stream:x` alone: the prefix's
+        if part.startswith(STREAM_PREFIX) and not source.startswith(STREAM_PREFIX):  # its one colon: the prefix's
+            source, sep = (part, "") if part[len(STREAM_PREFIX) :].strip() else (STREAM_PREFIX, sep)
+        if not sep or not source or "/" in weight_text:
             raise ValueError(f"{part!r} has no weight; write it as SOURCE:WEIGHT, e.g. {part}:0.5")
+        if stream_of(source) is not None and not stream_of(source).strip():
+            raise ValueError(f"{part!r} names no stream; write it as stream:SOURCE:WEIGHT, e.g. stream:builtin:0.5")
         try:
             weight = float(weight_text)
         except ValueError:
@@ -82,9 +102,16 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
 
 
 def source_labels(sources: Sequence[str]) -> list[str]:
-    """Short names for the log (`data/tokens/NAME`): each source's last path part (a Hub revision dropped),
-    or the whole source where two share a last part."""
-    short = [source.rstrip("/").rsplit("/", 1)[-1].split("@")[0] or source for source in sources]
+    """Short names for the log (`data/tokens/NAME`): each source's last path part (a Hub revision dropped;
+    a stream's after `stream:`), or the whole source where two share a last part."""
+
+    def short_name(source: str) -> str:
+        stream = stream_of(source)
+        if stream is not None:
+            return STREAM_PREFIX + short_name(stream)
+        return source.rstrip("/").rsplit("/", 1)[-1].split("@")[0] or source
+
+    short = [short_name(source) for source in sources]
     return [s if short.count(s) == 1 else source for s, source in zip(short, sources, strict=True)]
 
 
@@ -152,7 +179,11 @@ class MixtureLoader:
         self._epochs = [self._epoch(i) for i in range(len(sources))]
 
     def _epoch(self, index: int) -> int:
-        return int(self.loaders[index].state_dict().get("epoch", 0))
+        """The epoch source `index` reads: its `epoch` (a `StreamLoader`'s: of its next sequence), else its
+        state's (a `ShardLoader`'s)."""
+        loader = self.loaders[index]
+        epoch = getattr(loader, "epoch", None)
+        return int(epoch if epoch is not None else loader.state_dict().get("epoch", 0))
 
     def _draw_step(self) -> None:
         self._before = self._position(self.steps, self.counts, 0)

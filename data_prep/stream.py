@@ -393,6 +393,11 @@ class StreamLoader:
         rows = np.stack([self._window() for _ in range(self.batch_size)]).astype(np.int64)
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next window: 0 until the source has run out once (a mixture logs the change)."""
+        return int(self.position["epoch"])
+
     def take_waited(self) -> float:
         """Seconds the trainer waited for tokens since the last call."""
         waited, self._waited = self._waited, 0.0

@@ -143,14 +143,29 @@ def run_config(run: Path):
     return parse_config(["--config", str(path)])
 
 
-def run_manifest(config) -> dict:
-    """The run's data manifest, or one that names its data folder when the data is not on this machine."""
+def run_manifest(config, run: Path | None = None) -> dict:
+    """The run's data manifest, or one that names its data folder when the data is not on this machine. A
+    stream's (`data_stream`, a `stream:` source of `data_mix`) is the one its first launch wrote in the
+    run's data cache (`run`: the run folder, else `config.out_dir`), describing its files or Hub commit."""
+    from gpt2_scratch.training.data import recorded_stream, source_config
+    from gpt2_scratch.training.paths import RunPaths
+
+    data_cache = RunPaths(run if run is not None else config.out_dir).data_cache
+
+    def manifest_of(source_config) -> dict:
+        if not source_config.data_stream:
+            return source_manifest(source_config.data_dir)
+        found = recorded_stream(source_config, data_cache)
+        return found if found else {"source": {"name": source_config.data_stream}}
+
     if config.data_mix:  # each source's manifest with its weight, as the trainer's card has them
         from data_prep.mixture import parse_mix
 
         parts = parse_mix(config.data_mix)
-        return {"mixture": [{"source": s, "weight": w, "manifest": source_manifest(s)} for s, w in parts]}
-    return source_manifest(config.data_dir)
+        return {
+            "mixture": [{"source": s, "weight": w, "manifest": manifest_of(source_config(config, s))} for s, w in parts]
+        }
+    return manifest_of(config)
 
 
 def source_manifest(data_dir: str) -> dict:
@@ -217,7 +232,7 @@ def export_run_locked(run: Path, config) -> list[Path]:
     else:
         raise UserError(f"{run} has neither an {SCRATCH_EXPORT}/ export nor an intact checkpoint to export")
     written = write_exports(model, run, step)
-    write_model_cards(run, config, model, run_manifest(config))
+    write_model_cards(run, config, model, run_manifest(config, run))
     return written
 
 
@@ -238,7 +253,7 @@ def export_one(source: Source, out: Path) -> Path:
     if source.run is not None:
         config = run_config(source.run)
         results = run_results(source.run / "log.jsonl", through_step=source.step)
-        card = ModelCard(config, source.model, run_manifest(config), results, source.run)
+        card = ModelCard(config, source.model, run_manifest(config, source.run), results, source.run)
     else:
         card = ModelCard(None, source.model, {}, {}, out)
     write_text(out / "README.md", card.render("gpt2", []))

@@ -73,12 +73,15 @@ MIX = "mixture"  # the key of a data_mix run's manifest: each source's name, wei
 
 def prepare_mixture(config: TrainConfig) -> dict:
     """Each data_mix source's manifest, checked as `prepare_data` checks a data_dir (a folder must hold one:
-    the built-in corpus is never made for a mixture); main process only."""
-    from data_prep.mixture import parse_mix
+    the built-in corpus is never made for a mixture), or for a `stream:` source made as `prepare_stream`
+    makes a data_stream's (its validation tokens in out_dir's data cache); main process only."""
+    from data_prep.mixture import parse_mix, stream_of
 
     parts = []
     for source, weight in parse_mix(config.data_mix):
-        if is_url(source):
+        if stream_of(source) is not None:
+            manifest = prepare_stream(source_config(config, source))
+        elif is_url(source):
             manifest = prepare_remote_data(source_config(config, source))
         else:
             with reading(Path(source) / MANIFEST_NAME):
@@ -94,8 +97,23 @@ def prepare_mixture(config: TrainConfig) -> dict:
 
 
 def source_config(config: TrainConfig, source: str) -> TrainConfig:
-    """The config of one data_mix source read alone, as its data_dir."""
-    return dataclasses.replace(config, data_dir=source, data_mix=None)
+    """The config of one data_mix source read alone: as its data_dir, or for `stream:SOURCE` as its
+    data_stream (with the run's data_stream_* settings; data_stream_val_split only for a Hub dataset, the
+    others have no splits and validate on their first val_tokens)."""
+    from data_prep.mixture import stream_of
+    from data_prep.stream import BUILTIN, StreamSpec
+
+    stream = stream_of(source)
+    if stream is not None:
+        hub = stream != BUILTIN and not StreamSpec(stream).is_local
+        return dataclasses.replace(
+            config,
+            data_dir=FIELDS["data_dir"].default,
+            data_mix=None,
+            data_stream=stream,
+            data_stream_val_split=config.data_stream_val_split if hub else None,
+        )
+    return dataclasses.replace(config, data_dir=source, data_mix=None, data_stream=None)
 
 
 STREAM = "stream"  # the manifest's key, added here, that says where a remote run's shards come from
@@ -167,9 +185,10 @@ def val_sources(config: TrainConfig, manifest: dict) -> list[tuple[str, float, s
 
 def data_facts(config: TrainConfig, manifest: dict) -> dict:
     """Where the run's data came from, for run_info.json: a URL's commit and cache, a data_stream's source,
-    commit and validation folder, each data_mix source as a data_dir's, or the data_dir."""
+    commit and validation folder, each data_mix source as a data_dir's or a data_stream's, or the data_dir."""
     if MIX in manifest:
-        sources = [part["manifest"].get(STREAM, {"url": part["source"]}) for part in manifest[MIX]]
+        parts = manifest[MIX]
+        sources = [data_facts(source_config(config, part["source"]), part["manifest"]) for part in parts]
         return {"mix": config.data_mix, "sources": sources}
     if DATA_STREAM in manifest:
         stream = manifest[DATA_STREAM]
@@ -261,9 +280,13 @@ def build_mixture(config: TrainConfig, accelerator: Accelerator, manifest: dict)
 
 def source_loader(config: TrainConfig, source: str, manifest: dict):
     """One source of a mixture: a loader with `ShardLoader`'s interface that gives the source's sequences one
-    at a time in its own order (batch_size 1, as rank 0 of 1: the mixture cuts the steps among the ranks)."""
+    at a time in its own order (batch_size 1, as rank 0 of 1: the mixture cuts the steps among the ranks).
+    A `stream:` source is a `StreamLoader` that every rank runs whole (a stream cannot skip without
+    tokenizing), the mixture dropping the other ranks' sequences."""
     from data_prep import ShardLoader
 
+    if DATA_STREAM in manifest:  # no log of its own: the mixture says when the source runs out, at its step
+        return stream_loader(source_config(config, source), manifest[DATA_STREAM], batch_size=1, log=None)
     cache = None
     if STREAM in manifest:
         cache = open_remote(source_config(config, source), resolve=False, manifest=manifest)[1]
@@ -371,31 +394,71 @@ def pinned_stream_revision(config: TrainConfig) -> str | None:
     reads the same commit even after the dataset changed upstream; None for a new run or local files."""
     if not config.resume:
         return None
-    for manifest in sorted(RunPaths(config.out_dir).data_cache.glob("stream-*/manifest.json")):
+    manifest = recorded_stream(config, RunPaths(config.out_dir).data_cache)
+    source = manifest["source"] if manifest else {}
+    return source.get("revision") if source.get("kind") == "hub" else None
+
+
+def recorded_stream(config: TrainConfig, data_cache: Path) -> dict | None:
+    """The manifest of the validation tokens a launch of this run wrote for `config.data_stream` in
+    `data_cache` (its `source` describes the stream: files, Hub commit), or None."""
+    for path in sorted(data_cache.glob("stream-*/manifest.json")):
         try:
-            source = json.loads(manifest.read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = json.loads(path.read_text())
+            if stream_described(manifest["source"], config):
+                return manifest
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
-        if source.get("kind") == "hub" and (source.get("dataset"), source.get("config"), source.get("split")) == wanted:
-            return source.get("revision")
     return None
+
+
+def stream_described(source: dict, config: TrainConfig) -> bool:
+    """Whether `source` (a stream's description) is what `config.data_stream` names: the Hub dataset with
+    its config and split, the built-in corpus, or local files whose names its patterns match."""
+    from fnmatch import fnmatch
+    from pathlib import PureWindowsPath
+
+    from data_prep.stream import BUILTIN
+
+    kind = source.get("kind")
+    if kind == "hub":
+        wanted = (config.data_stream, config.data_stream_config, config.data_stream_split)
+        return (source.get("dataset"), source.get("config"), source.get("split")) == wanted
+    if kind == "builtin":
+        return config.data_stream == BUILTIN
+    patterns = [PureWindowsPath(p.strip()).name for p in config.data_stream.split(",") if p.strip()]
+    names = [PureWindowsPath(str(f["path"])).name for f in source.get("files") or []] if kind == "files" else []
+    return bool(names) and all(any(fnmatch(name, pattern) for pattern in patterns) for name in names)
 
 
 def build_stream_loader(config: TrainConfig, accelerator: Accelerator, stream: dict):
     """This rank's `StreamLoader`, reading the commit the main process pinned; for a new run already reading
     (a resume starts it at the saved position instead)."""
+    return stream_loader(
+        config,
+        stream,
+        config.micro_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+
+
+def stream_loader(
+    config: TrainConfig, stream: dict, batch_size: int, rank: int = 0, world_size: int = 1, log=logger.info
+):
+    """A `StreamLoader` of `config.data_stream` from `stream` (the manifest's `DATA_STREAM`), started for a
+    new run."""
     from data_prep.stream import StreamLoader
 
     loader = StreamLoader(
         stream_spec(config, stream.get("revision")),
         stream["train_start"],
-        batch_size=config.micro_batch_size,
+        batch_size=batch_size,
         seq_len=config.seq_len,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        rank=rank,
+        world_size=world_size,
         workers=config.data_workers,
-        log=logger.info,
+        log=log,
     )
     if not config.resume:  # a new run: tokenize while the model is built and evaluated at step 0
         loader.start()

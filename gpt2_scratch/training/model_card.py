@@ -250,10 +250,14 @@ class ModelCard:
             return []
         fields = {name: portable(value, self.out_dir) for name, value in dataclasses.asdict(self.config).items()}
         if self.config.data_mix:  # each source's path made portable, not the whole list as one path
-            from data_prep.mixture import parse_mix
+            from data_prep.mixture import STREAM_PREFIX, parse_mix, stream_of
+
+            def source_text(source: str) -> str:  # a stream's files too (`stream:/abs/*.jsonl`)
+                stream = stream_of(source)
+                return STREAM_PREFIX + portable(stream, self.out_dir) if stream else portable(source, self.out_dir)
 
             mix = parse_mix(self.config.data_mix)
-            fields["data_mix"] = ",".join(f"{portable(source, self.out_dir)}:{weight:g}" for source, weight in mix)
+            fields["data_mix"] = ",".join(f"{source_text(source)}:{weight:g}" for source, weight in mix)
         trained = trained_precision(self.out_dir)
         if trained and fields.get("mixed_precision") != trained:  # 'auto' says which: bf16, fp16 or fp32 ('no')
             label = "fp16, loss-scaled" if trained == "fp16" else trained
