@@ -217,6 +217,14 @@ def test_a_bad_stream_is_one_line_before_training(kind, tmp_path):
         prepare_data(stream_config(str(path), tmp_path))
 
 
+def test_a_val_split_of_local_files_is_refused_it_would_validate_on_training_data(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "a document of local text"}) + "\n")
+    config = stream_config(str(tmp_path / "docs.jsonl"), tmp_path, data_stream_val_split="validation")
+    with pytest.raises(ConfigError, match="data_stream_val_split 'validation' names a split of a Hub dataset"):
+        prepare_data(config)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("val_*.bin"))
+
+
 def test_a_bad_stream_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "docs.jsonl").write_bytes(bytes(range(256)) * 4)
     argv = stream_args(str(tmp_path / "docs.jsonl"), tmp_path / "run")

@@ -331,6 +331,11 @@ def prepare_stream(config: TrainConfig) -> dict:
     spec = stream_spec(config, pinned_stream_revision(config))
     train = spec.open()
     check_local_files(train)
+    if config.data_stream_val_split and train.description["kind"] != "hub":  # it would validate on training data
+        raise ConfigError(
+            f"data_stream_val_split {config.data_stream_val_split!r} names a split of a Hub dataset, and "
+            f"data_stream {config.data_stream} has none: leave it out to hold out the first val_tokens"
+        )
     spec = dataclasses.replace(spec, revision=train.description.get("revision"))  # one commit for both splits
     val_split = config.data_stream_val_split
     key = {"source": train.description, "val_tokens": config.val_tokens, "block_docs": DEFAULT_BLOCK_DOCS}
