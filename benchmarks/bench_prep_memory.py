@@ -25,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpt2_scratch.user_errors import check_at_least, run_command  # noqa: E402
+
 WORDS = (
     "the of and to in a is that for it as was with be by on not he I this are or his from at which but have an they "
     "you were her she there been one all we their has would when if so no will what more can its out up who them "
@@ -72,13 +76,14 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=300, help="size of the one document in MB")
     parser.add_argument("--kind", choices=("txt", "jsonl"), default="txt", help="a one-line .txt or .jsonl")
     parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout whose data_prep runs")
     parser.add_argument("--work", type=Path, default=None, help="folder for the file and shards (default: a temp one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_at_least({"--mb": args.mb}, {"--mb": 1})
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         source = Path(tmp) / f"one_document.{args.kind}"
         write_document(source, args.mb, args.kind)
@@ -101,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

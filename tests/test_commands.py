@@ -20,6 +20,8 @@ SCRIPTS = (
     "benchmarks/bench_data.py",
     "benchmarks/gpu_check.py",
     "benchmarks/bench_optimizers.py",
+    "benchmarks/bench_mix.py",
+    "benchmarks/bench_prep_memory.py",
 )
 MODULES = (
     "data_prep",
@@ -52,6 +54,8 @@ def commands(tmp):
         "benchmarks/bench_data.py": (["--tokens", "0"], "--tokens must be >= 1, got 0"),
         "benchmarks/gpu_check.py": (["--smoke", "--only", "bogus"], "--only: unknown check(s) bogus"),
         "benchmarks/bench_optimizers.py": (["--data-dir", missing, "--steps", "0"], "--steps must be >= 1, got 0"),
+        "benchmarks/bench_mix.py": (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        "benchmarks/bench_prep_memory.py": (["--mb", "0"], "--mb must be >= 1, got 0"),
     }
 
 

@@ -25,6 +25,10 @@ from gpt2_scratch.training.verify import CheckpointError, loader_position_valid,
 from gpt2_scratch.user_errors import UserError, run_command
 from modeling_gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
+# The killed runs are processes on one thread (trainer_runs.ONE_THREAD): the in-process runs they are
+# compared with must be too, or the sums of a step can differ in the last bit
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ = 8
 
 

@@ -22,6 +22,10 @@ from gpt2_scratch.training.data import build_loader, prepare_data, source_config
 from gpt2_scratch.training.verify import loader_position_valid, state_problems
 from gpt2_scratch.user_errors import run_command
 
+# The killed runs are processes on one thread (trainer_runs.ONE_THREAD): the in-process runs they are
+# compared with must be too, or the sums of a step can differ in the last bit
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ = 32
 FOLDER_FIRST = 50_000  # the folder source's tokens are all in [50000, 50100): none of the stream's text gives one
 SHAPE = ["--model", "cpu-nano", "--seq_len", str(SEQ), "--micro_batch_size", "4", "--total_batch_size", "256"]

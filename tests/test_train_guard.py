@@ -133,7 +133,7 @@ def test_two_processes_skip_and_roll_back_together_as_one_does(absurd_lr, data_d
     out, one = tmp_path / "two", absurd_lr[0]
     config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    done = run_cli(nano_args(data_dir, out, **ABSURD_LR, val_batches=1), launcher=launcher)
+    done = run_cli(nano_args(data_dir, out, **ABSURD_LR), launcher=launcher)  # val_batches: the whole evaluation
     assert done.returncode != 0
     errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1 and errors.pop().startswith("error: training diverged: 3 bad steps in a row")
