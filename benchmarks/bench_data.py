@@ -275,8 +275,6 @@ def bench_stream(docs: list[str], work: Path, batches: int) -> list[dict]:
 
 def bench_stream_resume(work: Path, docs: int) -> dict:
     """Seconds from `load_state_dict` of a position `docs` documents into a .jsonl to the first batch."""
-    import datasets
-
     from data_prep.stream import DEFAULT_BLOCK_DOCS, StreamLoader, StreamSpec
 
     src = work / "many.jsonl"
@@ -287,12 +285,12 @@ def bench_stream_resume(work: Path, docs: int) -> dict:
                 + "\n"
             )
     block_doc = docs // DEFAULT_BLOCK_DOCS * DEFAULT_BLOCK_DOCS
-    dataset = datasets.load_dataset("json", data_files=[str(src)], split="train", streaming=True)
+    spec = StreamSpec(str(src))
+    dataset = spec.open().dataset  # the stream's own reader, whose state a checkpoint holds
     batches = dataset.iter(batch_size=DEFAULT_BLOCK_DOCS)
     for _ in range(block_doc // DEFAULT_BLOCK_DOCS):
         next(batches)
     position = {"epoch": 0, "block_doc": block_doc, "source_state": dataset.state_dict(), "doc": docs, "offset": 3}
-    spec = StreamSpec(str(src))
     loader = StreamLoader(spec, {**position, "doc": 0, "offset": 0}, batch_size=1, seq_len=64, workers=1)
     state = {**loader.state_dict(), "ranks": [position]}
     t0 = time.perf_counter()
