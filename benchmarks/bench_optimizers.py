@@ -99,7 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="take the curve of a run already in --out with exactly this run's config (curves are deterministic)",
     )
+    p.add_argument(
+        "--reuse-from",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="also take runs from these reports (the --out of processes split with --families); implies --reuse",
+    )
     args = p.parse_args(argv)
+    args.reuse = args.reuse or bool(args.reuse_from)
     minimums = {"--seq-len": 1, "--batch-size": 1, "--steps": 1, "--warmup-steps": 0, "--eval-interval": 1}
     minimums |= {"--bracket": 0}
     if (args.data_dir is None) == (args.corpus is None):
@@ -438,6 +446,18 @@ def as_dict(config) -> dict[str, Any]:
     return config if isinstance(config, dict) else dataclasses.asdict(config)
 
 
+def reusable_runs(files: list[str | Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The runs recorded in earlier reports, by name, each with its file; a later file's run replaces an
+    earlier one's."""
+    runs: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for file in map(Path, files):
+        try:
+            runs |= {name: (file, run) for name, run in json.loads(file.read_text())["runs"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{file}: not a report of this benchmark to reuse ({type(exc).__name__}: {exc})") from exc
+    return runs
+
+
 def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -452,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(1)  # steadier on a shared machine; the step-count results do not depend on it
     started, out = datetime.datetime.now(datetime.timezone.utc), Path(args.out)
+    done = reusable_runs([*args.reuse_from, *([out] if out.is_file() else [])]) if args.reuse else {}
     if args.corpus is not None:
         args.data_dir = corpus_dir(args.corpus)
         if args.data_dir is None:
@@ -463,12 +484,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator(cpu=True)
     runs: dict[str, dict[str, Any]] = {}
 
-    done = json.loads(out.read_text())["runs"] if args.reuse and out.is_file() else {}
-
     def train_run(name: str, config: TrainConfig) -> None:
-        if relevant(done.get(name, {}).get("config", {})) == relevant(dataclasses.asdict(config)):
-            print(f"{name}: reused from {out}", file=sys.stderr)
-            runs[name] = {**done[name], "config": config}
+        source, earlier = done.get(name, (None, {}))
+        if relevant(earlier.get("config", {})) == relevant(dataclasses.asdict(config)):
+            print(f"{name}: reused from {source}", file=sys.stderr)
+            runs[name] = {**earlier, "config": config}
             return
         print(name, file=sys.stderr)
         runs[name] = {"config": config, **curve(args, config, accelerator), "load_average_after": os.getloadavg()}

@@ -2,6 +2,7 @@
 keeps its traceback. Each command runs through its own `if __name__ == "__main__":` block (runpy, in
 this process, so that the eleven of them cost imports once); one real process checks the exit path."""
 
+import json
 import runpy
 import subprocess
 import sys
@@ -145,3 +146,23 @@ def test_a_command_returning_a_status_exits_with_it():
         with pytest.raises(SystemExit) as exited:
             run_command(lambda argv, result=result: result)
         assert exited.value.code == status
+
+
+def test_bench_optimizers_joins_the_reports_of_a_split_run_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
+    """`--families` spreads the sweep over processes; `--reuse-from` joins their reports: each run from the
+    file that holds it, a later file's replacing an earlier one's."""
+    bench = runpy.run_path(str(ROOT / "benchmarks/bench_optimizers.py"))
+    first, second = tmp_path / "a.json", tmp_path / "m.json"
+    first.write_text(json.dumps({"runs": {"adamw-cosine lr 0.001": {"final_val_loss": 6.5}, "x": {"v": 1}}}))
+    second.write_text(json.dumps({"runs": {"muon-wsd lr 0.02": {"final_val_loss": 5.9}, "x": {"v": 2}}}))
+    runs = bench["reusable_runs"]([first, second])
+    assert runs == {
+        "adamw-cosine lr 0.001": (first, {"final_val_loss": 6.5}),
+        "muon-wsd lr 0.02": (second, {"final_val_loss": 5.9}),
+        "x": (second, {"v": 2}),
+    }
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG")
+    argv = ["--data-dir", str(tmp_path / "missing"), "--reuse-from", str(first), str(tmp_path / "plot.png")]
+    assert run_as_main("benchmarks/bench_optimizers.py", argv, monkeypatch) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'plot.png'}: not a report of this benchmark to reuse")
