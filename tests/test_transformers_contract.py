@@ -176,7 +176,7 @@ class GPT2ScratchPipelineTest(pipeline_mixin.PipelineTesterMixin, unittest.TestC
 def test_module_skips_with_its_reason_where_the_sdist_cannot_be_had(tmp_path):
     """Offline (here: pip with no index) and nothing cached: the whole module skips, saying why."""
     env = {**os.environ, "GPT2_SCRATCH_CACHE": str(tmp_path), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider", "-n", "0"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     # a module skipped while it is collected leaves no test to run: pytest's exit status 5
     assert result.returncode == 5 and "1 skipped" in result.stdout, result.stdout[-2000:]
