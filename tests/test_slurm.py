@@ -106,13 +106,22 @@ def job_field(job: str, env: dict, name: str) -> str:
     return found.group(1) if found else ""
 
 
+def what_happened(job: str, env: dict, output: Path) -> str:
+    """For a failure message: the job as SLURM sees it, the end of its output and of both daemons' logs
+    (a job that fails before its script writes anything is explained only there)."""
+    folder = Path(env["SLURM_CONF"]).parent
+    parts = [run(["scontrol", "show", "job", job], env).stdout]
+    for path in (output, folder / "slurmctld.log", folder / "slurmd.log"):
+        parts.append(f"--- {path.name}\n" + (path.read_text(errors="replace")[-2500:] if path.exists() else "(none)"))
+    return "\n".join(parts)
+
+
 def wait_for_job(job: str, env: dict, done, output: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         state = job_field(job, env, "JobState")
-        log = output.read_text()[-3000:] if output.exists() else ""
-        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"{state}\n{log}"
-        assert time.monotonic() < deadline, f"{state} after {timeout} s\n{log}"
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), what_happened(job, env, output)
+        assert time.monotonic() < deadline, f"{state} after {timeout} s\n{what_happened(job, env, output)}"
         time.sleep(0.5)
 
 
