@@ -125,6 +125,22 @@ def wait_for_job(job: str, env: dict, done, output: Path, timeout: float = 600) 
         time.sleep(0.5)
 
 
+def submit(env: dict, output: Path, trainer_args: list[str]) -> str:
+    """sbatch the script with the script's own lines, but for the size of the job and a --time whose
+    USR1@600 lies far ahead; its job id."""
+    sbatch = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+    sbatch += ["--time=60", f"--output={output}", f"--chdir={ROOT}", str(ROOT / "slurm" / "train.sbatch")]
+    job = run([*sbatch, *trainer_args], env).stdout.strip()
+    assert job.isdigit(), job
+    return job
+
+
+def release(job: str, env: dict, output: Path) -> None:
+    """A requeued job waits two minutes (its BeginTime); an administrator's release, to keep tests short."""
+    wait_for_job(job, env, lambda: job_field(job, env, "JobState") == "PENDING", output)
+    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
+
+
 def test_the_documented_script_requeues_on_sigusr1_and_the_requeued_job_loses_nothing(slurm, data_dir, tmp_path):
     common = dict(max_steps=12, save_interval=1000, eval_interval=6, num_samples=0, val_batches=1)
     with reserved_port() as port:  # the uninterrupted run, started as srun starts it
@@ -135,20 +151,38 @@ def test_the_documented_script_requeues_on_sigusr1_and_the_requeued_job_loses_no
             end_all(tasks)
     out, output = tmp_path / "slurm-run", tmp_path / "job.out"
     env = {**slurm, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the tasks' python is ours
-    # The script's own lines stand, but for the size of the job and a --time whose USR1@600 lies far ahead.
-    sbatch = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
-    sbatch += ["--time=60", f"--output={output}", f"--chdir={ROOT}", str(ROOT / "slurm" / "train.sbatch")]
-    job = run([*sbatch, *nano_args(data_dir, out, **common)], env).stdout.strip()
-    assert job.isdigit(), job
+    job = submit(env, output, nano_args(data_dir, out, **common))
     wait_for_job(job, env, lambda: max(metric(out, "train/loss"), default=0) >= 2, output)
     assert run(["scancel", "--signal=USR1", job], env).returncode == 0  # what --signal=USR1@600 sends
     wait_for_job(job, env, lambda: job_field(job, env, "Restarts") == "1", output)  # the script's requeue
-    # A requeued job waits two minutes (its BeginTime); an administrator's release, to keep the test short.
-    wait_for_job(job, env, lambda: job_field(job, env, "JobState") == "PENDING", output)
-    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
+    release(job, env, output)
     wait_for_job(job, env, lambda: job_field(job, env, "JobState") == "COMPLETED", output)
     log = output.read_text()
     assert "SIGUSR1 received" in log and "Exited with exit code 75" in log, log[-3000:]  # srun's line
     assert job_field(job, env, "ExitCode") == "0:0" and job_field(job, env, "Restarts") == "1"
     assert metric(out, "train/loss") == metric(tmp_path / "reference", "train/loss")
     assert metric(out, "val/loss") == metric(tmp_path / "reference", "val/loss")
+
+
+def test_a_stall_soon_after_every_start_is_requeued_only_max_failed_starts_minus_one_times(slurm, tmp_path):
+    """A bad node stalls every start: the script counts such starts in the job's Comment and gives up at
+    MAX_FAILED_STARTS, with one line saying so. The tasks' `python` is a stand-in that exits 76 at once, as
+    the stall watchdog does (its own tests: tests/test_train_stall.py); what is tested is the script."""
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\nexit 76\n")
+    stand_in.chmod(0o755)
+    output = tmp_path / "job.out"
+    env = {**slurm, "PATH": f"{stand_in.parent}:{os.environ['PATH']}", "MAX_FAILED_STARTS": "2"}
+    job = submit(env, output, ["--out_dir", str(tmp_path / "run")])
+    wait_for_job(job, env, lambda: job_field(job, env, "Restarts") == "1", output)
+    assert job_field(job, env, "Comment") == "failed_starts=1", what_happened(job, env, output)
+    release(job, env, output)
+    deadline = time.monotonic() + 120
+    while job_field(job, env, "JobState") not in ("FAILED", "COMPLETED"):
+        assert time.monotonic() < deadline, what_happened(job, env, output)
+        time.sleep(0.5)
+    assert job_field(job, env, "JobState") == "FAILED" and job_field(job, env, "ExitCode") == "76:0"
+    assert job_field(job, env, "Restarts") == "1", what_happened(job, env, output)
+    (line,) = [line for line in output.read_text().splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: 2 starts in a row ended within 3600 s (this one with status 76): not requeued")
