@@ -93,17 +93,23 @@ print("left the collective", flush=True)
 """
 
 
+def script_ranks(script: str, port: int, *args: str) -> list[subprocess.Popen]:
+    """`python -c script args` as ranks 0 and 1 of a launch on `port`, as srun starts them, one thread each."""
+    tasks = []
+    for rank in (0, 1):
+        env = {**ONE_THREAD, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env["MASTER_PORT"] = str(port)
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tasks.append(subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env, **pipes))
+    return tasks
+
+
 def test_a_second_signal_ends_a_run_stuck_in_a_collective():
     """Rank 0 blocks in an all-reduce that the stopped rank 1 never joins. The first SIGTERM asks for a
     checkpoint (its handler cannot run while the main thread is blocked); the second ends the process
     long before the collective's timeout of 10 minutes."""
     with reserved_port() as port:
-        tasks = []
-        for rank in (0, 1):
-            env = {**ONE_THREAD, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
-            env["MASTER_PORT"] = str(port)
-            pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            tasks.append(subprocess.Popen([sys.executable, "-c", STUCK], cwd=ROOT, env=env, **pipes))
+        tasks = script_ranks(STUCK, port)
         try:
             assert tasks[0].stdout.readline() == "blocked\n", tasks[0].stderr.read()[-3000:]
             tasks[0].send_signal(signal.SIGTERM)
@@ -117,3 +123,42 @@ def test_a_second_signal_ends_a_run_stuck_in_a_collective():
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM again, while the run is blocked: ending the process now" in err
     assert tasks[0].stdout.read() == ""  # never left the collective
+
+
+HELD_UP = """
+import datetime, sys, time
+import torch, torch.distributed as dist
+from gpt2_scratch.training.watchdog import StallWatchdog
+
+timeout = float(sys.argv[1])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+rank = dist.get_rank()
+with StallWatchdog(timeout, rank, 2, interval=0.2) as watchdog:
+    for step in (1, 2):
+        dist.all_reduce(torch.zeros(1))
+        watchdog.progress(step)
+    if rank == 1:
+        time.sleep(600)  # its main thread stuck within step 3, while its watchdog's heartbeat goes on
+    dist.all_reduce(torch.zeros(1))
+print("left the collective", flush=True)
+"""
+
+
+def test_a_rank_stuck_within_a_step_ends_the_run_at_the_collective_timeout_with_one_line_and_76():
+    """Every heartbeat goes on at the same step, so the watchdog cannot tell the stuck rank: the process
+    group's timeout ends rank 0's all-reduce, and the watchdog turns gloo's error into one line and the
+    status a requeue script requeues on, not a traceback and status 1."""
+    with reserved_port() as port:
+        tasks = script_ranks(HELD_UP, port, "4")
+        try:
+            code = tasks[0].wait(timeout=120)
+            assert tasks[1].poll() is None  # still stuck: srun's --wait ends it on a cluster
+        finally:
+            end_all(tasks)
+    err = tasks[0].stderr.read()
+    assert code == STALL_STATUS, err[-3000:]
+    assert "Traceback" not in err and tasks[0].stdout.read() == ""
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: stalled: a collective on rank 0 (")
+    assert "--collective_timeout 4 s after step 2" in line
+    assert line.endswith(f"ending with status {STALL_STATUS}: --resume auto continues from the newest checkpoint")

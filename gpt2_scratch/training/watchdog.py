@@ -11,7 +11,10 @@ thread stuck while its process lives). It prints one `error:` line naming that r
 process at once with `STALL_STATUS`; nothing is written, so the newest complete checkpoint stays the
 run's state and `--resume auto` continues from it. When every rank answers at the same step (a long
 evaluation on all of them, or a rank whose main thread is stuck within a step while its heartbeat
-goes on: the two look alike from here), it waits; the process group's timeout is the last resort.
+goes on: the two look alike from here), it waits; the process group's timeout is the last resort. When
+that timeout ends a collective (gloo raises "Timed out waiting ..."), the watchdog's `with` block ends
+the process the same way, with one line and `STALL_STATUS`, not a traceback and status 1 (which a
+requeue script takes for a crash).
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ class StallWatchdog:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
+        if self._thread is not None and exc is not None and is_collective_timeout(exc):
+            self._timed_out()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -106,6 +111,15 @@ class StallWatchdog:
             if silent or behind:
                 self._give_up(silent or behind, bool(silent), waited, seen)
 
+    def _timed_out(self) -> None:
+        line = (
+            f"\nerror: stalled: a collective on rank {self.rank} ({socket.gethostname()}) waited --collective_timeout "
+            f"{self.timeout:g} s after step {self.step}, while every rank's heartbeat went on at that step: one is "
+            f"stuck within the next step (its process alive), or a step outlasts the timeout; ending with status "
+            f"{STALL_STATUS}: --resume auto continues from the newest checkpoint\n"
+        )
+        self._end(line)
+
     def _give_up(self, ranks: list[int], silent: bool, waited: float, seen: dict) -> None:
         names = ", ".join(f"rank {r}" + (f" on {seen[r][2]}" if r in seen else "") for r in ranks)
         why = "has not answered (stopped, dead or frozen)" if silent else "is still at an earlier step (stuck)"
@@ -115,5 +129,20 @@ class StallWatchdog:
             f"{self.step} (recent steps {recent:.2f} s, --collective_timeout {self.timeout:g} s); ending with status "
             f"{STALL_STATUS}: --resume auto continues from the newest checkpoint\n"
         )
+        self._end(line)
+
+    @staticmethod
+    def _end(line: str) -> None:
+        """Print `line` and end the process now: nothing is written, and no collective is waited for."""
         os.write(2, line.encode())  # its own line after a progress bar; not through logging (its lock may be held)
         os._exit(STALL_STATUS)
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A collective that the process group's timeout ended: gloo raises a RuntimeError "Timed out waiting
+    Nms for recv operation to complete"; torch's DistBackendError names a timeout (NCCL mostly aborts the
+    process from its own watchdog instead, which a requeue script sees as 128 + SIGABRT)."""
+    text = str(err)
+    if isinstance(err, dist.DistBackendError):
+        return "timeout" in text.lower() or "timed out" in text.lower()
+    return isinstance(err, RuntimeError) and "Timed out waiting" in text
