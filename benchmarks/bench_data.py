@@ -291,6 +291,7 @@ def bench_stream_resume(work: Path, docs: int) -> dict:
     for _ in range(block_doc // DEFAULT_BLOCK_DOCS):
         next(batches)
     position = {"epoch": 0, "block_doc": block_doc, "source_state": dataset.state_dict(), "doc": docs, "offset": 3}
+    position["row_groups"] = True  # as spec.open() read it
     loader = StreamLoader(spec, {**position, "doc": 0, "offset": 0}, batch_size=1, seq_len=64, workers=1)
     state = {**loader.state_dict(), "ranks": [position]}
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,18 @@ class StreamSpec:
     def patterns(self) -> list[str]:
         return [p.strip() for p in self.source.split(",") if p.strip()]
 
-    def open(self, split: str | None = None) -> Source:
-        """The source as a fresh stream at its start (`split`: another split of a Hub dataset)."""
+    def open(self, split: str | None = None, row_groups: bool = True) -> Source:
+        """The source as a fresh stream at its start (`split`: another split of a Hub dataset). With
+        `row_groups`, Parquet (local or on the Hub) is read as one shard per row group (datasets'
+        `reshard`), in the same order, so that a position's reader state names its row group and a resume
+        reads from there, not from the start of its file (2 GB for a FineWeb-Edu file). A position says
+        which way its state was taken (its `row_groups`; absent in those saved before: per file)."""
+        source = self._open(split)
+        if row_groups and hasattr(source.dataset, "reshard"):  # a datasets.IterableDataset
+            source = replace(source, dataset=source.dataset.reshard())
+        return source
+
+    def _open(self, split: str | None) -> Source:
         if self.source == BUILTIN:
             return builtin_source()
         if self.is_local:
@@ -120,6 +130,7 @@ class Block:
     starts: np.ndarray
     lengths: np.ndarray
     tokens: np.ndarray
+    row_groups: bool = False  # the source was opened with `row_groups` (StreamSpec.open)
 
     def position(self, cursor: int) -> dict[str, Any]:
         """The position of token `cursor` of this block."""
@@ -132,6 +143,7 @@ class Block:
             "source_state": self.source_state,
             "doc": int(self.doc_ids[k]),
             "offset": offset,
+            "row_groups": self.row_groups,
         }
 
 
@@ -306,8 +318,9 @@ class StreamLoader:
             workers = self._workers
             results = workers.map_in_order(tasks) if workers else ((m, encode_from(*a)) for m, a in tasks)
             try:
-                for (epoch, block_doc, state, doc_ids, _), (starts, lengths, tokens) in results:
-                    if not put(Block(epoch, block_doc, state, np.asarray(doc_ids), starts, lengths, tokens)):
+                for (epoch, block_doc, state, doc_ids, first), (starts, lengths, tokens) in results:
+                    ids, row_groups = np.asarray(doc_ids), bool(first.get("row_groups"))
+                    if not put(Block(epoch, block_doc, state, ids, starts, lengths, tokens, row_groups)):
                         return
             finally:
                 results.close()
@@ -318,7 +331,7 @@ class StreamLoader:
         """(block metadata, this rank's texts) from `position` on, epoch after epoch."""
         epoch = position["epoch"]
         while not stop.is_set():
-            source = self.spec.open()
+            source = self.spec.open(row_groups=bool(position.get("row_groups")))
             self._check_source(source)
             found = False
             for block_doc, state, texts in read_blocks(
@@ -426,7 +439,7 @@ class StreamLoader:
 
     def fingerprint(self) -> str:
         if self.source_fingerprint is None:
-            self.source_fingerprint = fingerprint(self.spec.open().description)
+            self.source_fingerprint = fingerprint(self.spec.open(row_groups=False).description)
         return self.source_fingerprint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -475,6 +488,8 @@ def stream_state_problem(state: Any) -> str | None:
             return f"ranks[{r}].doc {position['doc']} is before its block's first document {position['block_doc']}"
         if position.get("source_state") is not None and not isinstance(position["source_state"], dict):
             return f"ranks[{r}].source_state is not an object"
+        if not isinstance(position.get("row_groups", False), bool):
+            return f"ranks[{r}].row_groups {position['row_groups']!r} is not true or false"
     return None
 
 
@@ -506,11 +521,13 @@ def head_tokens(
             continue
         if take < len(block_tokens):  # inside this block: its document and token
             ids = np.arange(block_doc, block_doc + len(texts))
-            end = Block(0, block_doc, state, ids, np.zeros_like(lengths), lengths, block_tokens).position(take)
+            block = Block(0, block_doc, state, ids, np.zeros_like(lengths), lengths, block_tokens, row_groups=True)
+            end = block.position(take)
             end.pop("epoch")
         else:  # at the next block's first document
             after = block_doc + len(texts)
             end = {"block_doc": after, "source_state": source.dataset.state_dict(), "doc": after, "offset": 0}
+            end["row_groups"] = True
         break
     if docs == 0:
         raise DataPrepError(f"{describe(source.description)} has no documents")

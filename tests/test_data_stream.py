@@ -97,6 +97,41 @@ def test_parquet_streams_the_same_tokens_as_tiktoken(tmp_path):
     assert np.array_equal(np.concatenate([head, got]), reference[: 100 + len(got)])
 
 
+def test_a_parquet_position_resumes_at_its_row_group_without_reading_the_ones_before(tmp_path):
+    """A Parquet stream is read one row group at a time, so that a resume starts at most one row group
+    before its position: with the row groups before that destroyed (a reader from the start of the file
+    fails), the resumed stream still gives exactly the tokens of the uninterrupted one."""
+    texts = documents(240, seed=2)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=20, compression="NONE", use_dictionary=False)
+    spec = StreamSpec(str(path))
+    start = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0, "row_groups": True}
+    first = StreamLoader(spec, start, batch_size=8, seq_len=SEQ_LEN, workers=0, block_docs=8)
+    stream_tokens(first, 40)
+    state = json.loads(json.dumps(first.state_dict()))  # as train_state.json holds it
+    expected = stream_tokens(first, 20)
+    first.close()
+    position = state["ranks"][0]
+    assert position["row_groups"] is True and position["block_doc"] >= 80, position
+
+    metadata = pq.ParquetFile(path).metadata
+    # The data pages of the row groups before the position's, overwritten, but for the one just before it:
+    # datasets resumes from the start of the row group its batch began in.
+    with open(path, "r+b") as f:
+        for group in range(position["block_doc"] // 20 - 1):
+            chunk = metadata.row_group(group).column(0)
+            f.seek(chunk.data_page_offset)
+            f.write(b"\xff" * chunk.total_compressed_size)
+    from_start = StreamLoader(spec, start, batch_size=8, seq_len=SEQ_LEN, workers=0, block_docs=8)
+    with pytest.raises(Exception):  # noqa: B017 (pyarrow's error for a damaged page, whichever it is)
+        stream_tokens(from_start, 1)
+    from_start.close()
+    resumed = StreamLoader(spec, start, batch_size=8, seq_len=SEQ_LEN, workers=0, block_docs=8)
+    resumed.load_state_dict(state)
+    assert np.array_equal(stream_tokens(resumed, 20), expected)
+    resumed.close()
+
+
 def test_ranks_read_disjoint_documents(corpus):
     folder, texts, _, _ = corpus
     spec = StreamSpec(str(folder / "*.jsonl"))
@@ -157,6 +192,10 @@ def test_a_malformed_stream_position_is_named(corpus):
     assert "ranks is not a list of 1" in stream_state_problem(bad)
     bad = {**good, "ranks": [{**good["ranks"][0], "source_state": "x"}]}
     assert "source_state is not an object" in stream_state_problem(bad)
+    bad = {**good, "ranks": [{**good["ranks"][0], "row_groups": "yes"}]}
+    assert "ranks[0].row_groups 'yes' is not true or false" in stream_state_problem(bad)
+    older = {**good, "ranks": [{k: v for k, v in good["ranks"][0].items() if k != "row_groups"}]}
+    assert stream_state_problem(older) is None  # saved before row groups: read per file, as then
 
 
 def stream_args(source, out, **overrides):

@@ -329,7 +329,7 @@ def prepare_stream(config: TrainConfig) -> dict:
     from data_prep.stream import DEFAULT_BLOCK_DOCS, check_local_files, describe, fingerprint
 
     spec = stream_spec(config, pinned_stream_revision(config))
-    train = spec.open()
+    train = spec.open(row_groups=False)  # its description
     check_local_files(train)
     if config.data_stream_val_split and train.description["kind"] != "hub":  # it would validate on training data
         raise ConfigError(
@@ -340,7 +340,7 @@ def prepare_stream(config: TrainConfig) -> dict:
     val_split = config.data_stream_val_split
     key = {"source": train.description, "val_tokens": config.val_tokens, "block_docs": DEFAULT_BLOCK_DOCS}
     if val_split:
-        key["val_source"] = spec.open(val_split).description
+        key["val_source"] = spec.open(val_split, row_groups=False).description
     stream_id = fingerprint(key)
     folder = RunPaths(config.out_dir).data_cache / f"stream-{stream_id}"
     manifest = read_stream_val(folder, stream_id, config) or write_stream_val(folder, stream_id, spec, config, train)
@@ -376,7 +376,7 @@ def write_stream_val(folder: Path, stream_id: str, spec, config: TrainConfig, tr
     val_split = config.data_stream_val_split
     tokens, end, description = head_tokens(spec, config.val_tokens, split=val_split)
     if val_split:  # training starts at the training split's first document
-        end = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0}
+        end = {"block_doc": 0, "source_state": None, "doc": 0, "offset": 0, "row_groups": True}
     elif end is None:
         raise ConfigError(
             f"data_stream {describe(description)} gave {len(tokens)} tokens, all within val_tokens "
