@@ -25,7 +25,8 @@ training shard. The cache folder's size is sampled every 5 ms during each remote
 Streams (`--stream`, instead of the above): `data_prep.stream.StreamLoader` on a .jsonl of the benchmark
 documents, in tokens/s with one tokenizing worker process and with none (the reader's thread), and the
 workers one rank needs to feed GPT-2 124M on one H100 at 50% MFU (about 575K tokens/s) and on 8; the time
-a resume takes to reach a position `--resume_docs` documents into a .jsonl (short documents); and the
+a resume takes to reach a position `--resume_docs` documents into a .jsonl, and into a Parquet file of the
+same documents read per row group (10,000 documents each) and per file; and the
 default training run (`python train_accelerate.py`) on its shards and with `--data_stream builtin` (the
 same documents, tokenized on the fly), the runs interleaved, in steps/s (log.jsonl's step_time).
 
@@ -273,25 +274,44 @@ def bench_stream(docs: list[str], work: Path, batches: int) -> list[dict]:
     return rows
 
 
-def bench_stream_resume(work: Path, docs: int) -> dict:
-    """Seconds from `load_state_dict` of a position `docs` documents into a .jsonl to the first batch."""
+RESUME_ROW_GROUP = 10_000  # documents per Parquet row group in the resume benchmark
+
+
+def bench_stream_resume(work: Path, docs: int, chars: int = 0) -> list[dict]:
+    """Seconds from `load_state_dict` of a position `docs` documents into a file to the first batch: a
+    .jsonl, and the same documents as Parquet, read per row group (how a stream opens it) and per file
+    (how positions saved before row groups are read). `chars`: each document padded to about this many
+    characters with varied words (0: short documents of about 75 characters)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.stream import DEFAULT_BLOCK_DOCS
+
+    words = [f"w{n:x}" for n in range(4096)]
+    texts = [
+        f"Document {i}: a short text about the number {i}, for the resume benchmark."
+        + "".join(f" {words[(i * 7919 + k * 104729) % 4096]}" for k in range(chars // 5))
+        for i in range(docs + 10 * DEFAULT_BLOCK_DOCS)
+    ]
+    jsonl, parquet = work / "many.jsonl", work / "many.parquet"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"text": texts}), parquet, row_group_size=RESUME_ROW_GROUP)
+    del texts
+    cases = (("jsonl", jsonl, True), ("parquet/row-groups", parquet, True), ("parquet/per-file", parquet, False))
+    return [resume_seconds(name, path, docs, row_groups) for name, path, row_groups in cases]
+
+
+def resume_seconds(name: str, path: Path, docs: int, row_groups: bool) -> dict:
     from data_prep.stream import DEFAULT_BLOCK_DOCS, StreamLoader, StreamSpec
 
-    src = work / "many.jsonl"
-    with open(src, "w") as f:
-        for i in range(docs + 10 * DEFAULT_BLOCK_DOCS):
-            f.write(
-                json.dumps({"text": f"Document {i}: a short text about the number {i}, for the resume benchmark."})
-                + "\n"
-            )
     block_doc = docs // DEFAULT_BLOCK_DOCS * DEFAULT_BLOCK_DOCS
-    spec = StreamSpec(str(src))
-    dataset = spec.open().dataset  # the stream's own reader, whose state a checkpoint holds
+    spec = StreamSpec(str(path))
+    dataset = spec.open(row_groups=row_groups).dataset  # the stream's own reader, whose state a checkpoint holds
     batches = dataset.iter(batch_size=DEFAULT_BLOCK_DOCS)
     for _ in range(block_doc // DEFAULT_BLOCK_DOCS):
         next(batches)
     position = {"epoch": 0, "block_doc": block_doc, "source_state": dataset.state_dict(), "doc": docs, "offset": 3}
-    position["row_groups"] = True  # as spec.open() read it
+    position["row_groups"] = row_groups
     loader = StreamLoader(spec, {**position, "doc": 0, "offset": 0}, batch_size=1, seq_len=64, workers=1)
     state = {**loader.state_dict(), "ranks": [position]}
     t0 = time.perf_counter()
@@ -299,8 +319,8 @@ def bench_stream_resume(work: Path, docs: int) -> dict:
     loader.next_batch()
     seconds = time.perf_counter() - t0
     loader.close()
-    print(f"resume at document {docs:,}: {seconds:.2f} s", flush=True)
-    return {"bench": "stream/resume", "documents": docs, "bytes": src.stat().st_size, "seconds": seconds}
+    print(f"resume at document {docs:,} of a {name}: {seconds:.2f} s", flush=True)
+    return {"bench": f"stream/resume/{name}", "documents": docs, "bytes": path.stat().st_size, "seconds": seconds}
 
 
 def bench_default_run(work: Path, repeats: int, max_steps: int) -> list[dict]:
@@ -344,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stream", action="store_true", help="only the data_stream measurements")
     parser.add_argument("--resume_docs", type=int, default=1_000_000, help="--stream: documents before the resume")
+    parser.add_argument(
+        "--resume_doc_chars", type=int, default=0, help="--stream: characters per resume document (0: about 75)"
+    )
     args = parser.parse_args(argv)
     flags = {f"--{name}": value for name, value in vars(args).items()}
     check_at_least(flags, dict.fromkeys(("--tokens", "--num_proc", "--batch_docs", "--repeats", "--steps"), 1))
+    check_at_least(flags, {"--resume_doc_chars": 0})
     if args.remote:
         with tempfile.TemporaryDirectory() as tmp:
             rows = bench_remote(Path(tmp), args.repeats, args.data_cache_gb, args.max_steps)
@@ -407,7 +431,7 @@ def report_stream(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = bench_stream(docs, work, max(1, args.tokens // 8192))
-        rows.append(bench_stream_resume(work, args.resume_docs))
+        rows += bench_stream_resume(work, args.resume_docs, args.resume_doc_chars)
         rows += bench_default_run(work, args.repeats, args.max_steps)
     print(f"corpus: {corpus}, {len(docs):,} documents; {os.cpu_count()} cores; load avg {os.getloadavg()[0]:.2f}")
     for row in rows:
@@ -421,8 +445,9 @@ def report_stream(args: argparse.Namespace) -> int:
             f"workers for {gpus} H100 ({gpus * H100_TOKENS_PER_S:,} tokens/s): {need}, "
             f"{math.ceil(need / gpus)} per rank"
         )
-    resume = next(r for r in rows if r["bench"] == "stream/resume")
-    print(f"resume at document {resume['documents']:,} ({resume['bytes']:,} bytes in): {resume['seconds']:.2f} s")
+    for resume in (r for r in rows if r["bench"].startswith("stream/resume/")):
+        name, size = resume["bench"].removeprefix("stream/resume/"), resume["bytes"]
+        print(f"resume at document {resume['documents']:,} of a {name} ({size:,} bytes): {resume['seconds']:.2f} s")
     train = {name: [r["steps_per_s"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
     later = {name: [r["after_step_1"] for r in rows if r["bench"] == f"train/{name}"] for name in ("shards", "stream")}
     print(f"after step 1: ratio of the means {np.mean(later['stream']) / np.mean(later['shards']):.3f}")
