@@ -42,6 +42,10 @@ DEFAULT_BLOCK_DOCS = 256
 BUILTIN = "builtin"  # --data_stream builtin: the built-in corpus, as `python -m data_prep --builtin` reads it
 # Encoded blocks waiting for the trainer, per worker: enough to hide a slow block, little memory.
 BLOCKS_AHEAD = 4
+# Parquet sources of up to this many files are read per row group (StreamSpec.open): resharding reads every
+# file's footer when the stream opens (each resume and epoch), a few requests for FineWeb-Edu sample-10BT's
+# 14 files but minutes for a source of thousands (the whole FineWeb-Edu), whose resume then reads per file.
+ROW_GROUP_MAX_FILES = 64
 # Bytes of each local text file checked for UTF-8 before training (a binary file fails here, not mid-run).
 SNIFF_BYTES = 1 << 16
 
@@ -67,13 +71,15 @@ class StreamSpec:
 
     def open(self, split: str | None = None, row_groups: bool = True) -> Source:
         """The source as a fresh stream at its start (`split`: another split of a Hub dataset). With
-        `row_groups`, Parquet (local or on the Hub) is read as one shard per row group (datasets'
-        `reshard`), in the same order, so that a position's reader state names its row group and a resume
-        reads from there, not from the start of its file (2 GB for a FineWeb-Edu file). A position says
-        which way its state was taken (its `row_groups`; absent in those saved before: per file)."""
+        `row_groups`, Parquet (local or on the Hub, up to ROW_GROUP_MAX_FILES files) is read as one shard
+        per row group (datasets' `reshard`), in the same order, so that a position's reader state names its
+        row group and a resume reads from there, not from the start of its file (2 GB for a FineWeb-Edu
+        file). A position says which way its state was taken (its `row_groups`; absent in those saved
+        before: per file); the choice depends only on the source, so a resume makes the same one."""
         source = self._open(split)
-        if row_groups and hasattr(source.dataset, "reshard"):  # a datasets.IterableDataset
-            source = replace(source, dataset=source.dataset.reshard())
+        dataset = source.dataset
+        if row_groups and hasattr(dataset, "reshard") and dataset.num_shards <= ROW_GROUP_MAX_FILES:
+            source = replace(source, dataset=dataset.reshard())  # a datasets.IterableDataset
         return source
 
     def _open(self, split: str | None) -> Source:

@@ -132,6 +132,19 @@ def test_a_parquet_position_resumes_at_its_row_group_without_reading_the_ones_be
     resumed.close()
 
 
+def test_a_parquet_source_of_many_files_is_read_per_file(tmp_path):
+    """Resharding reads every file's footer at each open (each resume and epoch): up to
+    ROW_GROUP_MAX_FILES files a stream is read per row group, beyond that per file, as before."""
+    for i in range(stream.ROW_GROUP_MAX_FILES + 1):
+        pq.write_table(
+            pa.table({"text": [f"a {i}", f"b {i}", f"c {i}"]}), tmp_path / f"{i:03d}.parquet", row_group_size=1
+        )
+    few = StreamSpec(",".join(str(tmp_path / f"{i:03d}.parquet") for i in range(2)))
+    assert few.open().dataset.num_shards == 6 and few.open(row_groups=False).dataset.num_shards == 2
+    many = StreamSpec(str(tmp_path / "*.parquet"))
+    assert many.open().dataset.num_shards == stream.ROW_GROUP_MAX_FILES + 1
+
+
 def test_ranks_read_disjoint_documents(corpus):
     folder, texts, _, _ = corpus
     spec = StreamSpec(str(folder / "*.jsonl"))
