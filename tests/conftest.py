@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The suite runs in two worker processes (pyproject's addopts): one thread each, here and in every
-    # process a test starts, since OpenMP threads spin and two 2-thread jobs on 2 cores slow each other
-    # far more than twice. Set before torch is imported, which sizes its thread pool then.
+# The suite runs in two worker processes (pyproject's addopts): one thread each, here and in every
+# process a test starts, since OpenMP threads spin and two 2-thread jobs on 2 cores slow each other far
+# more than twice. Set before torch is imported, which sizes its thread pool then.
+IN_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if IN_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+if IN_WORKER:
+    torch.set_num_threads(1)  # also where a plugin imported torch first
+
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

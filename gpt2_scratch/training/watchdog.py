@@ -112,28 +112,27 @@ class StallWatchdog:
                 self._give_up(silent or behind, bool(silent), waited, seen)
 
     def _timed_out(self) -> None:
-        line = (
-            f"\nerror: stalled: a collective on rank {self.rank} ({socket.gethostname()}) waited --collective_timeout "
-            f"{self.timeout:g} s after step {self.step}, while every rank's heartbeat went on at that step: one is "
-            f"stuck within the next step (its process alive), or a step outlasts the timeout; ending with status "
-            f"{STALL_STATUS}: --resume auto continues from the newest checkpoint\n"
+        self._end(
+            f"a collective on rank {self.rank} ({socket.gethostname()}) waited --collective_timeout {self.timeout:g} s "
+            f"after step {self.step}, while every rank's heartbeat went on at that step: one is stuck within the "
+            "next step (its process alive), or a step outlasts the timeout"
         )
-        self._end(line)
 
     def _give_up(self, ranks: list[int], silent: bool, waited: float, seen: dict) -> None:
         names = ", ".join(f"rank {r}" + (f" on {seen[r][2]}" if r in seen else "") for r in ranks)
         why = "has not answered (stopped, dead or frozen)" if silent else "is still at an earlier step (stuck)"
         recent = statistics.median(self.step_times) if self.step_times else 0.0
-        line = (
-            f"\nerror: stalled: {names} {why}: rank {self.rank} finished no step for {waited:.0f} s after step "
-            f"{self.step} (recent steps {recent:.2f} s, --collective_timeout {self.timeout:g} s); ending with status "
-            f"{STALL_STATUS}: --resume auto continues from the newest checkpoint\n"
+        self._end(
+            f"{names} {why}: rank {self.rank} finished no step for {waited:.0f} s after step {self.step} "
+            f"(recent steps {recent:.2f} s, --collective_timeout {self.timeout:g} s)"
         )
-        self._end(line)
 
     @staticmethod
-    def _end(line: str) -> None:
-        """Print `line` and end the process now: nothing is written, and no collective is waited for."""
+    def _end(what: str) -> None:
+        """Say `what` stalled in one line and end the process now: nothing is written, and no collective is
+        waited for."""
+        line = f"\nerror: stalled: {what}; ending with status {STALL_STATUS}: --resume auto continues from the "
+        line += "newest checkpoint\n"
         os.write(2, line.encode())  # its own line after a progress bar; not through logging (its lock may be held)
         os._exit(STALL_STATUS)
 
